@@ -1,0 +1,174 @@
+"""The backend interface: a per-session registry of runs, each with a log that
+subscribers replay and follow.
+
+A backend knows nothing of Django models, agents or HTTP. It is handed a
+*source* (an async iterator of ``str`` text deltas and ``(event, data)`` pairs),
+drives it in a task it owns, writes what it yields into the run's log, and
+calls a *finalize* hook (the service's save) before it publishes the terminal
+event. Pick one with ``DETACHED_RUNS["BACKEND"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..events import Event, Position
+
+#: What a source yields: a text delta, or a custom ``(event type, data)``.
+Item = str | tuple[str, dict[str, Any]]
+Source = AsyncIterator[Item]
+
+RUNNING = "running"
+DONE = "done"
+ERROR = "error"
+STOPPED = "stopped"
+INTERRUPTED = "interrupted"
+TERMINAL = frozenset({DONE, ERROR, STOPPED, INTERRUPTED})
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """What the finalize hook gets: everything needed to save the run."""
+
+    run_id: str
+    session_key: str
+    status: str
+    error: str
+    output: str
+    terminal_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Finalize = Callable[[RunEnd], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """A snapshot of a run the backend holds."""
+
+    run_id: str
+    session_key: str
+    status: str
+    error: str
+    output: str
+    last_id: str
+    meta: dict[str, Any]
+    #: Wall-clock (time.time()) end of the run, None while it runs.
+    finished_at: float | None
+
+
+class Subscription:
+    """One subscriber's view of one run: a cursor into the shared log.
+
+    Iterate it for single events, or use `batches` for everything that piled up
+    since the last read at once (what the views write in one go). The
+    subscription ends after the terminal event. Always close it (``aclose``,
+    or use it as an async context manager) so the run can be evicted.
+    """
+
+    run_id: str
+    meta: dict[str, Any]
+
+    @property
+    def ended(self) -> bool:
+        """True once the cursor is at or past the terminal event."""
+        raise NotImplementedError("subclasses of Subscription must provide ended")
+
+    async def next_batch(self, timeout: float | None = None) -> list[Event]:
+        """Events after the cursor, waiting for some if there are none yet.
+
+        Returns ``[]`` if ``timeout`` seconds pass with nothing new (so callers
+        can send a keep-alive), and raises `StopAsyncIteration` once ended.
+        """
+        raise NotImplementedError("subclasses of Subscription must provide next_batch()")
+
+    async def aclose(self) -> None:
+        raise NotImplementedError("subclasses of Subscription must provide aclose()")
+
+    async def batches(self, keepalive: float | None = None) -> AsyncIterator[list[Event]]:
+        try:
+            while True:
+                try:
+                    batch = await self.next_batch(keepalive)
+                except StopAsyncIteration:
+                    return
+                yield batch
+        finally:
+            await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class BaseBackend:
+    """What every backend supplies. See DESIGN.md, "Behaviour every backend must keep"."""
+
+    def __init__(self, *, evict_after: float = 180.0, max_subscribers: int | None = None,
+                 **options: Any) -> None:
+        self.evict_after = evict_after
+        self.max_subscribers = max_subscribers
+        self.options = options
+
+    async def start(self, session_key: str, run_id: str, source: Source, *,
+                    start_data: dict[str, Any], meta: dict[str, Any],
+                    finalize: Finalize) -> None:
+        """Register a new run as the session's current one and drive ``source``.
+
+        A run already in flight for the session is stopped; the new run's
+        source is not iterated before the old run's finalize has returned.
+        The ``start`` event (with ``start_data``) is in the log at once.
+        """
+        raise NotImplementedError("subclasses of BaseBackend must provide start()")
+
+    async def subscribe(self, session_key: str,
+                        after: tuple[str, Position] | None = None) -> Subscription:
+        """Bind to the session's current run now; `RunNotFound` if it has none.
+
+        ``after`` is a parsed event id: if it names this run, only what follows
+        it is delivered; if it names another run, the run is replayed from its
+        start.
+        """
+        raise NotImplementedError("subclasses of BaseBackend must provide subscribe()")
+
+    async def stop(self, session_key: str, run_id: str | None = None) -> bool:
+        """Ask the session's run in flight (only ``run_id``, if given) to stop.
+
+        True if a run was in flight and is now stopping; False if there was
+        nothing to stop (no run, already finished, already finishing).
+        """
+        raise NotImplementedError("subclasses of BaseBackend must provide stop()")
+
+    async def get(self, session_key: str) -> RunState | None:
+        """The session's current run, if the backend still holds it."""
+        raise NotImplementedError("subclasses of BaseBackend must provide get()")
+
+    async def count_running(self, owner: str) -> int:
+        """How many runs of ``owner`` (``meta["owner"]``) are in flight."""
+        raise NotImplementedError("subclasses of BaseBackend must provide count_running()")
+
+    def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
+        """``(text so far, id of the last event)`` of a run this process drives."""
+        raise NotImplementedError("subclasses of BaseBackend must provide output()")
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop every run in flight and wait (up to ``timeout``) for their saves."""
+        raise NotImplementedError("subclasses of BaseBackend must provide shutdown()")
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,452 @@
+"""The in-process backend: the embedded default.
+
+Honest about its limits, like Channels' ``InMemoryChannelLayer``: the registry
+lives in one ASGI process and one event loop. Run several workers and a
+reconnecting browser may land on a worker that never saw the run (it then gets
+what the database holds); use the Redis backend for that.
+
+How it keeps DESIGN.md's promises:
+
+* Each run has one log. Consecutive text deltas are stored as one UTF-8
+  buffer, so memory is O(output) and replay is compact by construction.
+* A subscriber is a cursor (a `Position`) into that log and a per-run list of
+  wake-up futures; it holds no queue. Whatever piled up while it was busy is
+  read in one go, as one batch.
+* Runs of a session form a chain: each waits for its predecessor's
+  ``finished`` before its source is iterated, so saves never interleave
+  (a FIFO lock per session, without a lock object that could be cancelled
+  out of order).
+* Stop is a flag plus a cancel of the task only while the agent runs; a run
+  stopped before its task ran, or while it waits for its predecessor, still
+  goes through the same ending: finalize, terminal event, eviction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from bisect import bisect_right
+from typing import Any
+
+from ..events import DELTA, DONE, ORIGIN, START, Event, Position, make_id
+from ..exceptions import AgentError, BadEventId, RunNotFound, TooManySubscribers
+from .base import (
+    DONE as STATUS_DONE,
+)
+from .base import (
+    ERROR,
+    INTERRUPTED,
+    RUNNING,
+    STOPPED,
+    BaseBackend,
+    Finalize,
+    RunEnd,
+    RunState,
+    Source,
+    Subscription,
+    _set_if_pending,
+)
+
+logger = logging.getLogger(__name__)
+
+# Phases of a run's task.
+_WAITING, _RUNNING, _FINISHING, _FINISHED = range(4)
+
+
+class _Text:
+    """Consecutive deltas: positions ``(start, seq)`` exclusive to ``(start+len, seq)``."""
+
+    __slots__ = ("start", "seq", "buf")
+
+    def __init__(self, start: int, seq: int) -> None:
+        self.start = start
+        self.seq = seq
+        self.buf: bytearray | bytes = bytearray()
+
+
+class _Run:
+    __slots__ = (
+        "id", "session_key", "meta", "entries", "ends", "position", "status", "error",
+        "phase", "stop_requested", "task", "previous", "finished", "waiters",
+        "subscribers", "evict_handle", "ended_at", "finished_at", "_cache",
+    )
+
+    def __init__(self, run_id: str, session_key: str, meta: dict[str, Any]) -> None:
+        self.id = run_id
+        self.session_key = session_key
+        self.meta = meta
+        # The log: Events and _Text blocks; ends[i] is the position of entries[i]'s last byte.
+        self.entries: list[Event | _Text] = []
+        self.ends: list[Position] = []
+        self.position = ORIGIN
+        self.status = RUNNING
+        self.error = ""
+        self.phase = _WAITING
+        self.stop_requested = False
+        self.task: asyncio.Task[None] | None = None
+        self.previous: _Run | None = None
+        self.finished = asyncio.Event()
+        self.waiters: list[asyncio.Future[None]] = []
+        self.subscribers = 0
+        self.evict_handle: asyncio.TimerHandle | None = None
+        self.ended_at: float | None = None  # loop time
+        self.finished_at: float | None = None  # wall clock
+        # The last read: (after, position, events). Subscribers that are level
+        # share it, so a fan-out encodes each event once.
+        self._cache: tuple[Position, Position, list[Event]] | None = None
+
+    # -- writing -----------------------------------------------------------
+
+    def append_text(self, text: str) -> None:
+        data = text.encode()
+        if not data:
+            return
+        last = self.entries[-1] if self.entries else None
+        if isinstance(last, _Text) and isinstance(last.buf, bytearray):
+            last.buf += data
+            self.position = Position(self.position.text + len(data), self.position.seq)
+            self.ends[-1] = self.position
+        else:
+            block = _Text(self.position.text, self.position.seq)
+            block.buf += data  # type: ignore[operator]
+            self.position = Position(self.position.text + len(data), self.position.seq)
+            self.entries.append(block)
+            self.ends.append(self.position)
+        self._wake()
+
+    def append_event(self, event: str, data: dict[str, Any]) -> Event:
+        position = Position(self.position.text, self.position.seq + 1)
+        item = Event(make_id(self.id, position), event, data)
+        item.sse  # encoded once, here; raises TypeError for data that is not JSON  # noqa: B018
+        self.position = position
+        self.entries.append(item)
+        self.ends.append(self.position)
+        self._wake()
+        return item
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for future in waiters:
+            _set_if_pending(future)
+
+    def compact(self) -> None:
+        """Once finished, text blocks shrink to exact-size immutable bytes."""
+        for entry in self.entries:
+            if isinstance(entry, _Text):
+                entry.buf = bytes(entry.buf)
+        self._cache = None
+
+    # -- reading -----------------------------------------------------------
+
+    def terminal(self) -> Position | None:
+        return self.position if self.phase == _FINISHED else None
+
+    def check_after(self, after: Position) -> None:
+        if after > self.position:
+            raise BadEventId("Unknown event id.")
+        index = bisect_right(self.ends, after)
+        if index < len(self.entries):
+            entry = self.entries[index]
+            if isinstance(entry, _Text) and after.seq == entry.seq and after.text > entry.start:
+                offset = after.text - entry.start
+                if offset < len(entry.buf) and (entry.buf[offset] & 0xC0) == 0x80:
+                    raise BadEventId("Unknown event id.")
+
+    def read(self, after: Position) -> list[Event]:
+        """Every event after ``after``, consecutive deltas merged into one."""
+        if after >= self.position:
+            return []
+        cache = self._cache
+        if cache is not None and cache[0] == after and cache[1] == self.position:
+            return cache[2]
+        events: list[Event] = []
+        for entry in self.entries[bisect_right(self.ends, after):]:
+            if isinstance(entry, Event):
+                events.append(entry)
+                continue
+            begin = 0
+            if after.seq == entry.seq and after.text > entry.start:
+                begin = after.text - entry.start
+            end = Position(entry.start + len(entry.buf), entry.seq)
+            text = bytes(entry.buf[begin:]).decode()
+            events.append(Event(make_id(self.id, end), DELTA, {"text": text}))
+        self._cache = (after, self.position, events)
+        return events
+
+    def output(self) -> str:
+        return b"".join(e.buf for e in self.entries if isinstance(e, _Text)).decode()
+
+    def last_id(self) -> str:
+        return make_id(self.id, self.position)
+
+    def state(self) -> RunState:
+        return RunState(
+            run_id=self.id, session_key=self.session_key, status=self.status, error=self.error,
+            output=self.output(), last_id=self.last_id(), meta=self.meta,
+            finished_at=self.finished_at,
+        )
+
+
+class MemorySubscription(Subscription):
+    def __init__(self, backend: MemoryBackend, run: _Run, cursor: Position) -> None:
+        self._backend = backend
+        self._run = run
+        self._cursor = cursor
+        self._closed = False
+        self.run_id = run.id
+        self.meta = run.meta
+        run.subscribers += 1
+        if run.evict_handle is not None:
+            run.evict_handle.cancel()
+            run.evict_handle = None
+
+    @property
+    def ended(self) -> bool:
+        terminal = self._run.terminal()
+        return terminal is not None and self._cursor >= terminal
+
+    async def next_batch(self, timeout: float | None = None) -> list[Event]:
+        run = self._run
+        while True:
+            if self._closed or self.ended:
+                raise StopAsyncIteration
+            batch = run.read(self._cursor)
+            if batch:
+                # A read runs to the end of the log, so the cursor goes there.
+                self._cursor = run.position
+                return batch
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+            run.waiters.append(future)
+            timer = loop.call_later(timeout, _set_if_pending, future) if timeout else None
+            try:
+                await future
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if timer is not None and not run.read(self._cursor) and not self.ended:
+                return []
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._run.subscribers -= 1
+        if self._run.subscribers == 0 and self._run.phase == _FINISHED:
+            self._backend._schedule_eviction(self._run)
+
+
+class MemoryBackend(BaseBackend):
+    """Runs and their logs in this process. See the module docstring."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sessions: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the interface -----------------------------------------------------
+
+    async def start(self, session_key: str, run_id: str, source: Source, *,
+                    start_data: dict[str, Any], meta: dict[str, Any],
+                    finalize: Finalize) -> None:
+        run = _Run(run_id, session_key, meta)
+        run.append_event(START, start_data)
+        previous = self._sessions.get(session_key)
+        if previous is not None:
+            if previous.evict_handle is not None:
+                previous.evict_handle.cancel()
+                previous.evict_handle = None
+            if previous.phase != _FINISHED:
+                run.previous = previous
+                self._request_stop(previous)
+        self._sessions[session_key] = run
+        task = asyncio.create_task(
+            self._drive(run, source, finalize), name=f"detached_runs:{session_key}:{run_id}"
+        )
+        run.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def subscribe(self, session_key: str,
+                        after: tuple[str, Position] | None = None) -> Subscription:
+        run = self._sessions.get(session_key)
+        if run is None:
+            raise RunNotFound("No run for this session.")
+        if self.max_subscribers is not None and run.subscribers >= self.max_subscribers:
+            raise TooManySubscribers("Too many subscribers for this run.")
+        cursor = ORIGIN
+        if after is not None and after[0] == run.id:
+            run.check_after(after[1])
+            cursor = after[1]
+        return MemorySubscription(self, run, cursor)
+
+    async def stop(self, session_key: str, run_id: str | None = None) -> bool:
+        run = self._sessions.get(session_key)
+        if run is None or (run_id is not None and run.id != run_id):
+            return False
+        return self._request_stop(run)
+
+    async def get(self, session_key: str) -> RunState | None:
+        run = self._sessions.get(session_key)
+        return None if run is None else run.state()
+
+    async def count_running(self, owner: str) -> int:
+        return sum(
+            1 for run in self._sessions.values()
+            if run.phase < _FINISHING and not run.stop_requested and run.meta.get("owner") == owner
+        )
+
+    def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
+        run = self._sessions.get(session_key)
+        if run is None or run.id != run_id:
+            return None
+        return run.output(), run.last_id()
+
+    async def shutdown(self, timeout: float) -> None:
+        for run in list(self._sessions.values()):
+            self._request_stop(run)
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    # -- for tests and the admin -------------------------------------------
+
+    def __len__(self) -> int:
+        """How many runs the registry holds."""
+        return len(self._sessions)
+
+    # -- internals ---------------------------------------------------------
+
+    def _request_stop(self, run: _Run) -> bool:
+        if run.phase >= _FINISHING:
+            return False
+        run.stop_requested = True
+        # Only a task inside the agent is cancelled; a waiting one (or one that
+        # has not run yet: cancelling it would skip its ending) sees the flag.
+        if run.phase == _RUNNING and run.task is not None:
+            run.task.cancel()
+        return True
+
+    async def _drive(self, run: _Run, source: Source, finalize: Finalize) -> None:
+        status, error, interrupted = STATUS_DONE, "", False
+        try:
+            previous, run.previous = run.previous, None
+            if previous is not None:
+                # Wait even if cancelled: saves of one session must not overlap.
+                while not previous.finished.is_set():
+                    try:
+                        await previous.finished.wait()
+                    except asyncio.CancelledError:
+                        interrupted = True
+                del previous
+            if not run.stop_requested and not interrupted:
+                run.phase = _RUNNING
+                status, error, interrupted = await self._consume(run, source)
+        finally:
+            run.phase = _FINISHING
+            task = asyncio.current_task()
+            if run.stop_requested and task is not None and task.cancelling() and not interrupted:
+                task.uncancel()  # our own stop's cancel was swallowed by the agent
+            if run.stop_requested:
+                status, error = STOPPED, ""
+            elif interrupted:
+                status, error = INTERRUPTED, ""
+            try:
+                await _close(source)
+            except asyncio.CancelledError:
+                interrupted = True
+            await self._finish(run, status, error, finalize)
+        if interrupted:
+            raise asyncio.CancelledError
+
+    async def _consume(self, run: _Run, source: Source) -> tuple[str, str, bool]:
+        """Iterate the source into the log; return (status, error, interrupted)."""
+        task = asyncio.current_task()
+        try:
+            async for item in source:
+                if isinstance(item, str):
+                    run.append_text(item)
+                else:
+                    run.append_event(*item)
+                if run.stop_requested:
+                    break
+        except asyncio.CancelledError:
+            if run.stop_requested:
+                if task is not None:
+                    task.uncancel()
+                return STOPPED, "", False
+            return INTERRUPTED, "", True
+        except BaseException as exc:  # noqa: BLE001 - the agent's failure ends the run, any kind
+            logger.exception("Run %s of session %s failed", run.id, run.session_key)
+            return ERROR, _safe_error(exc), False
+        return STATUS_DONE, "", False
+
+    async def _finish(self, run: _Run, status: str, error: str, finalize: Finalize) -> None:
+        terminal = Position(run.position.text, run.position.seq + 1)
+        end = RunEnd(
+            run_id=run.id, session_key=run.session_key, status=status, error=error,
+            output=run.output(), terminal_id=make_id(run.id, terminal), meta=run.meta,
+        )
+        saving = asyncio.ensure_future(finalize(end))
+        # The save must finish even if this task is cancelled again meanwhile.
+        while not saving.done():
+            try:
+                await asyncio.shield(saving)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        if not saving.cancelled() and saving.exception() is not None:
+            logger.error("Saving run %s failed", run.id, exc_info=saving.exception())
+        run.status, run.error = status, error
+        data: dict[str, Any] = {"status": status}
+        if error:
+            data["error"] = error
+        run.finished_at = time.time()
+        run.ended_at = asyncio.get_running_loop().time()
+        run.phase = _FINISHED
+        run.append_event(DONE, data)
+        run.compact()
+        run.finished.set()
+        logger.info("Run %s of session %s ended: %s", run.id, run.session_key, status)
+        if run.subscribers == 0:
+            self._schedule_eviction(run)
+
+    def _schedule_eviction(self, run: _Run) -> None:
+        if run.evict_handle is not None:
+            run.evict_handle.cancel()
+        if self._sessions.get(run.session_key) is not run or run.ended_at is None:
+            return  # a newer run took the session; this one goes with its last reference
+        loop = asyncio.get_running_loop()
+        # The grace period counts from the run's end, not from the last visit.
+        deadline = run.ended_at + self.evict_after
+        if deadline <= loop.time():
+            self._evict(run)
+        else:
+            run.evict_handle = loop.call_at(deadline, self._evict, run)
+
+    def _evict(self, run: _Run) -> None:
+        run.evict_handle = None
+        if run.subscribers == 0 and self._sessions.get(run.session_key) is run:
+            del self._sessions[run.session_key]
+            logger.debug("Evicted run %s of session %s", run.id, run.session_key)
+
+
+async def _close(source: Source) -> None:
+    """Run the source's own clean-up (``aclose``); its failure is logged, not raised."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:  # noqa: BLE001 - an agent's broken clean-up must not lose the run
+        logger.exception("Closing a run's source failed")
+
+
+def _safe_error(exc: BaseException) -> str:
+    if isinstance(exc, AgentError):
+        return str(exc) or "The agent failed."
+    return "The agent failed."

@@ -1,0 +1,53 @@
+"""``settings.DETACHED_RUNS`` with its defaults, read in one place.
+
+`get_config()` returns a merged dict; it is cached and reset when a test
+overrides ``DETACHED_RUNS`` (``setting_changed``), like debug-toolbar's.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+DEFAULTS: dict[str, Any] = {
+    # Dotted path to (or the callable itself) ``agent(ctx) -> AsyncIterator[str | dict]``.
+    "AGENT": None,
+    "BACKEND": "detached_runs.backends.memory.MemoryBackend",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    # Seconds a finished run stays in memory after it ended (and its last subscriber left).
+    "EVICT_AFTER": 180.0,
+    # Seconds between saves of a running run's output.
+    "CHECKPOINT_EVERY": 1.0,
+    # Seconds of silence after which an SSE stream sends a ": keep-alive" comment.
+    "KEEPALIVE": 15.0,
+    "SHUTDOWN_TIMEOUT": 10.0,
+    "MAX_PROMPT_CHARS": 32_000,
+    # None: no limit.
+    "MAX_ACTIVE_RUNS_PER_OWNER": 5,
+    "MAX_SUBSCRIBERS_PER_RUN": 100,
+    # Let visitors who are not logged in own sessions through their Django session.
+    "ALLOW_ANONYMOUS": False,
+    # Dotted path to ``may_access(requester: str, run_owner: str, session_key: str) -> bool``.
+    "PERMISSION": None,
+    # How many earlier runs of the session the agent gets in ``ctx.history``.
+    "HISTORY_LIMIT": 50,
+}
+
+NUMBERS = ("EVICT_AFTER", "CHECKPOINT_EVERY", "KEEPALIVE", "SHUTDOWN_TIMEOUT")
+LIMITS = ("MAX_PROMPT_CHARS", "MAX_ACTIVE_RUNS_PER_OWNER", "MAX_SUBSCRIBERS_PER_RUN", "HISTORY_LIMIT")
+
+
+@cache
+def get_config() -> dict[str, Any]:
+    user = getattr(settings, "DETACHED_RUNS", None) or {}
+    return {**DEFAULTS, **user}
+
+
+@receiver(setting_changed)
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DETACHED_RUNS":
+        get_config.cache_clear()

@@ -1,0 +1,113 @@
+"""The event type of a run's log and its wire encodings (SSE and JSON).
+
+An event id names its run and a *position* in that run's log::
+
+    <run uuid hex>:<text>-<seq>
+
+``text`` is how many UTF-8 bytes of assistant text the log holds up to and
+including the event, ``seq`` how many non-text events (``start``, custom
+events, ``done``). Every event raises one of the two, so ids are strictly
+increasing within a run (compared as the pair ``(text, seq)``), and an id says
+exactly how much of the text a client has already seen. That is what lets a
+backend store a run's text as one buffer (memory O(output), not O(tokens)),
+merge consecutive deltas on replay, and serve a resume after eviction from the
+saved output alone. Clients must treat ids as opaque.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import BadEventId
+
+START = "start"
+DELTA = "delta"
+DONE = "done"
+#: Event types an agent may not yield itself: the service emits them.
+RESERVED = frozenset({START, DONE})
+
+_ID_RE = re.compile(r"\A([0-9a-f]{32}):(\d{1,15})-(\d{1,15})\Z")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A point in a run's log; see the module docstring."""
+
+    text: int = 0
+    seq: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.text}-{self.seq}"
+
+
+#: Before the first event of any run.
+ORIGIN = Position(0, 0)
+
+
+def make_id(run: str, position: Position) -> str:
+    return f"{run}:{position.text}-{position.seq}"
+
+
+def parse_id(value: str) -> tuple[str, Position]:
+    """Split an event id into ``(run hex, position)``; `BadEventId` if malformed."""
+    match = _ID_RE.match(value.strip())
+    if match is None:
+        raise BadEventId("Malformed event id.")
+    return match[1], Position(int(match[2]), int(match[3]))
+
+
+def _dumps(data: Any) -> str:
+    # Compact, one line (json escapes newlines inside strings), UTF-8 kept as is.
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One item of a run's log.
+
+    The SSE bytes are computed once and cached on the event, so a batch read by
+    many subscribers is encoded once, not once per subscriber.
+    """
+
+    id: str
+    event: str
+    data: dict[str, Any]
+    _sse: list[bytes] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def sse(self) -> bytes:
+        """This event in the SSE wire format, ending with the blank line."""
+        if not self._sse:
+            self._sse.append(
+                f"id: {self.id}\nevent: {self.event}\ndata: {_dumps(self.data)}\n\n".encode()
+            )
+        return self._sse[0]
+
+    def as_json(self) -> dict[str, Any]:
+        """The WebSocket frame: ``{"id", "event", "data"}``."""
+        return {"id": self.id, "event": self.event, "data": self.data}
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.event == DONE
+
+
+def check_json(data: Any) -> None:
+    """Raise `TypeError` unless ``data`` encodes as JSON (done once, at publish)."""
+    try:
+        _dumps(data)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"event data is not JSON-serialisable: {exc}") from None
+
+
+def encode_sse(events: list[Event]) -> bytes:
+    """Several events as one write."""
+    if len(events) == 1:
+        return events[0].sse
+    return b"".join(event.sse for event in events)
+
+
+KEEPALIVE_SSE = b": keep-alive\n\n"

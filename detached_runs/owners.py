@@ -1,0 +1,79 @@
+"""Who owns a session: the logged-in user, or (with ``ALLOW_ANONYMOUS``) the
+browser's Django session.
+
+Owners are stored as short strings on the run (``user:<pk>`` or
+``anon:<random hex>``). The anonymous id is a random value kept *in* the Django
+session, never the session key itself, so the admin shows no credential.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django.http import HttpRequest
+from django.utils.module_loading import import_string
+
+from .conf import get_config
+
+ANON_SESSION_KEY = "_detached_runs_owner"
+
+
+def owner_key(owner: Any) -> str:
+    """Normalise what callers pass as ``owner=`` (a user, a string or None)."""
+    if owner is None:
+        return ""
+    if isinstance(owner, str):
+        return owner
+    if getattr(owner, "is_authenticated", False):
+        return f"user:{owner.pk}"
+    raise TypeError("owner must be a user, a string or None")
+
+
+def may_access(requester: str | None, run_owner: str, session_key: str) -> bool:
+    """Whether ``requester`` may see and steer a run owned by ``run_owner``.
+
+    ``None`` is a trusted caller (Python code, the admin) and may do anything.
+    ``PERMISSION`` may replace the rule (e.g. to let a team share sessions).
+    """
+    if requester is None:
+        return True
+    path = get_config()["PERMISSION"]
+    if path:
+        check = import_string(path) if isinstance(path, str) else path
+        return bool(check(requester, run_owner, session_key))
+    return requester == run_owner
+
+
+async def request_owner(request: HttpRequest, *, create: bool = False) -> str | None:
+    """The owner key of an HTTP request, or None if it can own nothing.
+
+    With ``create`` an anonymous visitor gets an owner id stored in their
+    session (the session middleware then sets the cookie).
+    """
+    user = await request.auser()  # type: ignore[attr-defined]
+    if user.is_authenticated:
+        return owner_key(user)
+    if not get_config()["ALLOW_ANONYMOUS"] or not hasattr(request, "session"):
+        return None
+    anon = await request.session.aget(ANON_SESSION_KEY)
+    if anon is None and create:
+        anon = f"anon:{secrets.token_hex(16)}"
+        await request.session.aset(ANON_SESSION_KEY, anon)
+    return anon
+
+
+async def scope_owner(scope: dict[str, Any], *, create: bool = False) -> str | None:
+    """The same for a Channels scope (behind ``AuthMiddlewareStack``)."""
+    user = scope.get("user")
+    if user is not None and getattr(user, "is_authenticated", False):
+        return owner_key(user)
+    session = scope.get("session")
+    if not get_config()["ALLOW_ANONYMOUS"] or session is None:
+        return None
+    anon = await session.aget(ANON_SESSION_KEY)
+    if anon is None and create:
+        anon = f"anon:{secrets.token_hex(16)}"
+        await session.aset(ANON_SESSION_KEY, anon)
+        await session.asave()
+    return anon

@@ -1,0 +1,542 @@
+"""The service: start, subscribe, stop and status for a session.
+
+It wraps the agent (turning what it yields into log items), assembles nothing
+itself (the backend's log holds the text), saves the `Run` row at start, every
+``CHECKPOINT_EVERY`` seconds and at the end, checks ownership, and serves a run
+from the database once the backend no longer holds it::
+
+    from detached_runs import runs
+
+    run = await runs.start("chat-1", prompt="Hello", owner=request.user)
+    async for event in runs.subscribe("chat-1", owner=request.user):
+        ...
+    await runs.stop("chat-1", owner=request.user)
+    latest = await runs.status("chat-1", owner=request.user)
+
+``owner=None`` means a trusted caller (your own code, the admin): no
+ownership check, and a run it starts belongs to nobody in particular.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from .backends import load_backend
+from .backends.base import RUNNING, BaseBackend, Item, RunEnd, Subscription
+from .conf import get_config
+from .events import DELTA, DONE, ORIGIN, RESERVED, START, Event, Position, make_id, parse_id
+from .exceptions import (
+    AgentError,
+    BadEventId,
+    BadPrompt,
+    BadSessionKey,
+    RunNotFound,
+    TooManyRuns,
+)
+from .models import Run
+from .owners import may_access, owner_key
+
+logger = logging.getLogger(__name__)
+
+SESSION_KEY_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+_EVENT_TYPE_RE = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
+#: Delays between attempts of the final save.
+SAVE_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+Agent = Callable[["AgentContext"], AsyncIterator[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """An earlier run of the session, as the agent sees it in ``ctx.history``."""
+
+    prompt: str
+    output: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentContext:
+    """What the agent is called with."""
+
+    session_key: str
+    prompt: str
+    history: tuple[Turn, ...]
+    owner: str
+    run_id: str
+
+
+def validate_session_key(session_key: object) -> str:
+    if not isinstance(session_key, str) or not SESSION_KEY_RE.match(session_key):
+        raise BadSessionKey("Invalid session key: use 1-64 characters of A-Z, a-z, 0-9, _ and -.")
+    return session_key
+
+
+def validate_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise BadPrompt("The prompt must be a string.")
+    if not prompt.strip():
+        raise BadPrompt("The prompt is empty.")
+    limit = get_config()["MAX_PROMPT_CHARS"]
+    if limit is not None and len(prompt) > limit:
+        raise BadPrompt(f"The prompt is too long ({len(prompt)} characters; the limit is {limit}).")
+    return prompt
+
+
+def load_agent(value: Any = None) -> Agent:
+    value = value if value is not None else get_config()["AGENT"]
+    if value is None:
+        raise ImproperlyConfigured("Set DETACHED_RUNS['AGENT'] to the dotted path of your agent.")
+    agent = import_string(value) if isinstance(value, str) else value
+    if not callable(agent):
+        raise ImproperlyConfigured(f"DETACHED_RUNS['AGENT'] = {value!r} is not callable.")
+    return agent  # type: ignore[no-any-return]
+
+
+def _heartbeat_every() -> float:
+    return max(float(get_config()["CHECKPOINT_EVERY"]), 2.0)
+
+
+def _stale_after() -> timedelta:
+    """How old a running row's heartbeat may be before its process counts as dead."""
+    return timedelta(seconds=3 * _heartbeat_every() + 5)
+
+
+class _Recorder:
+    """The service's side of one run: feeds the agent to the backend, saves the row."""
+
+    def __init__(self, service: RunService, backend: BaseBackend, run: Run, agent: Agent) -> None:
+        self.service = service
+        self.backend = backend
+        self.run = run
+        self.agent = agent
+        self.checkpoints: asyncio.Task[None] | None = None
+
+    async def source(self) -> AsyncIterator[Item]:
+        run = self.run
+        history = await self.service.history(run)
+        ctx = AgentContext(run.session_key, run.prompt, history, run.owner, str(run.id))
+        stream = self.agent(ctx)
+        if not hasattr(stream, "__anext__"):
+            if asyncio.iscoroutine(stream):
+                stream.close()
+            raise AgentError("The agent must return an async iterator (an async generator).")
+        self.checkpoints = asyncio.create_task(
+            self._checkpoint_loop(), name=f"detached_runs:checkpoint:{run.id}"
+        )
+        try:
+            async for item in stream:
+                normalised = _normalise(item)
+                if normalised is not None:
+                    yield normalised
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _checkpoint_loop(self) -> None:
+        run, config = self.run, get_config()
+        every = float(config["CHECKPOINT_EVERY"])
+        saved_id, beat = "", time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            snapshot = self.backend.output(run.session_key, run.id.hex)
+            if snapshot is None:
+                continue
+            output, last_id = snapshot
+            if last_id == saved_id and time.monotonic() - beat < _heartbeat_every():
+                continue
+            try:
+                await Run.objects.filter(pk=run.pk, status=RUNNING).aupdate(
+                    output=output, last_event_id=last_id, updated_at=timezone.now()
+                )
+            except DatabaseError:
+                logger.warning("Checkpoint of run %s failed; will retry", run.id, exc_info=True)
+                continue
+            saved_id, beat = last_id, time.monotonic()
+
+    async def finalize(self, end: RunEnd) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.cancel()
+            try:
+                await self.checkpoints
+            except asyncio.CancelledError:
+                pass
+        now = timezone.now()
+        fields = {
+            "status": end.status, "output": end.output, "error": end.error,
+            "last_event_id": end.terminal_id, "finished_at": now, "updated_at": now,
+        }
+        for delay in (*SAVE_RETRY_DELAYS, None):
+            try:
+                await Run.objects.filter(pk=self.run.pk).aupdate(**fields)
+                return
+            except DatabaseError:
+                if delay is None:
+                    logger.error(
+                        "Could not save run %s (%s, %d characters); its output stays in memory "
+                        "until eviction", self.run.id, end.status, len(end.output), exc_info=True,
+                    )
+                    return
+                logger.warning("Saving run %s failed; retrying in %ss", self.run.id, delay)
+                await asyncio.sleep(delay)
+
+
+def _normalise(item: Any) -> Item | None:
+    """An agent's item as a log item, or None to skip it (empty text)."""
+    if isinstance(item, str):
+        return item or None
+    if isinstance(item, dict):
+        event, data = item.get("event"), item.get("data", {})
+        if not isinstance(event, str) or not _EVENT_TYPE_RE.match(event) or event in RESERVED:
+            raise AgentError("The agent yielded an event with an invalid type.")
+        if event == DELTA:
+            text = data.get("text") if isinstance(data, dict) else None
+            if not isinstance(text, str):
+                raise AgentError("The agent yielded a delta without text.")
+            return text or None
+        if not isinstance(data, dict):
+            data = {"value": data}
+        return (event, data)
+    raise AgentError("The agent yielded something that is neither text nor an event.")
+
+
+class StoredSubscription(Subscription):
+    """A run the backend no longer holds, served from its row: start, the output
+    as one delta, the terminal event. A row still ``running`` elsewhere is
+    polled until it ends (or its process is found dead)."""
+
+    def __init__(self, service: RunService, row: Run, after: tuple[str, Position] | None) -> None:
+        self._service = service
+        self._row = row
+        self.run_id = row.id.hex
+        self.meta = {"owner": row.owner}
+        self._cursor = ORIGIN
+        if after is not None and after[0] == self.run_id:
+            if after[1] > self._terminal():
+                raise BadEventId("Unknown event id.")
+            self._cursor = after[1]
+        self._closed = False
+
+    def _terminal(self) -> Position:
+        row = self._row
+        size = len(row.output.encode())
+        if row.last_event_id:
+            try:
+                run, position = parse_id(row.last_event_id)
+            except BadEventId:
+                run, position = "", ORIGIN
+            if run == self.run_id and position.text == size:
+                return position if row.status != RUNNING else Position(size, position.seq + 1)
+        return Position(size, 2)
+
+    @property
+    def ended(self) -> bool:
+        return self._row.status != RUNNING and self._cursor >= self._terminal()
+
+    async def next_batch(self, timeout: float | None = None) -> list[Event]:
+        waited, step = 0.0, max(float(get_config()["CHECKPOINT_EVERY"]), 0.05)
+        while True:
+            if self._closed or self.ended:
+                raise StopAsyncIteration
+            batch = self._read()
+            if batch:
+                return batch
+            if timeout is not None and waited >= timeout:
+                return []
+            await asyncio.sleep(step)
+            waited += step
+            self._row = await self._service.resolve(self._row)
+
+    def _read(self) -> list[Event]:
+        row, cursor, terminal = self._row, self._cursor, self._terminal()
+        events: list[Event] = []
+        start = Position(0, 1)
+        if cursor < start:
+            events.append(Event(make_id(self.run_id, start), START,
+                                {"run": str(row.id), "prompt": row.prompt}))
+        data = row.output.encode()
+        if cursor.text < len(data):
+            text = data[cursor.text:].decode(errors="replace")
+            position = Position(len(data), terminal.seq - 1)
+            events.append(Event(make_id(self.run_id, position), DELTA, {"text": text}))
+        if row.status != RUNNING:
+            body: dict[str, Any] = {"status": row.status}
+            if row.error:
+                body["error"] = row.error
+            events.append(Event(make_id(self.run_id, terminal), DONE, body))
+            position = terminal
+        else:
+            position = Position(len(data), max(cursor.seq, 1))
+        if events:
+            self._cursor = max(position, cursor)
+        return events
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+
+class PendingSubscription:
+    """What `RunService.subscribe` returns: ``await`` it to bind (and get errors
+    such as `RunNotFound` at once), or ``async for`` over it directly."""
+
+    def __init__(self, service: RunService, session_key: str, after: str | None,
+                 owner: Any) -> None:
+        self._args = (service, session_key, after, owner)
+
+    def __await__(self) -> Generator[Any, None, Subscription]:
+        service, session_key, after, owner = self._args
+        return service.open(session_key, after=after, owner=owner).__await__()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        subscription = await self
+        async for event in subscription:
+            yield event
+
+
+class RunService:
+    """Start, follow, stop and inspect runs; bound to one backend per event loop."""
+
+    def __init__(self, backend: BaseBackend | None = None) -> None:
+        self._fixed = backend
+        self._backend: BaseBackend | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @property
+    def backend(self) -> BaseBackend:
+        """The backend of the running event loop (an in-process registry cannot be
+        shared between loops, e.g. between tests)."""
+        if self._fixed is not None:
+            return self._fixed
+        loop = asyncio.get_running_loop()
+        if self._backend is None or self._loop is not loop:
+            self._backend, self._loop = load_backend(), loop
+        return self._backend
+
+    def reset(self) -> None:
+        """Forget the backend (after settings change, in tests)."""
+        self._backend, self._loop = None, None
+
+    # -- the API -----------------------------------------------------------
+
+    async def start(self, session_key: str, *, prompt: Any, owner: Any = None,
+                    agent: Agent | None = None) -> Run:
+        """Start a run for ``prompt``, stopping the session's run in flight.
+
+        Returns the `Run` row (status ``running``). Raises `BadSessionKey`,
+        `BadPrompt`, `RunNotFound` (a session of another owner), `TooManyRuns`.
+        """
+        validate_session_key(session_key)
+        prompt = validate_prompt(prompt)
+        requester = None if owner is None else owner_key(owner)
+        agent = load_agent(agent)
+        backend = self.backend
+        async with self._start_lock(session_key):
+            current = await backend.get(session_key)
+            current_owner = current.meta.get("owner", "") if current else await self._db_owner(
+                session_key
+            )
+            if current_owner is not None and not may_access(requester, current_owner, session_key):
+                raise RunNotFound("No such session.")
+            limit = get_config()["MAX_ACTIVE_RUNS_PER_OWNER"]
+            if limit is not None and requester:
+                active = await backend.count_running(requester)
+                if current is not None and current.status == RUNNING:
+                    active -= current.meta.get("owner") == requester  # it is replaced
+                if active >= limit:
+                    raise TooManyRuns(f"You have {active} runs in flight; the limit is {limit}.")
+            run = await Run.objects.acreate(
+                session_key=session_key, prompt=prompt, owner=requester or "",
+                user=owner if requester and requester.startswith("user:") else None,
+            )
+            recorder = _Recorder(self, backend, run, agent)
+            await backend.start(
+                session_key, run.id.hex, recorder.source(),
+                start_data={"run": str(run.id), "prompt": prompt},
+                meta={"owner": run.owner, "prompt": prompt, "uuid": str(run.id),
+                      "started_at": run.started_at.timestamp()},
+                finalize=recorder.finalize,
+            )
+        logger.info("Run %s of session %s started", run.id, session_key)
+        return run
+
+    def subscribe(self, session_key: str, *, after: str | None = None,
+                  owner: Any = None) -> PendingSubscription:
+        """Replay then follow the session's current run (after ``after``, an event id)."""
+        return PendingSubscription(self, session_key, after, owner)
+
+    async def open(self, session_key: str, *, after: str | None = None,
+                   owner: Any = None) -> Subscription:
+        validate_session_key(session_key)
+        parsed = parse_id(after) if after else None
+        requester = None if owner is None else owner_key(owner)
+        backend = self.backend
+        current = await backend.get(session_key)
+        if current is not None:
+            if not may_access(requester, current.meta.get("owner", ""), session_key):
+                raise RunNotFound("No such session.")
+            try:
+                return await backend.subscribe(session_key, parsed)
+            except RunNotFound:
+                pass  # evicted in between: the database has it
+        row = await self._latest_row(session_key)
+        if row is None or not may_access(requester, row.owner, session_key):
+            raise RunNotFound("No such session.")
+        return StoredSubscription(self, await self.resolve(row), parsed)
+
+    async def stop(self, session_key: str, *, owner: Any = None) -> bool:
+        """Stop the session's run in flight; False if there was none."""
+        validate_session_key(session_key)
+        requester = None if owner is None else owner_key(owner)
+        current = await self.backend.get(session_key)
+        if current is None:
+            row = await self._latest_row(session_key)
+            if row is None or not may_access(requester, row.owner, session_key):
+                raise RunNotFound("No such session.")
+            return False
+        if not may_access(requester, current.meta.get("owner", ""), session_key):
+            raise RunNotFound("No such session.")
+        stopped = await self.backend.stop(session_key, current.run_id)
+        if stopped:
+            logger.info("Run %s of session %s stopping", current.run_id, session_key)
+        return stopped
+
+    async def stop_run(self, run_id: uuid.UUID | str) -> bool:
+        """Stop one run by id, whatever its session (the admin's action)."""
+        row = await Run.objects.filter(pk=run_id).afirst()
+        if row is None:
+            return False
+        return await self.backend.stop(row.session_key, row.id.hex)
+
+    async def status(self, session_key: str, *, owner: Any = None) -> Run | None:
+        """The session's latest run (live state if in flight), or None."""
+        validate_session_key(session_key)
+        requester = None if owner is None else owner_key(owner)
+        current = await self.backend.get(session_key)
+        if current is not None:
+            meta = current.meta
+            if not may_access(requester, meta.get("owner", ""), session_key):
+                return None
+            return Run(
+                id=uuid.UUID(meta["uuid"]), session_key=session_key, owner=meta.get("owner", ""),
+                prompt=meta.get("prompt", ""), output=current.output, status=current.status,
+                error=current.error, last_event_id=current.last_id,
+                started_at=datetime.fromtimestamp(meta["started_at"], dt_timezone.utc),
+                finished_at=(datetime.fromtimestamp(current.finished_at, dt_timezone.utc)
+                             if current.finished_at else None),
+            )
+        row = await self._latest_row(session_key)
+        if row is None or not may_access(requester, row.owner, session_key):
+            return None
+        return await self.resolve(row)
+
+    async def history(self, run: Run) -> tuple[Turn, ...]:
+        """The session's runs before ``run``, oldest first."""
+        limit = int(get_config()["HISTORY_LIMIT"])
+        rows = Run.objects.filter(session_key=run.session_key, started_at__lte=run.started_at)
+        rows = rows.exclude(pk=run.pk).order_by("-started_at")[:limit]
+        turns = [Turn(r.prompt, r.output, r.status) async for r in rows]
+        return tuple(reversed(turns))
+
+    async def resolve(self, row: Run) -> Run:
+        """Re-read a row; a ``running`` row whose heartbeat stopped is marked
+        ``interrupted`` (its process died), keeping its last checkpoint."""
+        fresh = await Run.objects.filter(pk=row.pk).afirst() or row
+        if fresh.status == RUNNING and fresh.updated_at < timezone.now() - _stale_after():
+            now = timezone.now()
+            updated = await Run.objects.filter(
+                pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at
+            ).aupdate(status=Run.Status.INTERRUPTED, finished_at=now)
+            if updated:
+                logger.warning("Run %s of session %s was orphaned: marked interrupted",
+                               fresh.id, fresh.session_key)
+            fresh = await Run.objects.aget(pk=fresh.pk)
+        return fresh
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop every run in flight and wait for their saves (graceful shutdown)."""
+        if self._backend is None and self._fixed is None:
+            return
+        if timeout is None:
+            timeout = float(get_config()["SHUTDOWN_TIMEOUT"])
+        await self.backend.shutdown(timeout)
+
+    # -- internals ---------------------------------------------------------
+
+    async def _latest_row(self, session_key: str) -> Run | None:
+        return await Run.objects.filter(session_key=session_key).order_by("-started_at").afirst()
+
+    async def _db_owner(self, session_key: str) -> str | None:
+        row = await self._latest_row(session_key)
+        return None if row is None else row.owner
+
+    def _start_lock(self, session_key: str) -> _StartLock:
+        return _StartLock(self._start_locks, session_key)
+
+
+class _StartLock:
+    """A per-session lock that disappears when nobody holds or waits for it,
+    so starts of one session are ordered (row creation, then backend start)."""
+
+    def __init__(self, locks: dict[str, tuple[asyncio.Lock, int]], key: str) -> None:
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.get(self._key) or (asyncio.Lock(), 0)
+        self._locks[self._key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._release_user()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._locks[self._key][0].release()
+        self._release_user()
+
+    def _release_user(self) -> None:
+        lock, users = self._locks[self._key]
+        if users <= 1:
+            del self._locks[self._key]
+        else:
+            self._locks[self._key] = (lock, users - 1)
+
+
+_service = RunService()
+
+
+def get_service() -> RunService:
+    return _service
+
+
+async def start(session_key: str, *, prompt: Any, owner: Any = None,
+                agent: Agent | None = None) -> Run:
+    return await _service.start(session_key, prompt=prompt, owner=owner, agent=agent)
+
+
+def subscribe(session_key: str, *, after: str | None = None,
+              owner: Any = None) -> PendingSubscription:
+    return _service.subscribe(session_key, after=after, owner=owner)
+
+
+async def stop(session_key: str, *, owner: Any = None) -> bool:
+    return await _service.stop(session_key, owner=owner)
+
+
+async def status(session_key: str, *, owner: Any = None) -> Run | None:
+    return await _service.status(session_key, owner=owner)

@@ -1,0 +1,182 @@
+"""HTTP and SSE views: thin, no run logic (that is `detached_runs.runs`).
+
+Every error is JSON ``{"error": "..."}``; exceptions map to statuses in
+`STATUS_FOR`, in one place. CSRF is checked here (not left to the project's
+middleware) so that a failure is JSON too and the check cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
+
+from . import runs
+from .backends.base import Subscription
+from .conf import get_config
+from .events import KEEPALIVE_SSE, encode_sse
+from .exceptions import (
+    BackendUnavailable,
+    BadPrompt,
+    DetachedRunsError,
+    InvalidInput,
+    LimitExceeded,
+    NotAllowed,
+    RunNotFound,
+)
+from .owners import request_owner
+
+logger = logging.getLogger(__name__)
+
+STATUS_FOR: dict[type[DetachedRunsError], int] = {
+    InvalidInput: 400,
+    NotAllowed: 403,
+    RunNotFound: 404,
+    LimitExceeded: 429,
+    BackendUnavailable: 503,
+}
+
+View = Callable[..., Awaitable[HttpResponse]]
+
+
+def error_response(status: int, message: str) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+def _status_for(exc: DetachedRunsError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_FOR:
+            return STATUS_FOR[cls]
+    return 400
+
+
+class _CsrfCheck(CsrfViewMiddleware):
+    def _reject(self, request: HttpRequest, reason: str) -> HttpResponse:
+        return error_response(403, f"CSRF check failed: {reason}")
+
+
+_csrf = _CsrfCheck(lambda request: HttpResponse())
+
+
+def api(*methods: str) -> Callable[[View], View]:
+    """Allow ``methods``, check CSRF on unsafe ones, turn errors into JSON."""
+
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = error_response(405, f"Method {request.method} not allowed.")
+                response["Allow"] = ", ".join(methods)
+                return response
+            if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
+                rejected = _csrf.process_view(request, wrapper, args, kwargs)
+                if rejected is not None:
+                    return rejected
+            try:
+                return await view(request, *args, **kwargs)
+            except DetachedRunsError as exc:
+                return error_response(_status_for(exc), str(exc))
+            except DatabaseError:
+                logger.exception("Database error in %s", view.__name__)
+                return error_response(503, "The database is unavailable; try again shortly.")
+            except ImproperlyConfigured:
+                logger.exception("detached_runs is misconfigured")
+                return error_response(500, "The server is misconfigured.")
+
+        return csrf_exempt(wrapper)
+
+    return decorate
+
+
+async def _owner(request: HttpRequest, *, create: bool = False) -> str:
+    owner = await request_owner(request, create=create)
+    if owner is not None:
+        return owner
+    if not get_config()["ALLOW_ANONYMOUS"]:
+        raise NotAllowed("Log in first.")
+    return "anon:"  # an anonymous visitor without an id yet owns nothing
+
+
+def _prompt_of(request: HttpRequest) -> Any:
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise BadPrompt("The request body is too large.") from None
+    if request.content_type == "application/json":
+        try:
+            payload = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("The body is not valid JSON.") from None
+        if not isinstance(payload, dict) or "prompt" not in payload:
+            raise BadPrompt('Send a JSON object: {"prompt": "..."}.')
+        return payload["prompt"]
+    prompt = request.POST.get("prompt")
+    if prompt is None:
+        raise BadPrompt('Send a "prompt" (JSON or form field).')
+    return prompt
+
+
+@api("GET", "POST")
+async def session(request: HttpRequest, session_key: str) -> HttpResponse:
+    """``POST``: start a run (202). ``GET``: the session's latest run."""
+    runs.validate_session_key(session_key)
+    if request.method == "POST":
+        owner = await _owner(request, create=True)
+        run = await runs.start(session_key, prompt=_prompt_of(request), owner=owner)
+        return JsonResponse(
+            {
+                "id": str(run.id),
+                "session": session_key,
+                "status": run.status,
+                "events_url": reverse("detached_runs:events", args=[session_key]),
+            },
+            status=202,
+        )
+    run = await runs.status(session_key, owner=await _owner(request))
+    if run is None:
+        raise RunNotFound("No such session.")
+    return JsonResponse({"session": session_key, "run": run.as_json()})
+
+
+@api("GET")
+async def events(request: HttpRequest, session_key: str) -> HttpResponse:
+    """SSE: replay the current run (after Last-Event-ID / ``?after=``), then follow it."""
+    runs.validate_session_key(session_key)
+    owner = await _owner(request)
+    after = request.headers.get("Last-Event-ID") or request.GET.get("after") or None
+    subscription = await runs.subscribe(session_key, after=after, owner=owner)
+    if subscription.ended:
+        # Already has the terminal event: 204 tells EventSource to stop reconnecting.
+        await subscription.aclose()
+        return HttpResponse(status=204)
+    response = StreamingHttpResponse(
+        _stream(subscription, float(get_config()["KEEPALIVE"])),
+        content_type="text/event-stream",
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _stream(subscription: Subscription, keepalive: float) -> AsyncIterator[bytes]:
+    # Django consumes this inside aclosing() and cancels it when the client
+    # disconnects, so the finally (via batches()) releases the subscriber.
+    async for batch in subscription.batches(keepalive or None):
+        yield encode_sse(batch) if batch else KEEPALIVE_SSE
+
+
+@api("POST")
+async def stop(request: HttpRequest, session_key: str) -> HttpResponse:
+    """Stop the run in flight: ``{"stopped": true|false}``."""
+    runs.validate_session_key(session_key)
+    stopped = await runs.stop(session_key, owner=await _owner(request))
+    return JsonResponse({"stopped": stopped})

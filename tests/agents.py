@@ -1,0 +1,32 @@
+"""Agents the tests run. Real async generators, paced with real sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from detached_runs.exceptions import AgentError
+
+#: Seconds between words of `words` (the e2e server reads it from its environment).
+DELAY = float(os.environ.get("TEST_AGENT_DELAY", "0.01"))
+
+
+def numbered(count: int) -> list[str]:
+    return [f"w{i} " for i in range(count)]
+
+
+async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
+    """Yields ``w0 w1 ...``: as many words as the prompt's first number (default 20)."""
+    first = ctx.prompt.split()[0]
+    count = int(first) if first.isdigit() else 20
+    for word in numbered(count):
+        await asyncio.sleep(DELAY)
+        yield word
+
+
+async def failing(ctx: Any) -> AsyncIterator[str]:
+    yield "partial "
+    await asyncio.sleep(0)
+    raise AgentError("the model is overloaded")
