@@ -30,7 +30,8 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import DatabaseError
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -362,7 +363,7 @@ class RunService:
                     raise TooManyRuns(f"You have {active} runs in flight; the limit is {limit}.")
             run = await Run.objects.acreate(
                 session_key=session_key, prompt=prompt, owner=requester or "",
-                user=owner if requester and requester.startswith("user:") else None,
+                user_id=await _user_pk(owner, requester),
             )
             recorder = _Recorder(self, backend, run, agent)
             await backend.start(
@@ -487,6 +488,19 @@ class RunService:
 
     def _start_lock(self, session_key: str) -> _StartLock:
         return _StartLock(self._start_locks, session_key)
+
+
+async def _user_pk(owner: Any, requester: str | None) -> Any:
+    """The user a run belongs to, for the admin's link (owner keys "user:<pk>")."""
+    if getattr(owner, "is_authenticated", False):
+        return owner.pk
+    if requester and requester.startswith("user:"):
+        pk = requester.removeprefix("user:")
+        try:
+            return await get_user_model().objects.filter(pk=pk).values_list("pk", flat=True).afirst()
+        except (ValueError, TypeError, ValidationError):
+            return None
+    return None
 
 
 class _StartLock:

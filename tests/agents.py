@@ -19,6 +19,11 @@ def numbered(count: int) -> list[str]:
 
 async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
     """Yields ``w0 w1 ...``: as many words as the prompt's first number (default 20)."""
+    if ctx.prompt == "slow":
+        await asyncio.sleep(0.5)
+        yield "finally "
+        await asyncio.sleep(10)
+        return
     first = ctx.prompt.split()[0]
     count = int(first) if first.isdigit() else 20
     for word in numbered(count):

@@ -76,3 +76,90 @@ def text_of(events: list[Event]) -> str:
 
 def terminals(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "done"]
+
+
+# -- a real daphne server ----------------------------------------------------------
+
+
+class Server:
+    def __init__(self, port: int, process: Any, log: Any) -> None:
+        self.port = port
+        self.process = process
+        self.log = log
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as handle:
+            return handle.read()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment for a server process that shares the test database."""
+    import os
+    from urllib.parse import urlparse, urlunparse
+
+    from django.db import connection
+
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONUNBUFFERED="1")
+    name = str(connection.settings_dict["NAME"])
+    if connection.vendor == "sqlite":
+        env["DETACHED_RUNS_TEST_DB"] = name
+    else:
+        url = urlparse(os.environ["DATABASE_URL"])
+        env["DATABASE_URL"] = urlunparse(url._replace(path="/" + name))
+    env.update(extra)
+    return env
+
+
+def start_server(env: dict[str, str], app: str = "tests.asgi:application") -> Server:
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="daphne-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne exited:\n{open(log.name).read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return Server(port, process, log)
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"daphne did not listen:\n{open(log.name).read()}")
+
+
+def stop_server(server: Server) -> None:
+    import subprocess
+
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(django_db_setup: Any, django_db_blocker: Any) -> Any:
+    with django_db_blocker.unblock():
+        env = server_env(TEST_AGENT_DELAY="0.02", TEST_KEEPALIVE="0.3", TEST_EVICT_AFTER="1")
+    running = start_server(env)
+    yield running
+    stop_server(running)

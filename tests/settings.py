@@ -77,6 +77,9 @@ DETACHED_RUNS = {
     "AGENT": "tests.agents.words",
     "ALLOW_ANONYMOUS": True,
     "CHECKPOINT_EVERY": 0.2,
+    # The end-to-end server process takes these from its environment.
+    "KEEPALIVE": float(os.environ.get("TEST_KEEPALIVE", "15")),
+    "EVICT_AFTER": float(os.environ.get("TEST_EVICT_AFTER", "180")),
 }
 
 LOGGING = {

@@ -1,0 +1,174 @@
+"""End to end: a real daphne process, real sockets, the HTTP/SSE contract."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from detached_runs.models import Run
+
+from .http import Browser, text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+WORDS_40 = "".join(f"w{i} " for i in range(40))
+
+
+@pytest.fixture
+def browser(server: Any) -> Browser:
+    return Browser(server.port)
+
+
+@pytest.fixture
+def key() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def wait_for_status(browser: Browser, key: str, *, not_: str = "running") -> dict[str, Any]:
+    for _ in range(500):
+        reply = browser.request("GET", f"/runs/{key}/")
+        run = reply.json()["run"]
+        if run["status"] != not_:
+            return run
+        time.sleep(0.02)
+    raise AssertionError("still running")
+
+
+def test_start_then_stream_gets_start_deltas_and_done_with_sse_headers(browser, key):
+    reply = browser.request("POST", f"/runs/{key}/", {"prompt": "10"})
+    assert reply.status == 202
+    body = reply.json()
+    assert body["session"] == key and body["status"] == "running"
+    assert body["events_url"] == f"/runs/{key}/events/"
+    stream = browser.stream(body["events_url"])
+    assert stream.status == 200
+    assert stream.headers["Content-Type"] == "text/event-stream"
+    assert stream.headers["Cache-Control"] == "no-cache"
+    assert stream.headers["X-Accel-Buffering"] == "no"
+    events = stream.rest()
+    assert events[0].event == "start" and events[0].data == {"run": body["id"], "prompt": "10"}
+    assert text(events) == "".join(f"w{i} " for i in range(10))
+    assert [e.event for e in events].count("done") == 1
+    assert events[-1].data == {"status": "done"}
+    assert all(e.id for e in events)
+
+
+def test_disconnect_mid_stream_then_last_event_id_gets_exactly_the_rest(browser, key, server):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "40"})
+    stream = browser.stream(f"/runs/{key}/events/")
+    first = stream.take(8)
+    stream.close()  # the tab goes away mid-answer
+    time.sleep(0.2)
+    resumed = browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": first[-1].id or ""})
+    rest = resumed.rest()
+    assert text(first) + text(rest) == WORDS_40
+    assert rest[0].event != "start" and rest[-1].event == "done"
+    # The run went on without anybody: its row holds the whole answer.
+    assert wait_for_status(browser, key)["output"] == WORDS_40
+    assert "Traceback" not in server.output()
+
+
+def test_after_query_parameter_resumes_like_last_event_id(browser, key):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "20"})
+    stream = browser.stream(f"/runs/{key}/events/")
+    first = stream.take(5)
+    stream.close()
+    rest = browser.stream(f"/runs/{key}/events/?after={first[-1].id}").rest()
+    assert text(first) + text(rest) == "".join(f"w{i} " for i in range(20))
+
+
+def test_reconnect_after_the_end_gets_a_compact_replay_then_204(browser, key):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "40"})
+    live = browser.stream(f"/runs/{key}/events/").rest()
+    replay = browser.stream(f"/runs/{key}/events/").rest()
+    assert [e.event for e in replay] == ["start", "delta", "done"]
+    assert text(replay) == WORDS_40
+    done = browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": live[-1].id or ""})
+    assert done.status == 204
+
+
+def test_after_eviction_the_run_is_served_from_the_database(browser, key):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "10"})
+    live = browser.stream(f"/runs/{key}/events/").rest()
+    time.sleep(1.3)  # EVICT_AFTER is 1 s in the server
+    replay = browser.stream(f"/runs/{key}/events/").rest()
+    assert [e.event for e in replay] == ["start", "delta", "done"]
+    assert text(replay) == text(live)
+    assert browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": live[-1].id or ""}).status == 204
+
+
+def test_an_idle_stream_sends_keep_alive_comments(browser, key):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "slow"})
+    stream = browser.stream(f"/runs/{key}/events/")
+    stream.take(2)
+    browser.request("POST", f"/runs/{key}/stop/")
+    stream.rest()
+    # The slow agent pauses 0.5 s before its first word; KEEPALIVE is 0.3 s.
+    assert ": keep-alive" in stream.comments
+
+
+def test_stop_ends_the_run_stopped_and_saves_the_partial_answer(browser, key):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "500"})
+    stream = browser.stream(f"/runs/{key}/events/")
+    seen = stream.take(6)
+    reply = browser.request("POST", f"/runs/{key}/stop/")
+    assert reply.status == 200 and reply.json() == {"stopped": True}
+    rest = stream.rest()
+    assert rest[-1].data == {"status": "stopped"}
+    run = wait_for_status(browser, key)
+    assert run["status"] == "stopped"
+    assert run["output"] == text(seen) + text(rest)
+    assert 0 < len(run["output"]) < len("".join(f"w{i} " for i in range(500)))
+    assert browser.request("POST", f"/runs/{key}/stop/").json() == {"stopped": False}
+
+
+def test_double_send_stops_the_first_run_and_saves_it_before_the_second(browser, key):
+    first = browser.request("POST", f"/runs/{key}/", {"prompt": "500"}).json()
+    second = browser.request("POST", f"/runs/{key}/", {"prompt": "5"}).json()
+    events = browser.stream(f"/runs/{key}/events/").rest()
+    assert events[0].data["run"] == second["id"]
+    assert events[-1].data == {"status": "done"}
+    rows = {str(r.id): r for r in Run.objects.filter(session_key=key)}
+    assert rows[first["id"]].status == "stopped"
+    assert rows[second["id"]].status == "done"
+    assert rows[first["id"]].finished_at <= rows[second["id"]].finished_at
+
+
+def test_another_browser_gets_404_for_everything_of_the_session(browser, key, server):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "100"})
+    stranger = Browser(server.port)
+    assert stranger.request("GET", f"/runs/{key}/").status == 404
+    assert stranger.stream(f"/runs/{key}/events/").status == 404
+    assert stranger.request("POST", f"/runs/{key}/stop/").status == 404
+    assert stranger.request("POST", f"/runs/{key}/", {"prompt": "mine now"}).status == 404
+    unknown = stranger.request("GET", f"/runs/{uuid.uuid4().hex[:8]}/")
+    assert unknown.status == 404 and unknown.json() == {"error": "No such session."}
+    assert browser.request("GET", f"/runs/{key}/").json()["run"]["status"] == "running"
+    browser.request("POST", f"/runs/{key}/stop/")
+
+
+def test_bad_input_gets_its_status_and_the_run_goes_on_untouched(browser, key):
+    browser.request("POST", f"/runs/{key}/", {"prompt": "40"})
+    stream = browser.stream(f"/runs/{key}/events/")
+    seen = stream.take(3)
+    bad = [
+        browser.request("POST", f"/runs/{key}/", b"{not json"),
+        browser.request("POST", f"/runs/{key}/", {"prompt": "x" * 40_000}),
+        browser.request("POST", f"/runs/{key}/", {"prompt": ["a list"]}),
+        browser.request("POST", f"/runs/{key}/", {"nothing": 1}),
+        browser.request("GET", f"/runs/{key}/events/", headers={"Last-Event-ID": "forged"}),
+        browser.request("POST", "/runs/bad%20key/", {"prompt": "x"}),
+    ]
+    assert [r.status for r in bad] == [400] * 6
+    assert all("error" in r.json() for r in bad)
+    assert browser.request("POST", f"/runs/{key}/", {"prompt": "x"}, csrf=False).status == 403
+    assert browser.request("POST", f"/runs/{key}/", {"prompt": "x"}, csrf=False).json()["error"]
+    assert browser.request("DELETE", f"/runs/{key}/").status == 405
+    assert browser.request("GET", f"/runs/{key}/stop/").status == 405
+    rest = stream.rest()
+    assert text(seen) + text(rest) == WORDS_40
+    assert rest[-1].data == {"status": "done"}
+    assert Run.objects.filter(session_key=key).count() == 1

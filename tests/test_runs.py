@@ -1,0 +1,254 @@
+"""The service with a real database: rows, checkpoints, history, ownership, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import OperationalError, connection
+from django.utils import timezone
+
+from detached_runs import runs
+from detached_runs.exceptions import (
+    BadEventId,
+    BadPrompt,
+    BadSessionKey,
+    RunNotFound,
+    TooManyRuns,
+)
+from detached_runs.models import Run
+from detached_runs.runs import get_service
+
+from .conftest import collect, text_of
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def config(settings: Any) -> Any:
+    def apply(**values: Any) -> None:
+        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
+        get_service().reset()
+
+    return apply
+
+
+async def finished(session: str, owner: Any = None) -> Run:
+    for _ in range(1000):
+        run = await runs.status(session, owner=owner)
+        if run is not None and run.status != "running":
+            row = await Run.objects.aget(pk=run.pk)
+            if row.status != "running":
+                return row
+        await asyncio.sleep(0.01)
+    raise AssertionError("run did not finish")
+
+
+async def slow(ctx: Any) -> AsyncIterator[str]:
+    for i in range(1000):
+        yield f"s{i} "
+        await asyncio.sleep(0.01)
+
+
+async def test_start_creates_the_row_and_the_end_saves_output_and_status():
+    run = await runs.start("chat", prompt="5 words")
+    assert (await Run.objects.aget(pk=run.pk)).status == "running"
+    row = await finished("chat")
+    assert row.output == "w0 w1 w2 w3 w4 "
+    assert row.status == "done" and row.finished_at is not None
+    assert row.last_event_id.startswith(run.id.hex + ":")
+
+
+async def test_output_is_checkpointed_while_the_run_goes_on():
+    run = await runs.start("chat", prompt="x", agent=slow)
+    await asyncio.sleep(0.7)  # CHECKPOINT_EVERY is 0.2 in the test settings
+    row = await Run.objects.aget(pk=run.pk)
+    assert row.status == "running"
+    assert row.output.startswith("s0 s1 ") and len(row.output) > 10
+    await runs.stop("chat")
+    row = await finished("chat")
+    assert row.status == "stopped" and row.output.startswith(row.output)
+
+
+async def test_the_agent_gets_the_sessions_earlier_turns_oldest_first():
+    seen: list[Any] = []
+
+    async def remembering(ctx: Any) -> AsyncIterator[str]:
+        seen.append(ctx)
+        yield f"answer to {ctx.prompt}"
+
+    for prompt in ("one", "two", "three"):
+        await runs.start("chat", prompt=prompt, agent=remembering)
+        await finished("chat")
+    await runs.start("other", prompt="elsewhere", agent=remembering)
+    await finished("other")
+    assert [t.prompt for t in seen[2].history] == ["one", "two"]
+    assert [t.output for t in seen[2].history] == ["answer to one", "answer to two"]
+    assert seen[3].history == ()
+
+
+async def test_status_is_live_while_running_and_from_the_database_after_eviction(config):
+    config(EVICT_AFTER=0.1)
+    run = await runs.start("chat", prompt="x", agent=slow)
+    await asyncio.sleep(0.1)
+    live = await runs.status("chat")
+    assert live is not None and live.status == "running" and live.id == run.id
+    assert live.output.startswith("s0 ")
+    await runs.stop("chat")
+    row = await finished("chat")
+    await asyncio.sleep(0.2)
+    assert len(get_service().backend) == 0  # type: ignore[arg-type]
+    stored = await runs.status("chat")
+    assert stored is not None and stored.output == row.output and stored.status == "stopped"
+
+
+async def test_after_eviction_a_subscriber_gets_start_the_whole_output_and_the_end(config):
+    config(EVICT_AFTER=0.05)
+    await runs.start("chat", prompt="30")
+    live = [e async for e in runs.subscribe("chat")]
+    await asyncio.sleep(0.15)
+    assert len(get_service().backend) == 0  # type: ignore[arg-type]
+    stored = [e async for e in runs.subscribe("chat")]
+    assert [e.event for e in stored] == ["start", "delta", "done"]
+    assert text_of(stored) == text_of(live)
+    assert stored[-1].id == live[-1].id  # the terminal id survives eviction
+    # A resume from any live id gets exactly the rest, from the database.
+    seen = ""
+    for event in live[:-1]:
+        seen += event.data.get("text", "") if event.event == "delta" else ""
+        rest = [e async for e in runs.subscribe("chat", after=event.id)]
+        assert seen + text_of(rest) == text_of(live)
+        assert rest[-1].event == "done"
+    ended = await runs.subscribe("chat", after=live[-1].id)
+    assert ended.ended
+
+
+async def test_a_failed_save_is_retried_and_the_stream_still_ends():
+    failures = {"left": 2}
+
+    def flaky(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.lstrip().upper().startswith("UPDATE") and "finished_at" in sql and failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("database is locked (injected)")
+        return execute(sql, params, many, context)
+
+    # The async ORM runs queries on one thread; install the wrapper on its connection.
+    await sync_to_async(lambda: connection.execute_wrappers.append(flaky))()
+    try:
+        await runs.start("chat", prompt="3")
+        events = [e async for e in runs.subscribe("chat")]
+        assert events[-1].data == {"status": "done"}
+        row = await finished("chat")
+        assert row.output == "w0 w1 w2 " and failures["left"] == 0
+    finally:
+        await sync_to_async(lambda: connection.execute_wrappers.remove(flaky))()
+
+
+async def test_an_orphaned_running_row_is_shown_interrupted_with_its_checkpoint():
+    old = timezone.now() - timedelta(minutes=5)
+    row = await Run.objects.acreate(session_key="dead", prompt="p", output="half an ans",
+                                    started_at=old, updated_at=old)
+    status = await runs.status("dead")
+    assert status is not None and status.status == "interrupted" and status.output == "half an ans"
+    events = [e async for e in runs.subscribe("dead")]
+    assert [e.event for e in events] == ["start", "delta", "done"]
+    assert events[-1].data == {"status": "interrupted"}
+    assert (await Run.objects.aget(pk=row.pk)).status == "interrupted"
+
+
+async def test_a_running_row_with_a_fresh_heartbeat_is_not_declared_dead():
+    await Run.objects.acreate(session_key="elsewhere", prompt="p", output="so far")
+    status = await runs.status("elsewhere")
+    assert status is not None and status.status == "running"
+
+
+async def test_another_owner_cannot_see_stop_follow_or_take_over_a_session():
+    await runs.start("mine", prompt="x", owner="user:1", agent=slow)
+    assert await runs.status("mine", owner="user:2") is None
+    with pytest.raises(RunNotFound):
+        await runs.subscribe("mine", owner="user:2")
+    with pytest.raises(RunNotFound):
+        await runs.stop("mine", owner="user:2")
+    with pytest.raises(RunNotFound):
+        await runs.start("mine", prompt="hijack", owner="user:2")
+    live = await runs.status("mine", owner="user:1")
+    assert live is not None and live.status == "running" and live.prompt == "x"
+    assert await runs.stop("mine", owner="user:1") is True
+
+
+async def test_a_session_that_was_never_started_is_not_found():
+    assert await runs.status("nothing") is None
+    with pytest.raises(RunNotFound):
+        await runs.subscribe("nothing")
+    with pytest.raises(RunNotFound):
+        await runs.stop("nothing")
+
+
+async def test_too_many_runs_in_flight_for_one_owner_is_refused(config):
+    config(MAX_ACTIVE_RUNS_PER_OWNER=2)
+    await runs.start("a", prompt="x", owner="user:1", agent=slow)
+    await runs.start("b", prompt="x", owner="user:1", agent=slow)
+    await runs.start("b", prompt="again", owner="user:1", agent=slow)  # replaces b: allowed
+    with pytest.raises(TooManyRuns):
+        await runs.start("c", prompt="x", owner="user:1", agent=slow)
+    await runs.start("c", prompt="x", owner="user:2", agent=slow)
+    assert await Run.objects.filter(session_key="c").acount() == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "prompt", "error"),
+    [
+        ("bad key", "x", BadSessionKey),
+        ("x" * 65, "x", BadSessionKey),
+        ("", "x", BadSessionKey),
+        ("ok", "", BadPrompt),
+        ("ok", "   ", BadPrompt),
+        ("ok", 42, BadPrompt),
+        ("ok", "x" * 32_001, BadPrompt),
+    ],
+)
+async def test_bad_input_is_refused_and_changes_nothing(key, prompt, error):
+    with pytest.raises(error):
+        await runs.start(key, prompt=prompt)
+    assert await Run.objects.acount() == 0
+
+
+async def test_bad_input_leaves_a_running_run_untouched():
+    await runs.start("chat", prompt="x", agent=slow)
+    with pytest.raises(BadPrompt):
+        await runs.start("chat", prompt="x" * 40_000)
+    with pytest.raises(BadEventId):
+        await runs.subscribe("chat", after="garbage")
+    status = await runs.status("chat")
+    assert status is not None and status.status == "running"
+    assert await Run.objects.acount() == 1
+
+
+async def test_an_agent_that_is_not_an_async_generator_ends_as_error():
+    def not_async(ctx: Any) -> list[str]:
+        return ["a"]
+
+    await runs.start("chat", prompt="x", agent=not_async)  # type: ignore[arg-type]
+    events = [e async for e in runs.subscribe("chat")]
+    assert events[-1].data["status"] == "error"
+    assert "async iterator" in events[-1].data["error"]
+
+
+async def test_custom_events_pass_through_and_invalid_ones_end_the_run():
+    async def tools(ctx: Any) -> AsyncIterator[Any]:
+        yield "Looking it up. "
+        yield {"event": "tool_call", "data": {"name": "search", "query": "x"}}
+        yield {"event": "delta", "data": {"text": "Found it."}}
+        yield {"event": "done", "data": {}}  # reserved: not the agent's to send
+
+    await runs.start("chat", prompt="x", agent=tools)
+    events = await collect(await runs.subscribe("chat"))
+    assert [e.event for e in events] == ["start", "delta", "tool_call", "delta", "done"]
+    assert events[2].data == {"name": "search", "query": "x"}
+    assert events[-1].data["status"] == "error"
+    row = await finished("chat")
+    assert row.output == "Looking it up. Found it." and row.status == "error"
