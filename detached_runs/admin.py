@@ -14,9 +14,15 @@ from .models import Run
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class RunAdmin(admin.ModelAdmin):
     list_display = (
-        "short_id", "session_key", "status", "owner", "started_at", "finished_at", "output_length",
+        "short_id",
+        "session_key",
+        "status",
+        "owner",
+        "started_at",
+        "finished_at",
+        "output_length",
     )
     list_filter = ("status", "started_at")
     search_fields = ("session_key", "prompt", "id")
@@ -25,8 +31,21 @@ class RunAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_per_page = 50
     actions = ("stop_runs",)
     fieldsets = (
-        (None, {"fields": ("id", "session_key", "status", "owner", "user", "prompt", "output",
-                           "error")}),
+        (
+            None,
+            {
+                "fields": (
+                    "id",
+                    "session_key",
+                    "status",
+                    "owner",
+                    "user",
+                    "prompt",
+                    "output",
+                    "error",
+                )
+            },
+        ),
         (_("Times"), {"fields": ("started_at", "updated_at", "finished_at")}),
         (_("Log"), {"fields": ("last_event_id",), "classes": ("collapse",)}),
     )

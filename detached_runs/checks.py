@@ -29,66 +29,87 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
-        errors.append(Warning(
-            f"DETACHED_RUNS has unknown keys: {', '.join(unknown)}.",
-            hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.", id="detached_runs.W002",
-        ))
+        errors.append(
+            Warning(
+                f"DETACHED_RUNS has unknown keys: {', '.join(unknown)}.",
+                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                id="detached_runs.W002",
+            )
+        )
 
     backend, problem = _import(config["BACKEND"])
     if problem is not None or not (isinstance(backend, type) and issubclass(backend, BaseBackend)):
-        errors.append(Error(
-            f"DETACHED_RUNS['BACKEND'] = {config['BACKEND']!r} is not a backend class"
-            + (f": {problem}" if problem else "."),
-            hint="Use 'detached_runs.backends.memory.MemoryBackend' or "
-                 "'detached_runs.backends.redis.RedisBackend'.",
-            id="detached_runs.E001",
-        ))
+        errors.append(
+            Error(
+                f"DETACHED_RUNS['BACKEND'] = {config['BACKEND']!r} is not a backend class"
+                + (f": {problem}" if problem else "."),
+                hint="Use 'detached_runs.backends.memory.MemoryBackend' or "
+                "'detached_runs.backends.redis.RedisBackend'.",
+                id="detached_runs.E001",
+            )
+        )
 
     if config["AGENT"] is None:
-        errors.append(Warning(
-            "DETACHED_RUNS['AGENT'] is not set: starting a run will fail.",
-            hint="Point it at an async generator function: agent(ctx) -> AsyncIterator[str | dict].",
-            id="detached_runs.W001",
-        ))
+        errors.append(
+            Warning(
+                "DETACHED_RUNS['AGENT'] is not set: starting a run will fail.",
+                hint="Point it at an async generator function: "
+                "agent(ctx) -> AsyncIterator[str | dict].",
+                id="detached_runs.W001",
+            )
+        )
     else:
         agent, problem = _import(config["AGENT"])
         if problem is not None or not callable(agent):
-            errors.append(Error(
-                f"DETACHED_RUNS['AGENT'] = {config['AGENT']!r} "
-                + (f"does not import: {problem}" if problem else "is not callable."),
-                hint="Point it at an async generator function: agent(ctx) -> AsyncIterator[...].",
-                id="detached_runs.E002",
-            ))
+            errors.append(
+                Error(
+                    f"DETACHED_RUNS['AGENT'] = {config['AGENT']!r} "
+                    + (f"does not import: {problem}" if problem else "is not callable."),
+                    hint="Point it at an async generator function: "
+                    "agent(ctx) -> AsyncIterator[str | dict].",
+                    id="detached_runs.E002",
+                )
+            )
 
     for key in NUMBERS:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            errors.append(Error(
-                f"DETACHED_RUNS['{key}'] must be a number of seconds >= 0, not {value!r}.",
-                id="detached_runs.E003",
-            ))
+            errors.append(
+                Error(
+                    f"DETACHED_RUNS['{key}'] must be a number of seconds >= 0, not {value!r}.",
+                    id="detached_runs.E003",
+                )
+            )
     for key in LIMITS:
         value = config[key]
         if value is None and key != "HISTORY_LIMIT":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            errors.append(Error(
-                f"DETACHED_RUNS['{key}'] must be a positive integer"
-                + (" or None" if key != "HISTORY_LIMIT" else "") + f", not {value!r}.",
-                id="detached_runs.E004",
-            ))
+            errors.append(
+                Error(
+                    f"DETACHED_RUNS['{key}'] must be a positive integer"
+                    + (" or None" if key != "HISTORY_LIMIT" else "")
+                    + f", not {value!r}.",
+                    id="detached_runs.E004",
+                )
+            )
     if config["CHECKPOINT_EVERY"] == 0:
-        errors.append(Error(
-            "DETACHED_RUNS['CHECKPOINT_EVERY'] must be more than 0.", id="detached_runs.E003",
-        ))
+        errors.append(
+            Error(
+                "DETACHED_RUNS['CHECKPOINT_EVERY'] must be more than 0.",
+                id="detached_runs.E003",
+            )
+        )
 
     if config["PERMISSION"] is not None:
         check, problem = _import(config["PERMISSION"])
         if problem is not None or not callable(check):
-            errors.append(Error(
-                f"DETACHED_RUNS['PERMISSION'] = {config['PERMISSION']!r} "
-                + (f"does not import: {problem}" if problem else "is not callable."),
-                hint="A callable may_access(requester, run_owner, session_key) -> bool.",
-                id="detached_runs.E005",
-            ))
+            errors.append(
+                Error(
+                    f"DETACHED_RUNS['PERMISSION'] = {config['PERMISSION']!r} "
+                    + (f"does not import: {problem}" if problem else "is not callable."),
+                    hint="A callable may_access(requester, run_owner, session_key) -> bool.",
+                    id="detached_runs.E005",
+                )
+            )
     return errors

@@ -27,17 +27,26 @@ class Run(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session_key = models.CharField(_("session"), max_length=64)
     owner = models.CharField(
-        _("owner"), max_length=200, blank=True, db_index=True,
+        _("owner"),
+        max_length=200,
+        blank=True,
+        db_index=True,
         help_text=_("user:<pk> for a user, anon:<id> for an anonymous browser session."),
     )
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="detached_runs",
     )
     prompt = models.TextField(_("prompt"))
     output = models.TextField(_("output"), blank=True)
     status = models.CharField(
-        _("status"), max_length=16, choices=Status.choices, default=Status.RUNNING,
+        _("status"),
+        max_length=16,
+        choices=Status.choices,
+        default=Status.RUNNING,
         db_index=True,
     )
     error = models.TextField(_("error"), blank=True)

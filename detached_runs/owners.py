@@ -51,7 +51,7 @@ async def request_owner(request: HttpRequest, *, create: bool = False) -> str | 
     With ``create`` an anonymous visitor gets an owner id stored in their
     session (the session middleware then sets the cookie).
     """
-    user = await request.auser()  # type: ignore[attr-defined]
+    user = await request.auser()
     if user.is_authenticated:
         return owner_key(user)
     if not get_config()["ALLOW_ANONYMOUS"] or not hasattr(request, "session"):

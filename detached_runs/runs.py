@@ -26,8 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -105,7 +104,7 @@ def load_agent(value: Any = None) -> Agent:
     agent = import_string(value) if isinstance(value, str) else value
     if not callable(agent):
         raise ImproperlyConfigured(f"DETACHED_RUNS['AGENT'] = {value!r} is not callable.")
-    return agent  # type: ignore[no-any-return]
+    return agent
 
 
 def _heartbeat_every() -> float:
@@ -179,8 +178,12 @@ class _Recorder:
                 pass
         now = timezone.now()
         fields = {
-            "status": end.status, "output": end.output, "error": end.error,
-            "last_event_id": end.terminal_id, "finished_at": now, "updated_at": now,
+            "status": end.status,
+            "output": end.output,
+            "error": end.error,
+            "last_event_id": end.terminal_id,
+            "finished_at": now,
+            "updated_at": now,
         }
         for delay in (*SAVE_RETRY_DELAYS, None):
             try:
@@ -190,7 +193,11 @@ class _Recorder:
                 if delay is None:
                     logger.error(
                         "Could not save run %s (%s, %d characters); its output stays in memory "
-                        "until eviction", self.run.id, end.status, len(end.output), exc_info=True,
+                        "until eviction",
+                        self.run.id,
+                        end.status,
+                        len(end.output),
+                        exc_info=True,
                     )
                     return
                 logger.warning("Saving run %s failed; retrying in %ss", self.run.id, delay)
@@ -268,11 +275,14 @@ class StoredSubscription(Subscription):
         events: list[Event] = []
         start = Position(0, 1)
         if cursor < start:
-            events.append(Event(make_id(self.run_id, start), START,
-                                {"run": str(row.id), "prompt": row.prompt}))
+            events.append(
+                Event(
+                    make_id(self.run_id, start), START, {"run": str(row.id), "prompt": row.prompt}
+                )
+            )
         data = row.output.encode()
         if cursor.text < len(data):
-            text = data[cursor.text:].decode(errors="replace")
+            text = data[cursor.text :].decode(errors="replace")
             position = Position(len(data), terminal.seq - 1)
             events.append(Event(make_id(self.run_id, position), DELTA, {"text": text}))
         if row.status != RUNNING:
@@ -295,8 +305,9 @@ class PendingSubscription:
     """What `RunService.subscribe` returns: ``await`` it to bind (and get errors
     such as `RunNotFound` at once), or ``async for`` over it directly."""
 
-    def __init__(self, service: RunService, session_key: str, after: str | None,
-                 owner: Any) -> None:
+    def __init__(
+        self, service: RunService, session_key: str, after: str | None, owner: Any
+    ) -> None:
         self._args = (service, session_key, after, owner)
 
     def __await__(self) -> Generator[Any, None, Subscription]:
@@ -335,8 +346,9 @@ class RunService:
 
     # -- the API -----------------------------------------------------------
 
-    async def start(self, session_key: str, *, prompt: Any, owner: Any = None,
-                    agent: Agent | None = None) -> Run:
+    async def start(
+        self, session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | None = None
+    ) -> Run:
         """Start a run for ``prompt``, stopping the session's run in flight.
 
         Returns the `Run` row (status ``running``). Raises `BadSessionKey`,
@@ -349,8 +361,8 @@ class RunService:
         backend = self.backend
         async with self._start_lock(session_key):
             current = await backend.get(session_key)
-            current_owner = current.meta.get("owner", "") if current else await self._db_owner(
-                session_key
+            current_owner = (
+                current.meta.get("owner", "") if current else await self._db_owner(session_key)
             )
             if current_owner is not None and not may_access(requester, current_owner, session_key):
                 raise RunNotFound("No such session.")
@@ -362,27 +374,37 @@ class RunService:
                 if active >= limit:
                     raise TooManyRuns(f"You have {active} runs in flight; the limit is {limit}.")
             run = await Run.objects.acreate(
-                session_key=session_key, prompt=prompt, owner=requester or "",
+                session_key=session_key,
+                prompt=prompt,
+                owner=requester or "",
                 user_id=await _user_pk(owner, requester),
             )
             recorder = _Recorder(self, backend, run, agent)
             await backend.start(
-                session_key, run.id.hex, recorder.source(),
+                session_key,
+                run.id.hex,
+                recorder.source(),
                 start_data={"run": str(run.id), "prompt": prompt},
-                meta={"owner": run.owner, "prompt": prompt, "uuid": str(run.id),
-                      "started_at": run.started_at.timestamp()},
+                meta={
+                    "owner": run.owner,
+                    "prompt": prompt,
+                    "uuid": str(run.id),
+                    "started_at": run.started_at.timestamp(),
+                },
                 finalize=recorder.finalize,
             )
         logger.info("Run %s of session %s started", run.id, session_key)
         return run
 
-    def subscribe(self, session_key: str, *, after: str | None = None,
-                  owner: Any = None) -> PendingSubscription:
+    def subscribe(
+        self, session_key: str, *, after: str | None = None, owner: Any = None
+    ) -> PendingSubscription:
         """Replay then follow the session's current run (after ``after``, an event id)."""
         return PendingSubscription(self, session_key, after, owner)
 
-    async def open(self, session_key: str, *, after: str | None = None,
-                   owner: Any = None) -> Subscription:
+    async def open(
+        self, session_key: str, *, after: str | None = None, owner: Any = None
+    ) -> Subscription:
         validate_session_key(session_key)
         parsed = parse_id(after) if after else None
         requester = None if owner is None else owner_key(owner)
@@ -434,12 +456,20 @@ class RunService:
             if not may_access(requester, meta.get("owner", ""), session_key):
                 return None
             return Run(
-                id=uuid.UUID(meta["uuid"]), session_key=session_key, owner=meta.get("owner", ""),
-                prompt=meta.get("prompt", ""), output=current.output, status=current.status,
-                error=current.error, last_event_id=current.last_id,
-                started_at=datetime.fromtimestamp(meta["started_at"], dt_timezone.utc),
-                finished_at=(datetime.fromtimestamp(current.finished_at, dt_timezone.utc)
-                             if current.finished_at else None),
+                id=uuid.UUID(meta["uuid"]),
+                session_key=session_key,
+                owner=meta.get("owner", ""),
+                prompt=meta.get("prompt", ""),
+                output=current.output,
+                status=current.status,
+                error=current.error,
+                last_event_id=current.last_id,
+                started_at=datetime.fromtimestamp(meta["started_at"], UTC),
+                finished_at=(
+                    datetime.fromtimestamp(current.finished_at, UTC)
+                    if current.finished_at
+                    else None
+                ),
             )
         row = await self._latest_row(session_key)
         if row is None or not may_access(requester, row.owner, session_key):
@@ -464,8 +494,11 @@ class RunService:
                 pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at
             ).aupdate(status=Run.Status.INTERRUPTED, finished_at=now)
             if updated:
-                logger.warning("Run %s of session %s was orphaned: marked interrupted",
-                               fresh.id, fresh.session_key)
+                logger.warning(
+                    "Run %s of session %s was orphaned: marked interrupted",
+                    fresh.id,
+                    fresh.session_key,
+                )
             fresh = await Run.objects.aget(pk=fresh.pk)
         return fresh
 
@@ -497,7 +530,9 @@ async def _user_pk(owner: Any, requester: str | None) -> Any:
     if requester and requester.startswith("user:"):
         pk = requester.removeprefix("user:")
         try:
-            return await get_user_model().objects.filter(pk=pk).values_list("pk", flat=True).afirst()
+            return (
+                await get_user_model().objects.filter(pk=pk).values_list("pk", flat=True).afirst()
+            )
         except (ValueError, TypeError, ValidationError):
             return None
     return None
@@ -538,13 +573,15 @@ def get_service() -> RunService:
     return _service
 
 
-async def start(session_key: str, *, prompt: Any, owner: Any = None,
-                agent: Agent | None = None) -> Run:
+async def start(
+    session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | None = None
+) -> Run:
     return await _service.start(session_key, prompt=prompt, owner=owner, agent=agent)
 
 
-def subscribe(session_key: str, *, after: str | None = None,
-              owner: Any = None) -> PendingSubscription:
+def subscribe(
+    session_key: str, *, after: str | None = None, owner: Any = None
+) -> PendingSubscription:
     return _service.subscribe(session_key, after=after, owner=owner)
 
 

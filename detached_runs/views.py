@@ -11,11 +11,17 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
@@ -45,7 +51,7 @@ STATUS_FOR: dict[type[DetachedRunsError], int] = {
     BackendUnavailable: 503,
 }
 
-View = Callable[..., Awaitable[HttpResponse]]
+View = Callable[..., Awaitable[HttpResponseBase]]
 
 
 def error_response(status: int, message: str) -> JsonResponse:
@@ -67,18 +73,18 @@ class _CsrfCheck(CsrfViewMiddleware):
 _csrf = _CsrfCheck(lambda request: HttpResponse())
 
 
-def api(*methods: str) -> Callable[[View], View]:
+def api(*methods: str) -> Callable[[View], Any]:
     """Allow ``methods``, check CSRF on unsafe ones, turn errors into JSON."""
 
-    def decorate(view: View) -> View:
+    def decorate(view: View) -> Any:
         @functools.wraps(view)
-        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             if request.method not in methods:
                 response = error_response(405, f"Method {request.method} not allowed.")
                 response["Allow"] = ", ".join(methods)
                 return response
             if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
-                rejected = _csrf.process_view(request, wrapper, args, kwargs)
+                rejected = _csrf.process_view(request, cast(Any, wrapper), args, kwargs)
                 if rejected is not None:
                     return rejected
             try:
@@ -108,18 +114,17 @@ async def _owner(request: HttpRequest, *, create: bool = False) -> str:
 
 def _prompt_of(request: HttpRequest) -> Any:
     try:
-        body = request.body
+        if request.content_type == "application/json":
+            try:
+                payload = json.loads(request.body or b"null")
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidInput("The body is not valid JSON.") from None
+            if not isinstance(payload, dict) or "prompt" not in payload:
+                raise BadPrompt('Send a JSON object: {"prompt": "..."}.')
+            return payload["prompt"]
+        prompt = request.POST.get("prompt")
     except RequestDataTooBig:
         raise BadPrompt("The request body is too large.") from None
-    if request.content_type == "application/json":
-        try:
-            payload = json.loads(body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidInput("The body is not valid JSON.") from None
-        if not isinstance(payload, dict) or "prompt" not in payload:
-            raise BadPrompt('Send a JSON object: {"prompt": "..."}.')
-        return payload["prompt"]
-    prompt = request.POST.get("prompt")
     if prompt is None:
         raise BadPrompt('Send a "prompt" (JSON or form field).')
     return prompt
@@ -141,14 +146,14 @@ async def session(request: HttpRequest, session_key: str) -> HttpResponse:
             },
             status=202,
         )
-    run = await runs.status(session_key, owner=await _owner(request))
-    if run is None:
+    latest = await runs.status(session_key, owner=await _owner(request))
+    if latest is None:
         raise RunNotFound("No such session.")
-    return JsonResponse({"session": session_key, "run": run.as_json()})
+    return JsonResponse({"session": session_key, "run": latest.as_json()})
 
 
 @api("GET")
-async def events(request: HttpRequest, session_key: str) -> HttpResponse:
+async def events(request: HttpRequest, session_key: str) -> HttpResponseBase:
     """SSE: replay the current run (after Last-Event-ID / ``?after=``), then follow it."""
     runs.validate_session_key(session_key)
     owner = await _owner(request)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,7 +61,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-async def paced(words: list[str], delay: float = 0.001) -> AsyncIterator[Any]:
+async def paced(words: list[Any], delay: float = 0.001) -> AsyncIterator[Any]:
     for word in words:
         await asyncio.sleep(delay)
         yield word
@@ -127,22 +128,26 @@ def start_server(env: dict[str, str], app: str = "tests.asgi:application") -> Se
     import time
 
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="daphne-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+        "w+", prefix="daphne-", suffix=".log", delete=False
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne exited:\n{open(log.name).read()}")
+            raise RuntimeError(f"daphne exited:\n{Path(log.name).read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return Server(port, process, log)
         except OSError:
             time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"daphne did not listen:\n{open(log.name).read()}")
+    raise RuntimeError(f"daphne did not listen:\n{Path(log.name).read_text()}")
 
 
 def stop_server(server: Server) -> None:

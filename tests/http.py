@@ -50,8 +50,15 @@ class Browser:
             for name, morsel in SimpleCookie(value).items():
                 self.cookies[name] = morsel.value
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                headers: dict[str, str] | None = None, csrf: bool = True) -> Reply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        csrf: bool = True,
+    ) -> Reply:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         extra = dict(headers or {})
         payload: bytes | None = None
@@ -79,8 +86,9 @@ class Browser:
 class Stream:
     """An open SSE response, read event by event; `close` drops the connection."""
 
-    def __init__(self, connection: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse) -> None:
+    def __init__(
+        self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> None:
         self.connection = connection
         self.response = response
         self.status = response.status
@@ -96,8 +104,11 @@ class Stream:
             line = raw.decode().rstrip("\n")
             if line == "":
                 if fields:
-                    yield SSE(fields.get("id"), fields.get("event", "message"),
-                              json.loads(fields.get("data", "null")))
+                    yield SSE(
+                        fields.get("id"),
+                        fields.get("event", "message"),
+                        json.loads(fields.get("data", "null")),
+                    )
                 fields = {}
             elif line.startswith(":"):
                 self.comments.append(line)
@@ -117,7 +128,7 @@ class Stream:
         return list(self.events())
 
     def close(self) -> None:
-        self.connection.sock and self.connection.sock.close()  # type: ignore[func-returns-value]
+        self.connection.sock and self.connection.sock.close()
         self.connection.close()
 
 

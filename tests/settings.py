@@ -86,5 +86,7 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"detached_runs": {"handlers": ["console"], "level": os.environ.get("LOG", "WARNING")}},
+    "loggers": {
+        "detached_runs": {"handlers": ["console"], "level": os.environ.get("LOG", "WARNING")}
+    },
 }

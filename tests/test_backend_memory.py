@@ -19,11 +19,13 @@ WORDS = [f"w{i} " for i in range(50)]
 FULL = "".join(WORDS)
 
 
-async def start(backend: MemoryBackend, source: AsyncIterator[Any], saves: Saves,
-                session: str = "s") -> str:
+async def start(
+    backend: MemoryBackend, source: AsyncIterator[Any], saves: Saves, session: str = "s"
+) -> str:
     run_id = new_id()
-    await backend.start(session, run_id, source, start_data={"run": run_id}, meta={"owner": "o"},
-                        finalize=saves)
+    await backend.start(
+        session, run_id, source, start_data={"run": run_id}, meta={"owner": "o"}, finalize=saves
+    )
     return run_id
 
 
@@ -85,7 +87,7 @@ async def test_subscriber_joining_at_any_time_gets_every_event_once_in_order(
 
 
 async def test_many_subscribers_resuming_from_every_id_each_get_exactly_the_rest(backend, saves):
-    await start(backend, paced(WORDS + [("tool", {"n": 1})] + WORDS, 0.0005), saves)
+    await start(backend, paced([*WORDS, ("tool", {"n": 1}), *WORDS], 0.0005), saves)
     first = await collect(await backend.subscribe("s"))
     whole = text_of(first)
     assert whole == FULL + FULL
@@ -355,9 +357,9 @@ async def test_agent_that_swallows_the_cancellation_still_ends_stopped(backend, 
     assert not saves.ends[0].output.endswith("c ")
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, GeneratorExit, type("Custom",
-                                                                                    (BaseException,),
-                                                                                    {})])
+@pytest.mark.parametrize(
+    "exc", [KeyboardInterrupt, SystemExit, GeneratorExit, type("Custom", (BaseException,), {})]
+)
 async def test_agent_raising_a_base_exception_ends_as_error(backend, saves, exc):
     async def agent() -> AsyncIterator[str]:
         yield "x "

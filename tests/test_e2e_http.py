@@ -97,7 +97,9 @@ def test_after_eviction_the_run_is_served_from_the_database(browser, key):
     replay = browser.stream(f"/runs/{key}/events/").rest()
     assert [e.event for e in replay] == ["start", "delta", "done"]
     assert text(replay) == text(live)
-    assert browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": live[-1].id or ""}).status == 204
+    assert (
+        browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": live[-1].id or ""}).status == 204
+    )
 
 
 def test_an_idle_stream_sends_keep_alive_comments(browser, key):
@@ -134,7 +136,8 @@ def test_double_send_stops_the_first_run_and_saves_it_before_the_second(browser,
     rows = {str(r.id): r for r in Run.objects.filter(session_key=key)}
     assert rows[first["id"]].status == "stopped"
     assert rows[second["id"]].status == "done"
-    assert rows[first["id"]].finished_at <= rows[second["id"]].finished_at
+    first_end, second_end = rows[first["id"]].finished_at, rows[second["id"]].finished_at
+    assert first_end is not None and second_end is not None and first_end <= second_end
 
 
 def test_another_browser_gets_404_for_everything_of_the_session(browser, key, server):

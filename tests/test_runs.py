@@ -150,8 +150,9 @@ async def test_a_failed_save_is_retried_and_the_stream_still_ends():
 
 async def test_an_orphaned_running_row_is_shown_interrupted_with_its_checkpoint():
     old = timezone.now() - timedelta(minutes=5)
-    row = await Run.objects.acreate(session_key="dead", prompt="p", output="half an ans",
-                                    started_at=old, updated_at=old)
+    row = await Run.objects.acreate(
+        session_key="dead", prompt="p", output="half an ans", started_at=old, updated_at=old
+    )
     status = await runs.status("dead")
     assert status is not None and status.status == "interrupted" and status.output == "half an ans"
     events = [e async for e in runs.subscribe("dead")]

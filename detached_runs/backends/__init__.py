@@ -18,7 +18,9 @@ def load_backend(path: str | None = None, **overrides: Any) -> BaseBackend:
     try:
         cls = import_string(path)
     except ImportError as exc:
-        raise ImproperlyConfigured(f"DETACHED_RUNS['BACKEND'] = {path!r} does not import: {exc}")
+        raise ImproperlyConfigured(
+            f"DETACHED_RUNS['BACKEND'] = {path!r} does not import: {exc}"
+        ) from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
         raise ImproperlyConfigured(f"DETACHED_RUNS['BACKEND'] = {path!r} is not a backend class.")
     options: dict[str, Any] = {

@@ -117,15 +117,23 @@ class Subscription:
 class BaseBackend:
     """What every backend supplies. See DESIGN.md, "Behaviour every backend must keep"."""
 
-    def __init__(self, *, evict_after: float = 180.0, max_subscribers: int | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, *, evict_after: float = 180.0, max_subscribers: int | None = None, **options: Any
+    ) -> None:
         self.evict_after = evict_after
         self.max_subscribers = max_subscribers
         self.options = options
 
-    async def start(self, session_key: str, run_id: str, source: Source, *,
-                    start_data: dict[str, Any], meta: dict[str, Any],
-                    finalize: Finalize) -> None:
+    async def start(
+        self,
+        session_key: str,
+        run_id: str,
+        source: Source,
+        *,
+        start_data: dict[str, Any],
+        meta: dict[str, Any],
+        finalize: Finalize,
+    ) -> None:
         """Register a new run as the session's current one and drive ``source``.
 
         A run already in flight for the session is stopped; the new run's
@@ -134,8 +142,9 @@ class BaseBackend:
         """
         raise NotImplementedError("subclasses of BaseBackend must provide start()")
 
-    async def subscribe(self, session_key: str,
-                        after: tuple[str, Position] | None = None) -> Subscription:
+    async def subscribe(
+        self, session_key: str, after: tuple[str, Position] | None = None
+    ) -> Subscription:
         """Bind to the session's current run now; `RunNotFound` if it has none.
 
         ``after`` is a parsed event id: if it names this run, only what follows

@@ -57,7 +57,7 @@ _WAITING, _RUNNING, _FINISHING, _FINISHED = range(4)
 class _Text:
     """Consecutive deltas: positions ``(start, seq)`` exclusive to ``(start+len, seq)``."""
 
-    __slots__ = ("start", "seq", "buf")
+    __slots__ = ("buf", "seq", "start")
 
     def __init__(self, start: int, seq: int) -> None:
         self.start = start
@@ -67,9 +67,25 @@ class _Text:
 
 class _Run:
     __slots__ = (
-        "id", "session_key", "meta", "entries", "ends", "position", "status", "error",
-        "phase", "stop_requested", "task", "previous", "finished", "waiters",
-        "subscribers", "evict_handle", "ended_at", "finished_at", "_cache",
+        "_cache",
+        "ended_at",
+        "ends",
+        "entries",
+        "error",
+        "evict_handle",
+        "finished",
+        "finished_at",
+        "id",
+        "meta",
+        "phase",
+        "position",
+        "previous",
+        "session_key",
+        "status",
+        "stop_requested",
+        "subscribers",
+        "task",
+        "waiters",
     )
 
     def __init__(self, run_id: str, session_key: str, meta: dict[str, Any]) -> None:
@@ -109,7 +125,7 @@ class _Run:
             self.ends[-1] = self.position
         else:
             block = _Text(self.position.text, self.position.seq)
-            block.buf += data  # type: ignore[operator]
+            block.buf += data
             self.position = Position(self.position.text + len(data), self.position.seq)
             self.entries.append(block)
             self.ends.append(self.position)
@@ -161,7 +177,7 @@ class _Run:
         if cache is not None and cache[0] == after and cache[1] == self.position:
             return cache[2]
         events: list[Event] = []
-        for entry in self.entries[bisect_right(self.ends, after):]:
+        for entry in self.entries[bisect_right(self.ends, after) :]:
             if isinstance(entry, Event):
                 events.append(entry)
                 continue
@@ -182,8 +198,13 @@ class _Run:
 
     def state(self) -> RunState:
         return RunState(
-            run_id=self.id, session_key=self.session_key, status=self.status, error=self.error,
-            output=self.output(), last_id=self.last_id(), meta=self.meta,
+            run_id=self.id,
+            session_key=self.session_key,
+            status=self.status,
+            error=self.error,
+            output=self.output(),
+            last_id=self.last_id(),
+            meta=self.meta,
             finished_at=self.finished_at,
         )
 
@@ -247,9 +268,16 @@ class MemoryBackend(BaseBackend):
 
     # -- the interface -----------------------------------------------------
 
-    async def start(self, session_key: str, run_id: str, source: Source, *,
-                    start_data: dict[str, Any], meta: dict[str, Any],
-                    finalize: Finalize) -> None:
+    async def start(
+        self,
+        session_key: str,
+        run_id: str,
+        source: Source,
+        *,
+        start_data: dict[str, Any],
+        meta: dict[str, Any],
+        finalize: Finalize,
+    ) -> None:
         run = _Run(run_id, session_key, meta)
         run.append_event(START, start_data)
         previous = self._sessions.get(session_key)
@@ -268,8 +296,9 @@ class MemoryBackend(BaseBackend):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def subscribe(self, session_key: str,
-                        after: tuple[str, Position] | None = None) -> Subscription:
+    async def subscribe(
+        self, session_key: str, after: tuple[str, Position] | None = None
+    ) -> Subscription:
         run = self._sessions.get(session_key)
         if run is None:
             raise RunNotFound("No run for this session.")
@@ -293,7 +322,8 @@ class MemoryBackend(BaseBackend):
 
     async def count_running(self, owner: str) -> int:
         return sum(
-            1 for run in self._sessions.values()
+            1
+            for run in self._sessions.values()
             if run.phase < _FINISHING and not run.stop_requested and run.meta.get("owner") == owner
         )
 
@@ -377,7 +407,7 @@ class MemoryBackend(BaseBackend):
                     task.uncancel()
                 return STOPPED, "", False
             return INTERRUPTED, "", True
-        except BaseException as exc:  # noqa: BLE001 - the agent's failure ends the run, any kind
+        except BaseException as exc:
             logger.exception("Run %s of session %s failed", run.id, run.session_key)
             return ERROR, _safe_error(exc), False
         return STATUS_DONE, "", False
@@ -385,17 +415,24 @@ class MemoryBackend(BaseBackend):
     async def _finish(self, run: _Run, status: str, error: str, finalize: Finalize) -> None:
         terminal = Position(run.position.text, run.position.seq + 1)
         end = RunEnd(
-            run_id=run.id, session_key=run.session_key, status=status, error=error,
-            output=run.output(), terminal_id=make_id(run.id, terminal), meta=run.meta,
+            run_id=run.id,
+            session_key=run.session_key,
+            status=status,
+            error=error,
+            output=run.output(),
+            terminal_id=make_id(run.id, terminal),
+            meta=run.meta,
         )
-        saving = asyncio.ensure_future(finalize(end))
+        saving = asyncio.ensure_future(finalize(end))  # a task (named below), owned here
+        if isinstance(saving, asyncio.Task):
+            saving.set_name(f"detached_runs:finalize:{run.id}")
         # The save must finish even if this task is cancelled again meanwhile.
         while not saving.done():
             try:
                 await asyncio.shield(saving)
             except asyncio.CancelledError:
                 continue
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged just below
                 break
         if not saving.cancelled() and saving.exception() is not None:
             logger.error("Saving run %s failed", run.id, exc_info=saving.exception())
@@ -442,7 +479,7 @@ async def _close(source: Source) -> None:
         await aclose()
     except asyncio.CancelledError:
         raise
-    except BaseException:  # noqa: BLE001 - an agent's broken clean-up must not lose the run
+    except BaseException:
         logger.exception("Closing a run's source failed")
 
 

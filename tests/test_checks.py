@@ -1,0 +1,56 @@
+"""``manage.py check`` reports a wrong DETACHED_RUNS before the first request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from detached_runs.checks import check_settings
+
+
+@pytest.fixture
+def configured(settings: Any) -> Any:
+    def apply(**values: Any) -> set[str]:
+        settings.DETACHED_RUNS = {"AGENT": "tests.agents.words", **values}
+        return {str(message.id) for message in check_settings()}
+
+    return apply
+
+
+def test_the_test_settings_pass(configured):
+    assert configured() == set()
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"BACKEND": "nowhere.Backend"}, "detached_runs.E001"),
+        ({"BACKEND": "detached_runs.models.Run"}, "detached_runs.E001"),
+        ({"AGENT": "tests.agents.missing"}, "detached_runs.E002"),
+        ({"AGENT": "tests.agents.DELAY"}, "detached_runs.E002"),
+        ({"AGENT": None}, "detached_runs.W001"),
+        ({"EVICT_AFTER": -1}, "detached_runs.E003"),
+        ({"CHECKPOINT_EVERY": 0}, "detached_runs.E003"),
+        ({"KEEPALIVE": "15"}, "detached_runs.E003"),
+        ({"MAX_PROMPT_CHARS": 0}, "detached_runs.E004"),
+        ({"MAX_SUBSCRIBERS_PER_RUN": 2.5}, "detached_runs.E004"),
+        ({"PERMISSION": "tests.nothing.here"}, "detached_runs.E005"),
+        ({"EVICT_AFTERR": 3}, "detached_runs.W002"),
+    ],
+)
+def test_a_wrong_setting_is_reported_with_its_id(configured, values, expected):
+    assert expected in configured(**values)
+
+
+def test_limits_may_be_switched_off_with_none(configured):
+    assert configured(MAX_ACTIVE_RUNS_PER_OWNER=None, MAX_SUBSCRIBERS_PER_RUN=None) == set()
+
+
+def test_manage_py_check_fails_on_an_error(settings):
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    settings.DETACHED_RUNS = {"AGENT": "tests.agents.words", "EVICT_AFTER": -5}
+    with pytest.raises(SystemCheckError, match="EVICT_AFTER"):
+        call_command("check")

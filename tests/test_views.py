@@ -1,0 +1,186 @@
+"""Views in-process with Django's AsyncClient: owners, the error table, the admin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.db import OperationalError, connection
+from django.test import AsyncClient, Client
+
+from detached_runs import runs
+from detached_runs.models import Run
+from detached_runs.runs import get_service
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def forever(ctx: Any) -> AsyncIterator[str]:
+    yield "thinking "
+    await asyncio.sleep(30)
+
+
+@pytest.fixture
+def config(settings: Any) -> Any:
+    def apply(**values: Any) -> None:
+        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
+        get_service().reset()
+
+    return apply
+
+
+@pytest.fixture
+def client() -> AsyncClient:
+    return AsyncClient(enforce_csrf_checks=True)
+
+
+def with_csrf(client: AsyncClient) -> dict[str, str]:
+    client.cookies["csrftoken"] = "a" * 32
+    return {"X-CSRFToken": "a" * 32}
+
+
+async def user(name: str) -> Any:
+    return await get_user_model().objects.acreate(username=name)
+
+
+async def post(client: AsyncClient, path: str, data: Any = None, **kwargs: Any) -> Any:
+    body = json.dumps(data) if data is not None else ""
+    return await client.post(
+        path, body, content_type="application/json", headers=with_csrf(client), **kwargs
+    )
+
+
+async def test_a_logged_in_user_owns_the_sessions_they_start(client, config):
+    config(AGENT=forever)
+    alice, bob = await user("alice"), await user("bob")
+    await client.aforce_login(alice)
+    reply = await post(client, "/runs/chat/", {"prompt": "hi"})
+    assert reply.status_code == 202
+    row = await Run.objects.aget(pk=reply.json()["id"])
+    assert row.owner == f"user:{alice.pk}" and row.user_id == alice.pk
+    other = AsyncClient(enforce_csrf_checks=True)
+    await other.aforce_login(bob)
+    assert (await other.get("/runs/chat/")).status_code == 404
+    assert (await post(other, "/runs/chat/stop/")).status_code == 404
+    assert (await client.get("/runs/chat/")).json()["run"]["status"] == "running"
+    assert (await post(client, "/runs/chat/stop/")).json() == {"stopped": True}
+
+
+async def test_without_allow_anonymous_a_visitor_who_is_not_logged_in_gets_403(client, config):
+    config(ALLOW_ANONYMOUS=False)
+    reply = await post(client, "/runs/chat/", {"prompt": "hi"})
+    assert reply.status_code == 403 and reply.json() == {"error": "Log in first."}
+    assert (await client.get("/runs/chat/")).status_code == 403
+    assert await Run.objects.acount() == 0
+
+
+async def test_an_anonymous_visitor_owns_sessions_through_the_django_session(client):
+    reply = await post(client, "/runs/chat/", {"prompt": "3"})
+    assert reply.status_code == 202
+    assert "sessionid" in reply.cookies
+    row = await Run.objects.aget(pk=reply.json()["id"])
+    assert row.owner.startswith("anon:") and client.cookies["sessionid"].value not in row.owner
+    assert (await client.get("/runs/chat/")).status_code == 200
+    assert (await AsyncClient().get("/runs/chat/")).status_code == 404
+
+
+async def test_a_form_post_starts_a_run_too(client):
+    reply = await client.post("/runs/chat/", {"prompt": "2"}, headers=with_csrf(client))
+    assert reply.status_code == 202
+    assert (await Run.objects.aget(pk=reply.json()["id"])).prompt == "2"
+
+
+async def test_post_without_a_csrf_token_is_403_json_and_starts_nothing(client):
+    reply = await client.post(
+        "/runs/chat/", json.dumps({"prompt": "x"}), content_type="application/json"
+    )
+    assert reply.status_code == 403
+    assert reply.json()["error"].startswith("CSRF check failed")
+    assert await Run.objects.acount() == 0
+
+
+async def test_over_the_per_owner_limit_is_429(client, config):
+    config(AGENT=forever, MAX_ACTIVE_RUNS_PER_OWNER=1)
+    assert (await post(client, "/runs/a/", {"prompt": "x"})).status_code == 202
+    reply = await post(client, "/runs/b/", {"prompt": "x"})
+    assert reply.status_code == 429 and "limit is 1" in reply.json()["error"]
+
+
+async def test_over_the_subscriber_limit_is_429(client, config):
+    config(AGENT=forever, MAX_SUBSCRIBERS_PER_RUN=1)
+    await post(client, "/runs/a/", {"prompt": "x"})
+    first = await client.get("/runs/a/events/")
+    assert first.status_code == 200
+    second = await client.get("/runs/a/events/")
+    assert second.status_code == 429
+    await first.streaming_content.aclose()
+
+
+async def test_a_database_that_refuses_the_start_is_503_and_nothing_runs(client):
+    def refuse(execute: Any, sql: str, *args: Any) -> Any:
+        if sql.lstrip().upper().startswith("INSERT") and "detached_runs_run" in sql:
+            raise OperationalError("no space left on device (injected)")
+        return execute(sql, *args)
+
+    await sync_to_async(lambda: connection.execute_wrappers.append(refuse))()
+    try:
+        reply = await post(client, "/runs/chat/", {"prompt": "x"})
+    finally:
+        await sync_to_async(lambda: connection.execute_wrappers.remove(refuse))()
+    assert reply.status_code == 503 and "database" in reply.json()["error"]
+    assert len(get_service().backend) == 0  # type: ignore[arg-type]
+
+
+async def test_an_unset_agent_is_a_clean_500_not_a_traceback(client, config):
+    config(AGENT=None)
+    reply = await post(client, "/runs/chat/", {"prompt": "x"})
+    assert reply.status_code == 500
+    assert reply.json() == {"error": "The server is misconfigured."}
+
+
+async def test_events_without_a_run_is_404_and_malformed_ids_are_400(client):
+    assert (await client.get("/runs/none/events/")).status_code == 404
+    await post(client, "/runs/chat/", {"prompt": "3"})
+    reply = await client.get("/runs/chat/events/", headers={"Last-Event-ID": "x" * 500})
+    assert reply.status_code == 400
+    assert (await client.get("/runs/chat/events/?after=1-2")).status_code == 400
+
+
+async def test_status_shows_the_latest_run(client):
+    await post(client, "/runs/chat/", {"prompt": "3"})
+    await asyncio.sleep(0.3)
+    body = (await client.get("/runs/chat/")).json()
+    assert body["session"] == "chat"
+    assert set(body["run"]) >= {"id", "status", "prompt", "output", "started_at", "finished_at"}
+    assert body["run"]["status"] == "done" and body["run"]["output"] == "w0 w1 w2 "
+
+
+# -- the admin ------------------------------------------------------------------------
+
+
+async def test_the_admin_lists_runs_and_its_action_stops_running_ones(config):
+    config(AGENT=forever)
+    admin = await get_user_model().objects.acreate_superuser("admin", "a@example.com", "pw")
+    running = await runs.start("live", prompt="x")
+    await runs.start("other", prompt="3", agent=None)
+    client = Client()
+    await sync_to_async(client.force_login)(admin)
+    listing = await sync_to_async(client.get)("/admin/detached_runs/run/?status=running")
+    assert listing.status_code == 200 and b"live" in listing.content
+    detail = await sync_to_async(client.get)(f"/admin/detached_runs/run/{running.pk}/change/")
+    assert detail.status_code == 200 and str(running.pk).encode() in detail.content
+    reply = await sync_to_async(client.post)(
+        "/admin/detached_runs/run/",
+        {"action": "stop_runs", "_selected_action": [str(running.pk)]},
+        follow=True,
+    )
+    assert reply.status_code == 200 and b"Stopped 1 run." in reply.content
+    events = [e async for e in runs.subscribe("live")]
+    assert events[-1].data == {"status": "stopped"}
+    assert (await Run.objects.aget(pk=running.pk)).status == "stopped"
+    assert (await sync_to_async(client.get)("/admin/detached_runs/run/add/")).status_code == 403
