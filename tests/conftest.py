@@ -168,3 +168,14 @@ def server(django_db_setup: Any, django_db_blocker: Any) -> Any:
     running = start_server(env)
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_async_connections(django_db_setup: Any) -> Any:
+    """The async ORM's queries run on asgiref's one sync thread, whose connection
+    would otherwise stay open and keep PostgreSQL from dropping the test database."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
