@@ -83,12 +83,14 @@ def api(*methods: str) -> Callable[[View], Any]:
                 response = error_response(405, f"Method {request.method} not allowed.")
                 response["Allow"] = ", ".join(methods)
                 return response
-            if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
-                rejected = _csrf.process_view(request, cast(Any, wrapper), args, kwargs)
-                if rejected is not None:
-                    return rejected
             try:
+                if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
+                    rejected = _csrf.process_view(request, cast(Any, wrapper), args, kwargs)
+                    if rejected is not None:
+                        return rejected
                 return await view(request, *args, **kwargs)
+            except RequestDataTooBig:
+                return error_response(400, "The request body is too large.")
             except DetachedRunsError as exc:
                 return error_response(_status_for(exc), str(exc))
             except DatabaseError:

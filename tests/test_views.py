@@ -184,3 +184,12 @@ async def test_the_admin_lists_runs_and_its_action_stops_running_ones(config):
     assert events[-1].data == {"status": "stopped"}
     assert (await Run.objects.aget(pk=running.pk)).status == "stopped"
     assert (await sync_to_async(client.get)("/admin/detached_runs/run/add/")).status_code == 403
+
+
+async def test_a_body_over_djangos_upload_limit_is_400_and_starts_nothing(client, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    reply = await post(client, "/runs/chat/", {"prompt": "x" * 20_000})
+    assert reply.status_code == 400 and "too large" in reply.json()["error"]
+    form = await client.post("/runs/chat/", {"prompt": "x" * 20_000}, headers=with_csrf(client))
+    assert form.status_code == 400 and "too large" in form.json()["error"]
+    assert await Run.objects.acount() == 0
