@@ -1,0 +1,65 @@
+"""The demo site, served by a real daphne process: the page, a streamed answer, reload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import start_server, stop_server
+from .http import Browser, text
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: Any) -> Any:
+    database = tmp_path_factory.mktemp("demo") / "demo.sqlite3"
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="demo_project.settings",
+        DEMO_SQLITE=str(database),
+        DEMO_AGENT_DELAY="0.005",
+    )
+    env.pop("DATABASE_URL", None)
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        env=env,
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+    server = start_server(env, app="demo_project.asgi:application")
+    yield server
+    stop_server(server)
+
+
+def test_the_chat_page_loads_and_sets_the_csrf_cookie(demo):
+    browser = Browser(demo.port)
+    browser.cookies.clear()
+    page = browser.request("GET", "/")
+    assert page.status == 200
+    assert b"EventSource" in page.body and b'id="stop"' in page.body
+    assert "csrftoken" in browser.cookies
+
+
+def test_the_demo_agent_streams_an_answer_that_survives_a_reload(demo):
+    browser = Browser(demo.port)
+    reply = browser.request("POST", "/runs/demo1/", {"prompt": "What is this?"})
+    assert reply.status == 202
+    first = browser.stream("/runs/demo1/events/")
+    seen = first.take(12)
+    first.close()  # the page is reloaded mid-answer
+    rest = browser.stream("/runs/demo1/events/", {"Last-Event-ID": seen[-1].id or ""}).rest()
+    assert rest[-1].data == {"status": "done"}
+    answer = text(seen) + text(rest)
+    assert answer.startswith("You asked: “What is this?”.")
+    assert [e.event for e in seen[:2]] == ["start", "status"]
+    turns = browser.request("GET", "/history/demo1/").json()["turns"]
+    assert [t["output"] for t in turns] == [answer]
+    assert Browser(demo.port).request("GET", "/history/demo1/").json() == {"turns": []}
