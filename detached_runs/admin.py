@@ -18,6 +18,7 @@ class RunAdmin(admin.ModelAdmin):
     list_display = (
         "short_id",
         "session_key",
+        "prompt_excerpt",
         "status",
         "owner",
         "started_at",
@@ -60,6 +61,10 @@ class RunAdmin(admin.ModelAdmin):
     @admin.display(description=_("id"), ordering="id")
     def short_id(self, obj: Run) -> str:
         return str(obj.id)[:8]
+
+    @admin.display(description=_("prompt"))
+    def prompt_excerpt(self, obj: Run) -> str:
+        return obj.prompt if len(obj.prompt) <= 60 else obj.prompt[:59] + "…"
 
     @admin.display(description=_("output chars"))
     def output_length(self, obj: Run) -> int:
