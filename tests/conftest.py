@@ -164,7 +164,9 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="session")
 def server(django_db_setup: Any, django_db_blocker: Any) -> Any:
     with django_db_blocker.unblock():
-        env = server_env(TEST_AGENT_DELAY="0.02", TEST_KEEPALIVE="0.3", TEST_EVICT_AFTER="1")
+        env = server_env(
+            TEST_AGENT_DELAY="0.02", TEST_KEEPALIVE="0.3", TEST_EVICT_AFTER="1", LOG="DEBUG"
+        )
     running = start_server(env)
     yield running
     stop_server(running)

@@ -67,7 +67,14 @@ def test_disconnect_mid_stream_then_last_event_id_gets_exactly_the_rest(browser,
     assert text(first) + text(rest) == WORDS_40
     assert rest[0].event != "start" and rest[-1].event == "done"
     # The run went on without anybody: its row holds the whole answer.
-    assert wait_for_status(browser, key)["output"] == WORDS_40
+    run = wait_for_status(browser, key)
+    assert run["output"] == WORDS_40
+    # Both subscribers were released (the dropped one too), so the run is
+    # evicted when its grace period (1 s on this server) is over.
+    deadline = time.monotonic() + 5
+    while f"Evicted run {uuid.UUID(run['id']).hex}" not in server.output():
+        assert time.monotonic() < deadline, "the run was never evicted"
+        time.sleep(0.1)
     assert "Traceback" not in server.output()
 
 
