@@ -76,6 +76,7 @@ class Event:
     event: str
     data: dict[str, Any]
     _sse: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    _frame: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def sse(self) -> bytes:
@@ -87,8 +88,15 @@ class Event:
         return self._sse[0]
 
     def as_json(self) -> dict[str, Any]:
-        """The WebSocket frame: ``{"id", "event", "data"}``."""
+        """The WebSocket frame as a dict: ``{"id", "event", "data"}``."""
         return {"id": self.id, "event": self.event, "data": self.data}
+
+    @property
+    def frame(self) -> str:
+        """The WebSocket text frame, encoded once like `sse`."""
+        if not self._frame:
+            self._frame.append(_dumps(self.as_json()))
+        return self._frame[0]
 
     @property
     def is_terminal(self) -> bool:

@@ -1,7 +1,7 @@
 """HTTP and SSE views: thin, no run logic (that is `detached_runs.runs`).
 
-Every error is JSON ``{"error": "..."}``; exceptions map to statuses in
-`STATUS_FOR`, in one place. CSRF is checked here (not left to the project's
+Every error is JSON ``{"error": "..."}`` with the status its exception class
+names (`detached_runs.exceptions`). CSRF is checked here (not left to the project's
 middleware) so that a failure is JSON too and the check cannot be forgotten.
 """
 
@@ -30,39 +30,16 @@ from . import runs
 from .backends.base import Subscription
 from .conf import get_config
 from .events import KEEPALIVE_SSE, encode_sse
-from .exceptions import (
-    BackendUnavailable,
-    BadPrompt,
-    DetachedRunsError,
-    InvalidInput,
-    LimitExceeded,
-    NotAllowed,
-    RunNotFound,
-)
+from .exceptions import BadPrompt, DetachedRunsError, InvalidInput, NotAllowed, RunNotFound
 from .owners import request_owner
 
 logger = logging.getLogger(__name__)
-
-STATUS_FOR: dict[type[DetachedRunsError], int] = {
-    InvalidInput: 400,
-    NotAllowed: 403,
-    RunNotFound: 404,
-    LimitExceeded: 429,
-    BackendUnavailable: 503,
-}
 
 View = Callable[..., Awaitable[HttpResponseBase]]
 
 
 def error_response(status: int, message: str) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
-
-
-def _status_for(exc: DetachedRunsError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_FOR:
-            return STATUS_FOR[cls]
-    return 400
 
 
 class _CsrfCheck(CsrfViewMiddleware):
@@ -92,7 +69,7 @@ def api(*methods: str) -> Callable[[View], Any]:
             except RequestDataTooBig:
                 return error_response(400, "The request body is too large.")
             except DetachedRunsError as exc:
-                return error_response(_status_for(exc), str(exc))
+                return error_response(exc.status_code, str(exc))
             except DatabaseError:
                 logger.exception("Database error in %s", view.__name__)
                 return error_response(503, "The database is unavailable; try again shortly.")

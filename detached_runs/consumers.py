@@ -1,0 +1,165 @@
+"""The WebSocket consumer: follow, start and stop a session's runs over one socket.
+
+Same service, same semantics as the SSE view (replay then live, no gap, no
+duplicate, compact replay, ownership); no run logic here. Protocol:
+
+* connect to ``.../<session_key>/`` (optionally ``?after=<event id>``): the
+  socket follows the session's current run and sends each event as a text
+  frame ``{"id", "event", "data"}``. An unknown session, or one the requester
+  does not own, is closed with code 4404 (other refusals: 4400 bad key, 4403
+  not logged in, 4429 over a limit, 4503 unavailable).
+* client frames: ``{"type": "start", "prompt": "..."}`` starts a run (and the
+  socket follows it from its ``start`` event); ``{"type": "stop"}`` stops the
+  run in flight (its ``done`` event follows); ``{"type": "resume", "after":
+  "<id>"}`` re-follows the current run after that id.
+* a bad frame is answered with ``{"event": "error", "data": {"error": "..."}}``;
+  the socket stays open and no run changes.
+* after a run's ``done`` the socket stays open for the next ``start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
+
+from . import runs
+from .backends.base import Subscription
+from .conf import get_config
+from .exceptions import DetachedRunsError, InvalidInput, NotAllowed
+from .owners import scope_owner
+
+logger = logging.getLogger(__name__)
+
+#: Close code for errors that are not the client's (RFC 6455 "internal error").
+CLOSE_INTERNAL = 1011
+
+
+class RunConsumer(AsyncWebsocketConsumer):
+    session_key: str
+    owner: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pump: asyncio.Task[None] | None = None
+
+    # -- connection --------------------------------------------------------
+
+    async def connect(self) -> None:
+        # Accept first: a close code only reaches a browser after the handshake.
+        await self.accept()
+        self.session_key = self.scope["url_route"]["kwargs"].get("session_key", "")
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        after = (query.get("after") or [None])[0] or None
+        try:
+            runs.validate_session_key(self.session_key)
+            self.owner = await _owner(self.scope)
+            subscription = await runs.subscribe(self.session_key, after=after, owner=self.owner)
+        except DetachedRunsError as exc:
+            await self.close(code=4000 + exc.status_code, reason=str(exc)[:120])
+            return
+        except (DatabaseError, ImproperlyConfigured):
+            logger.exception("WebSocket connect to session %s failed", self.session_key)
+            await self.close(code=CLOSE_INTERNAL)
+            return
+        await self._follow(subscription)
+
+    async def disconnect(self, code: int) -> None:
+        # Only this subscriber goes; the run goes on.
+        await self._unfollow()
+
+    # -- client frames -----------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            frame = _decode(text_data)
+            kind = frame.get("type")
+            if kind == "start":
+                await self._start(frame)
+            elif kind == "stop":
+                await runs.stop(self.session_key, owner=self.owner)
+            elif kind == "resume":
+                after = frame.get("after")
+                if after is not None and not isinstance(after, str):
+                    raise InvalidInput('"after" must be an event id (a string) or null.')
+                await self._follow(
+                    await runs.subscribe(self.session_key, after=after, owner=self.owner)
+                )
+            else:
+                raise InvalidInput('Unknown frame type: use "start", "stop" or "resume".')
+        except DetachedRunsError as exc:
+            await self._error(str(exc))
+        except DatabaseError:
+            logger.exception("WebSocket frame on session %s failed", self.session_key)
+            await self._error("The database is unavailable; try again shortly.")
+        except ImproperlyConfigured:
+            logger.exception("detached_runs is misconfigured")
+            await self._error("The server is misconfigured.")
+
+    async def _start(self, frame: dict[str, Any]) -> None:
+        if "prompt" not in frame:
+            raise InvalidInput('A "start" frame needs a "prompt".')
+        await runs.start(self.session_key, prompt=frame["prompt"], owner=self.owner)
+        # Follow the new run from its start event; the old one was stopped.
+        await self._follow(await runs.subscribe(self.session_key, owner=self.owner))
+
+    async def _error(self, message: str) -> None:
+        await self.send(text_data=json.dumps({"event": "error", "data": {"error": message}}))
+
+    # -- following a run ---------------------------------------------------
+
+    async def _follow(self, subscription: Subscription) -> None:
+        await self._unfollow()
+        self._pump = asyncio.create_task(
+            self._forward(subscription), name=f"detached_runs:ws:{self.session_key}"
+        )
+
+    async def _unfollow(self) -> None:
+        pump, self._pump = self._pump, None
+        if pump is not None and not pump.done():
+            pump.cancel()
+            # Wait for it: its clean-up releases the subscriber, and no frame of
+            # the old subscription may follow one of the new.
+            await asyncio.wait([pump])
+
+    async def _forward(self, subscription: Subscription) -> None:
+        try:
+            # A socket that is behind gets what piled up, merged, at its next read
+            # of the shared log: it holds no queue of its own.
+            async for batch in subscription.batches():
+                for event in batch:
+                    await self.send(text_data=event.frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("Forwarding session %s to a WebSocket failed", self.session_key)
+
+
+def _decode(text_data: str | None) -> dict[str, Any]:
+    if text_data is None:
+        raise InvalidInput("Send JSON text frames, not binary ones.")
+    limit = int(get_config()["MAX_PROMPT_CHARS"] or 0)
+    if limit and len(text_data) > 2 * limit + 1024:
+        raise InvalidInput("The frame is too large.")
+    try:
+        frame = json.loads(text_data)
+    except ValueError:
+        raise InvalidInput("The frame is not valid JSON.") from None
+    if not isinstance(frame, dict):
+        raise InvalidInput('A frame is a JSON object with a "type".')
+    return frame
+
+
+async def _owner(scope: dict[str, Any]) -> str:
+    owner = await scope_owner(scope)
+    if owner is not None:
+        return owner
+    if not get_config()["ALLOW_ANONYMOUS"]:
+        raise NotAllowed("Log in first.")
+    return "anon:"  # an anonymous visitor without an id yet owns nothing

@@ -1,0 +1,270 @@
+"""The WebSocket consumer, through Channels' own WebsocketCommunicator and the
+project's real ASGI stack (origin check, auth and session middleware)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.contrib.sessions.backends.db import SessionStore
+from django.test import Client
+
+from detached_runs import runs
+from detached_runs.models import Run
+from detached_runs.owners import ANON_SESSION_KEY
+from detached_runs.runs import get_service
+from tests.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+OWNER = "anon:0123456789abcdef0123456789abcdef"
+
+
+async def forever(ctx: Any) -> AsyncIterator[str]:
+    yield "thinking "
+    await asyncio.sleep(30)
+
+
+@pytest.fixture
+def config(settings: Any) -> Any:
+    def apply(**values: Any) -> None:
+        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
+        get_service().reset()
+
+    return apply
+
+
+async def cookie_for(owner: str) -> str:
+    store = SessionStore()
+    await store.aset(ANON_SESSION_KEY, owner)
+    await store.asave()
+    return f"sessionid={store.session_key}"
+
+
+async def connect(key: str, cookie: str | None = None, query: str = "") -> WebsocketCommunicator:
+    headers = [(b"cookie", cookie.encode())] if cookie else []
+    communicator = WebsocketCommunicator(application, f"/ws/runs/{key}/{query}", headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def frames_until_done(communicator: WebsocketCommunicator) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        frame = await communicator.receive_json_from(timeout=5)
+        frames.append(frame)
+        if frame.get("event") == "done":
+            return frames
+
+
+async def closed_with(communicator: WebsocketCommunicator) -> int:
+    message = await communicator.receive_output(timeout=5)
+    assert message["type"] == "websocket.close"
+    return int(message["code"])
+
+
+def text(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["data"]["text"] for f in frames if f["event"] == "delta")
+
+
+WORDS_20 = "".join(f"w{i} " for i in range(20))
+
+
+async def test_connect_replays_then_follows_the_run_live():
+    cookie = await cookie_for(OWNER)
+    run = await runs.start("chat", prompt="20", owner=OWNER)
+    await asyncio.sleep(0.05)  # some words exist before the socket connects
+    communicator = await connect("chat", cookie)
+    frames = await frames_until_done(communicator)
+    assert frames[0] == {
+        "id": frames[0]["id"],
+        "event": "start",
+        "data": {"run": str(run.id), "prompt": "20"},
+    }
+    assert text(frames) == WORDS_20
+    assert frames[-1]["data"] == {"status": "done"}
+    assert set(frames[1]) == {"id", "event", "data"}
+    assert await communicator.receive_nothing(timeout=0.1)  # stays open after done
+    await communicator.disconnect()
+
+
+async def test_a_finished_run_replays_compactly():
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="200", owner=OWNER)
+    [e async for e in runs.subscribe("chat")]
+    communicator = await connect("chat", cookie)
+    frames = await frames_until_done(communicator)
+    assert [f["event"] for f in frames] == ["start", "delta", "done"]
+    await communicator.disconnect()
+
+
+@pytest.mark.parametrize("owner", [None, "anon:someone-else"])
+async def test_an_unknown_or_foreign_session_closes_with_4404(owner):
+    await runs.start("taken", prompt="x", owner=OWNER, agent=forever)
+    cookie = await cookie_for(owner) if owner else None
+    for key in ("taken", "never-started"):
+        communicator = await connect(key, cookie)
+        assert await closed_with(communicator) == 4404
+
+
+async def test_a_bad_session_key_closes_with_4400():
+    communicator = await connect("bad%20key")
+    assert await closed_with(communicator) == 4400
+
+
+async def test_not_logged_in_without_allow_anonymous_closes_with_4403(config):
+    config(ALLOW_ANONYMOUS=False)
+    communicator = await connect("chat")
+    assert await closed_with(communicator) == 4403
+
+
+async def test_a_logged_in_user_follows_their_own_session():
+    user = await get_user_model().objects.acreate(username="alice")
+    client = Client()
+    await sync_to_async(client.force_login)(user)
+    await runs.start("mine", prompt="3", owner=user)
+    communicator = await connect("mine", f"sessionid={client.cookies['sessionid'].value}")
+    assert text(await frames_until_done(communicator)) == "w0 w1 w2 "
+    await communicator.disconnect()
+
+
+async def test_a_start_frame_starts_a_run_and_the_socket_follows_it():
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="2", owner=OWNER)
+    communicator = await connect("chat", cookie)
+    first = await frames_until_done(communicator)
+    await communicator.send_json_to({"type": "start", "prompt": "3"})
+    second = await frames_until_done(communicator)
+    assert second[0]["event"] == "start" and second[0]["data"]["prompt"] == "3"
+    assert second[0]["data"]["run"] != first[0]["data"]["run"]
+    assert text(second) == "w0 w1 w2 "
+    assert await Run.objects.filter(session_key="chat").acount() == 2
+    await communicator.disconnect()
+
+
+async def test_a_start_frame_during_a_run_stops_it_and_follows_the_new_one():
+    cookie = await cookie_for(OWNER)
+    old = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    communicator = await connect("chat", cookie)
+    assert (await communicator.receive_json_from())["event"] == "start"
+    await communicator.send_json_to({"type": "start", "prompt": "2"})
+    frames = []
+    while not frames or frames[-1]["event"] != "done" or frames[-1]["data"] != {"status": "done"}:
+        frames.append(await communicator.receive_json_from(timeout=5))
+    new_start = [f for f in frames if f["event"] == "start"][-1]
+    assert new_start["data"]["prompt"] == "2"
+    assert (await Run.objects.aget(pk=old.pk)).status == "stopped"
+    await communicator.disconnect()
+
+
+async def test_a_stop_frame_stops_the_run_and_its_done_event_follows():
+    cookie = await cookie_for(OWNER)
+    run = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    communicator = await connect("chat", cookie)
+    await communicator.receive_json_from()  # start
+    await communicator.receive_json_from()  # "thinking "
+    await communicator.send_json_to({"type": "stop"})
+    frames = await frames_until_done(communicator)
+    assert frames[-1]["data"] == {"status": "stopped"}
+    row = await Run.objects.aget(pk=run.pk)
+    assert row.status == "stopped" and row.output == "thinking "
+    await communicator.disconnect()
+
+
+async def test_a_resume_frame_gets_only_what_follows_its_id():
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="20", owner=OWNER)
+    communicator = await connect("chat", cookie)
+    frames = await frames_until_done(communicator)
+    middle = [f for f in frames if f["event"] == "delta"][5]
+    await communicator.send_json_to({"type": "resume", "after": middle["id"]})
+    rest = await frames_until_done(communicator)
+    seen = frames[: frames.index(middle) + 1]
+    assert text(seen) + text(rest) == WORDS_20
+    assert rest[0]["event"] == "delta"
+    await communicator.disconnect()
+
+
+async def test_after_in_the_query_resumes_on_connect():
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="20", owner=OWNER)
+    events = [e async for e in runs.subscribe("chat")]
+    communicator = await connect("chat", cookie, query=f"?after={events[3].id}")
+    rest = await frames_until_done(communicator)
+    assert "".join(e.data.get("text", "") for e in events[:4]) + text(rest) == WORDS_20
+    await communicator.disconnect()
+
+
+async def test_bad_frames_get_an_error_event_the_socket_stays_open_and_nothing_changes():
+    cookie = await cookie_for(OWNER)
+    run = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    communicator = await connect("chat", cookie)
+    await communicator.receive_json_from()  # start
+    await communicator.receive_json_from()  # "thinking "
+    bad: list[Any] = [
+        "not json {",
+        json.dumps([1, 2]),
+        json.dumps({"type": "explode"}),
+        json.dumps({"no": "type"}),
+        json.dumps({"type": "start"}),
+        json.dumps({"type": "start", "prompt": 42}),
+        json.dumps({"type": "start", "prompt": ""}),
+        json.dumps({"type": "start", "prompt": "x" * 40_000}),
+        json.dumps({"type": "resume", "after": "forged"}),
+        json.dumps({"type": "resume", "after": 12}),
+    ]
+    for frame in bad:
+        await communicator.send_to(text_data=frame)
+        reply = await communicator.receive_json_from(timeout=5)
+        assert reply["event"] == "error" and isinstance(reply["data"]["error"], str), frame
+        assert set(reply) == {"event", "data"}
+    await communicator.send_to(bytes_data=b"\x00\x01")
+    assert (await communicator.receive_json_from(timeout=5))["event"] == "error"
+    assert await Run.objects.acount() == 1
+    live = await runs.status("chat")
+    assert live is not None and live.status == "running" and live.id == run.id
+    await communicator.send_json_to({"type": "stop"})  # still listening
+    assert (await frames_until_done(communicator))[-1]["data"] == {"status": "stopped"}
+    await communicator.disconnect()
+
+
+async def test_closing_the_socket_drops_the_subscriber_and_the_run_goes_on(config):
+    config(EVICT_AFTER=0.1)
+    cookie = await cookie_for(OWNER)
+    run = await runs.start("chat", prompt="30", owner=OWNER)
+    communicator = await connect("chat", cookie)
+    await communicator.receive_json_from()
+    await communicator.disconnect()
+    events = [e async for e in runs.subscribe("chat")]
+    assert events[-1].data == {"status": "done"}
+    await asyncio.sleep(0.3)
+    # The dropped subscriber was released, so the run was evicted on time.
+    assert len(get_service().backend) == 0  # type: ignore[arg-type]
+    row = await Run.objects.aget(pk=run.pk)
+    assert row.output == "".join(f"w{i} " for i in range(30))
+
+
+async def test_a_socket_that_lags_gets_what_piled_up_merged():
+    cookie = await cookie_for(OWNER)
+    gate = asyncio.Event()
+
+    async def bursty(ctx: Any) -> AsyncIterator[str]:
+        await gate.wait()
+        for i in range(500):
+            yield f"b{i} "
+
+    await runs.start("chat", prompt="x", owner=OWNER, agent=bursty)
+    communicator = await connect("chat", cookie)
+    assert (await communicator.receive_json_from())["event"] == "start"
+    gate.set()  # 500 words arrive at once: the socket reads them as one batch
+    frames = await frames_until_done(communicator)
+    assert text(frames) == "".join(f"b{i} " for i in range(500))
+    assert len(frames) < 10
+    await communicator.disconnect()
