@@ -155,7 +155,7 @@ async def test_a_start_frame_during_a_run_stops_it_and_follows_the_new_one():
     communicator = await connect("chat", cookie)
     assert (await communicator.receive_json_from())["event"] == "start"
     await communicator.send_json_to({"type": "start", "prompt": "2"})
-    frames = []
+    frames: list[dict[str, Any]] = []
     while not frames or frames[-1]["event"] != "done" or frames[-1]["data"] != {"status": "done"}:
         frames.append(await communicator.receive_json_from(timeout=5))
     new_start = [f for f in frames if f["event"] == "start"][-1]

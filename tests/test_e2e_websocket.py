@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import websockets
+from websockets.typing import Origin
 
 from .http import Browser
 
@@ -38,7 +39,7 @@ async def test_follow_stop_and_resume_over_a_real_websocket(server):
     await asyncio.to_thread(browser.request, "POST", f"/runs/{key}/", {"prompt": "40"})
     url = f"ws://127.0.0.1:{server.port}/ws/runs/{key}/"
     headers = {"Cookie": cookie_header(browser)}
-    origin = f"http://127.0.0.1:{server.port}"
+    origin = Origin(f"http://127.0.0.1:{server.port}")
 
     async with websockets.connect(url, additional_headers=headers, origin=origin) as socket:
         first = [json.loads(await socket.recv()) for _ in range(6)]
@@ -65,7 +66,7 @@ async def test_a_stranger_is_closed_with_4404(server):
     owner = Browser(server.port)
     await asyncio.to_thread(owner.request, "POST", f"/runs/{key}/", {"prompt": "5"})
     url = f"ws://127.0.0.1:{server.port}/ws/runs/{key}/"
-    async with websockets.connect(url, origin=f"http://127.0.0.1:{server.port}") as socket:
+    async with websockets.connect(url, origin=Origin(f"http://127.0.0.1:{server.port}")) as socket:
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(socket.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
