@@ -44,7 +44,8 @@ def test_the_chat_page_loads_and_sets_the_csrf_cookie(demo):
     browser.cookies.clear()
     page = browser.request("GET", "/")
     assert page.status == 200
-    assert b"EventSource" in page.body and b'id="stop"' in page.body
+    assert b"EventSource" in page.body and b"WebSocket" in page.body
+    assert b'id="stop"' in page.body
     assert "csrftoken" in browser.cookies
 
 
@@ -63,3 +64,33 @@ def test_the_demo_agent_streams_an_answer_that_survives_a_reload(demo):
     turns = browser.request("GET", "/history/demo1/").json()["turns"]
     assert [t["output"] for t in turns] == [answer]
     assert Browser(demo.port).request("GET", "/history/demo1/").json() == {"turns": []}
+
+
+async def test_the_demo_mounts_the_websocket_route(demo):
+    import asyncio
+    import json
+
+    import websockets
+    from websockets.typing import Origin
+
+    browser = Browser(demo.port)
+    await asyncio.to_thread(browser.request, "POST", "/runs/demo2/", {"prompt": "Over a socket"})
+    cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    async with websockets.connect(
+        f"ws://127.0.0.1:{demo.port}/ws/runs/demo2/",
+        additional_headers={"Cookie": cookies},
+        origin=Origin(f"http://127.0.0.1:{demo.port}"),
+    ) as socket:
+        first = json.loads(await asyncio.wait_for(socket.recv(), 5))
+    assert first["event"] == "start" and first["data"]["prompt"] == "Over a socket"
+
+
+async def test_the_demo_refuses_a_websocket_from_a_foreign_origin(demo):
+    import websockets
+    from websockets.typing import Origin
+
+    with pytest.raises(websockets.InvalidStatus):
+        async with websockets.connect(
+            f"ws://127.0.0.1:{demo.port}/ws/runs/demo2/", origin=Origin("http://evil.example")
+        ):
+            pass
