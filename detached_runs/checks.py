@@ -8,7 +8,7 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
-from .conf import DEFAULTS, LIMITS, NUMBERS, get_config
+from .conf import DEFAULTS, LIMITS, NUMBERS, OPTIONAL_NUMBERS, get_config
 
 
 def _import(value: Any) -> tuple[Any, str | None]:
@@ -71,8 +71,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 )
             )
 
-    for key in NUMBERS:
+    for key in NUMBERS + OPTIONAL_NUMBERS:
         value = config[key]
+        if value is None and key in OPTIONAL_NUMBERS:
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             errors.append(
                 Error(

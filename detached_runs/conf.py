@@ -35,9 +35,15 @@ DEFAULTS: dict[str, Any] = {
     "PERMISSION": None,
     # How many earlier runs of the session the agent gets in ``ctx.history``.
     "HISTORY_LIMIT": 50,
+    # Seconds an agent may run before it is ended as "error" (None: no limit).
+    "RUN_TIMEOUT": None,
+    # End runs gracefully on the server's SIGTERM/SIGINT (see detached_runs.lifecycle).
+    "HANDLE_SIGNALS": True,
 }
 
 NUMBERS = ("EVICT_AFTER", "CHECKPOINT_EVERY", "KEEPALIVE", "SHUTDOWN_TIMEOUT")
+#: Numbers that may also be None.
+OPTIONAL_NUMBERS = ("RUN_TIMEOUT",)
 LIMITS = (
     "MAX_PROMPT_CHARS",
     "MAX_ACTIVE_RUNS_PER_OWNER",

@@ -52,6 +52,8 @@ class Run(models.Model):
     error = models.TextField(_("error"), blank=True)
     #: The id of the last event the saved output covers (the terminal one once ended).
     last_event_id = models.CharField(max_length=80, blank=True)
+    #: The process running it (host:pid:boot id), to tell orphans after a crash.
+    worker = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(_("started"), default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(_("last checkpoint"), default=timezone.now)
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)

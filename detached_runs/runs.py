@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import secrets
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator
@@ -47,6 +50,7 @@ from .exceptions import (
     RunNotFound,
     TooManyRuns,
 )
+from .lifecycle import install_signal_handlers
 from .models import Run
 from .owners import may_access, owner_key
 
@@ -105,6 +109,36 @@ def load_agent(value: Any = None) -> Agent:
     if not callable(agent):
         raise ImproperlyConfigured(f"DETACHED_RUNS['AGENT'] = {value!r} is not callable.")
     return agent
+
+
+_worker: dict[int, str] = {}
+
+
+def worker_id() -> str:
+    """This process: ``host:pid:boot`` (a fork gets its own)."""
+    pid = os.getpid()
+    if pid not in _worker:
+        _worker[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
+    return _worker[pid]
+
+
+def _orphaned(row: Run) -> bool:
+    if row.worker and row.worker != worker_id():
+        host, _, rest = row.worker.partition(":")
+        pid = rest.partition(":")[0]
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            return True
+    return row.updated_at < timezone.now() - _stale_after()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _heartbeat_every() -> float:
@@ -223,6 +257,24 @@ def _normalise(item: Any) -> Item | None:
     raise AgentError("The agent yielded something that is neither text nor an event.")
 
 
+def terminal_position(row: Run) -> Position:
+    """Where a row's terminal event is (or will be) in its run's log.
+
+    An ended row's ``last_event_id`` is its terminal event; a running row's is
+    the last event its checkpoint covers, so the terminal comes right after.
+    """
+    size = len(row.output.encode())
+    run, position = row.id.hex, Position(size, 1)
+    if row.last_event_id:
+        try:
+            run, position = parse_id(row.last_event_id)
+        except BadEventId:
+            pass
+    if run != row.id.hex or position.text != size:
+        position = Position(size, 1)  # unknown or inconsistent: start, text, end
+    return position if row.status != RUNNING else Position(size, position.seq + 1)
+
+
 class StoredSubscription(Subscription):
     """A run the backend no longer holds, served from its row: start, the output
     as one delta, the terminal event. A row still ``running`` elsewhere is
@@ -235,22 +287,16 @@ class StoredSubscription(Subscription):
         self.meta = {"owner": row.owner}
         self._cursor = ORIGIN
         if after is not None and after[0] == self.run_id:
-            if after[1] > self._terminal():
-                raise BadEventId("Unknown event id.")
             self._cursor = after[1]
+            terminal = self._terminal()
+            if row.status != RUNNING and self._cursor > terminal:
+                # The client saw more than the last checkpoint before the process
+                # died: nothing of the text is left to send, only the end.
+                self._cursor = Position(terminal.text, terminal.seq - 1)
         self._closed = False
 
     def _terminal(self) -> Position:
-        row = self._row
-        size = len(row.output.encode())
-        if row.last_event_id:
-            try:
-                run, position = parse_id(row.last_event_id)
-            except BadEventId:
-                run, position = "", ORIGIN
-            if run == self.run_id and position.text == size:
-                return position if row.status != RUNNING else Position(size, position.seq + 1)
-        return Position(size, 2)
+        return terminal_position(self._row)
 
     @property
     def ended(self) -> bool:
@@ -328,6 +374,7 @@ class RunService:
         self._backend: BaseBackend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._signals_installed = False
 
     @property
     def backend(self) -> BaseBackend:
@@ -377,6 +424,7 @@ class RunService:
                 session_key=session_key,
                 prompt=prompt,
                 owner=requester or "",
+                worker=worker_id(),
                 user_id=await _user_pk(owner, requester),
             )
             recorder = _Recorder(self, backend, run, agent)
@@ -392,7 +440,10 @@ class RunService:
                     "started_at": run.started_at.timestamp(),
                 },
                 finalize=recorder.finalize,
+                timeout=get_config()["RUN_TIMEOUT"],
             )
+            if not self._signals_installed:
+                self._signals_installed = install_signal_handlers(self.shutdown)
         logger.info("Run %s of session %s started", run.id, session_key)
         return run
 
@@ -485,22 +536,32 @@ class RunService:
         return tuple(reversed(turns))
 
     async def resolve(self, row: Run) -> Run:
-        """Re-read a row; a ``running`` row whose heartbeat stopped is marked
-        ``interrupted`` (its process died), keeping its last checkpoint."""
+        """Re-read a row. A ``running`` row that no live process holds is marked
+        ``interrupted`` with the output of its last checkpoint, and its terminal
+        event id, so that it is never shown running forever.
+
+        How a process knows a row is orphaned when several share the database:
+        each row names the process that runs it (``worker``: host, pid, a
+        random boot id) and carries a heartbeat (``updated_at``, refreshed at
+        least every ``max(CHECKPOINT_EVERY, 2)`` s). A row of this host whose
+        pid is gone is orphaned at once (a restart after ``kill -9``); any other
+        row once its heartbeat is older than three beats plus 5 s.
+        """
         fresh = await Run.objects.filter(pk=row.pk).afirst() or row
-        if fresh.status == RUNNING and fresh.updated_at < timezone.now() - _stale_after():
-            now = timezone.now()
-            updated = await Run.objects.filter(
-                pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at
-            ).aupdate(status=Run.Status.INTERRUPTED, finished_at=now)
-            if updated:
-                logger.warning(
-                    "Run %s of session %s was orphaned: marked interrupted",
-                    fresh.id,
-                    fresh.session_key,
-                )
-            fresh = await Run.objects.aget(pk=fresh.pk)
-        return fresh
+        if fresh.status != RUNNING or not _orphaned(fresh):
+            return fresh
+        terminal = make_id(fresh.id.hex, terminal_position(fresh))
+        updated = await Run.objects.filter(
+            pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at
+        ).aupdate(status=Run.Status.INTERRUPTED, finished_at=timezone.now(), last_event_id=terminal)
+        if updated:
+            logger.warning(
+                "Run %s of session %s was orphaned (worker %s): marked interrupted",
+                fresh.id,
+                fresh.session_key,
+                fresh.worker,
+            )
+        return await Run.objects.aget(pk=fresh.pk)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop every run in flight and wait for their saves (graceful shutdown)."""

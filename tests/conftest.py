@@ -120,7 +120,9 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_server(env: dict[str, str], app: str = "tests.asgi:application") -> Server:
+def start_server(
+    env: dict[str, str], app: str = "tests.asgi:application", kind: str = "daphne"
+) -> Server:
     import socket
     import subprocess
     import sys
@@ -132,7 +134,9 @@ def start_server(env: dict[str, str], app: str = "tests.asgi:application") -> Se
         "w+", prefix="daphne-", suffix=".log", delete=False
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app],
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+        if kind == "daphne"
+        else [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), app],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -140,14 +144,14 @@ def start_server(env: dict[str, str], app: str = "tests.asgi:application") -> Se
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne exited:\n{Path(log.name).read_text()}")
+            raise RuntimeError(f"{kind} exited:\n{Path(log.name).read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return Server(port, process, log)
         except OSError:
             time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"daphne did not listen:\n{Path(log.name).read_text()}")
+    raise RuntimeError(f"{kind} did not listen:\n{Path(log.name).read_text()}")
 
 
 def stop_server(server: Server) -> None:

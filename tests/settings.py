@@ -80,6 +80,7 @@ DETACHED_RUNS = {
     # The end-to-end server process takes these from its environment.
     "KEEPALIVE": float(os.environ.get("TEST_KEEPALIVE", "15")),
     "EVICT_AFTER": float(os.environ.get("TEST_EVICT_AFTER", "180")),
+    "SHUTDOWN_TIMEOUT": float(os.environ.get("TEST_SHUTDOWN_TIMEOUT", "10")),
 }
 
 LOGGING = {

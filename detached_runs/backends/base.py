@@ -133,12 +133,15 @@ class BaseBackend:
         start_data: dict[str, Any],
         meta: dict[str, Any],
         finalize: Finalize,
+        timeout: float | None = None,
     ) -> None:
         """Register a new run as the session's current one and drive ``source``.
 
         A run already in flight for the session is stopped; the new run's
         source is not iterated before the old run's finalize has returned.
-        The ``start`` event (with ``start_data``) is in the log at once.
+        The ``start`` event (with ``start_data``) is in the log at once. A
+        source still going ``timeout`` seconds after it began ends as
+        ``error``. Raises `BackendUnavailable` once `shutdown` has begun.
         """
         raise NotImplementedError("subclasses of BaseBackend must provide start()")
 
@@ -174,7 +177,8 @@ class BaseBackend:
         raise NotImplementedError("subclasses of BaseBackend must provide output()")
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop every run in flight and wait (up to ``timeout``) for their saves."""
+        """Refuse new runs, end every run in flight as ``interrupted`` and wait
+        (up to ``timeout``) for their saves and terminal events."""
         raise NotImplementedError("subclasses of BaseBackend must provide shutdown()")
 
 

@@ -30,7 +30,13 @@ from bisect import bisect_right
 from typing import Any
 
 from ..events import DELTA, DONE, ORIGIN, START, Event, Position, make_id
-from ..exceptions import AgentError, BadEventId, RunNotFound, TooManySubscribers
+from ..exceptions import (
+    AgentError,
+    BackendUnavailable,
+    BadEventId,
+    RunNotFound,
+    TooManySubscribers,
+)
 from .base import (
     DONE as STATUS_DONE,
 )
@@ -82,9 +88,10 @@ class _Run:
         "previous",
         "session_key",
         "status",
-        "stop_requested",
+        "stop_reason",
         "subscribers",
         "task",
+        "timer",
         "waiters",
     )
 
@@ -99,7 +106,9 @@ class _Run:
         self.status = RUNNING
         self.error = ""
         self.phase = _WAITING
-        self.stop_requested = False
+        # Why it must end early: (status, error) of a stop, a timeout or a shutdown.
+        self.stop_reason: tuple[str, str] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.previous: _Run | None = None
         self.finished = asyncio.Event()
@@ -265,6 +274,7 @@ class MemoryBackend(BaseBackend):
         super().__init__(**kwargs)
         self._sessions: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     # -- the interface -----------------------------------------------------
 
@@ -277,7 +287,10 @@ class MemoryBackend(BaseBackend):
         start_data: dict[str, Any],
         meta: dict[str, Any],
         finalize: Finalize,
+        timeout: float | None = None,
     ) -> None:
+        if self._closing:
+            raise BackendUnavailable("The server is shutting down; try again in a moment.")
         run = _Run(run_id, session_key, meta)
         run.append_event(START, start_data)
         previous = self._sessions.get(session_key)
@@ -290,7 +303,8 @@ class MemoryBackend(BaseBackend):
                 self._request_stop(previous)
         self._sessions[session_key] = run
         task = asyncio.create_task(
-            self._drive(run, source, finalize), name=f"detached_runs:{session_key}:{run_id}"
+            self._drive(run, source, finalize, timeout),
+            name=f"detached_runs:{session_key}:{run_id}",
         )
         run.task = task
         self._tasks.add(task)
@@ -324,7 +338,7 @@ class MemoryBackend(BaseBackend):
         return sum(
             1
             for run in self._sessions.values()
-            if run.phase < _FINISHING and not run.stop_requested and run.meta.get("owner") == owner
+            if run.phase < _FINISHING and run.stop_reason is None and run.meta.get("owner") == owner
         )
 
     def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
@@ -334,8 +348,9 @@ class MemoryBackend(BaseBackend):
         return run.output(), run.last_id()
 
     async def shutdown(self, timeout: float) -> None:
+        self._closing = True
         for run in list(self._sessions.values()):
-            self._request_stop(run)
+            self._request_stop(run, (INTERRUPTED, ""))
         tasks = [t for t in self._tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
@@ -348,17 +363,20 @@ class MemoryBackend(BaseBackend):
 
     # -- internals ---------------------------------------------------------
 
-    def _request_stop(self, run: _Run) -> bool:
+    def _request_stop(self, run: _Run, reason: tuple[str, str] = (STOPPED, "")) -> bool:
         if run.phase >= _FINISHING:
             return False
-        run.stop_requested = True
+        if run.stop_reason is None or reason[0] != STOPPED:
+            run.stop_reason = reason
         # Only a task inside the agent is cancelled; a waiting one (or one that
         # has not run yet: cancelling it would skip its ending) sees the flag.
         if run.phase == _RUNNING and run.task is not None:
             run.task.cancel()
         return True
 
-    async def _drive(self, run: _Run, source: Source, finalize: Finalize) -> None:
+    async def _drive(
+        self, run: _Run, source: Source, finalize: Finalize, timeout: float | None
+    ) -> None:
         status, error, interrupted = STATUS_DONE, "", False
         try:
             previous, run.previous = run.previous, None
@@ -370,16 +388,24 @@ class MemoryBackend(BaseBackend):
                     except asyncio.CancelledError:
                         interrupted = True
                 del previous
-            if not run.stop_requested and not interrupted:
+            if run.stop_reason is None and not interrupted:
                 run.phase = _RUNNING
+                if timeout is not None:
+                    run.timer = asyncio.get_running_loop().call_later(
+                        timeout, self._request_stop, run, (ERROR, "The run took too long.")
+                    )
                 status, error, interrupted = await self._consume(run, source)
         finally:
             run.phase = _FINISHING
+            if run.timer is not None:
+                run.timer.cancel()
+                run.timer = None
             task = asyncio.current_task()
-            if run.stop_requested and task is not None and task.cancelling() and not interrupted:
+            stopped = run.stop_reason is not None
+            if stopped and task is not None and task.cancelling() and not interrupted:
                 task.uncancel()  # our own stop's cancel was swallowed by the agent
-            if run.stop_requested:
-                status, error = STOPPED, ""
+            if run.stop_reason is not None:
+                status, error = run.stop_reason
             elif interrupted:
                 status, error = INTERRUPTED, ""
             try:
@@ -399,10 +425,10 @@ class MemoryBackend(BaseBackend):
                     run.append_text(item)
                 else:
                     run.append_event(*item)
-                if run.stop_requested:
+                if run.stop_reason is not None:
                     break
         except asyncio.CancelledError:
-            if run.stop_requested:
+            if run.stop_reason is not None:
                 if task is not None:
                     task.uncancel()
                 return STOPPED, "", False

@@ -1,0 +1,122 @@
+"""Graceful shutdown: on SIGTERM/SIGINT, end every run in flight before the
+server tears the event loop down.
+
+ASGI servers handle these signals themselves (daphne through Twisted, uvicorn
+through its own handlers) and, once told, cancel what runs and stop the loop:
+runs would die mid-answer with their last seconds of text unsaved. So the
+first time a run starts, the service wraps the server's handlers: a signal
+first ends every run (status ``interrupted``, partial text saved, the terminal
+event sent to every subscriber), bounded by ``SHUTDOWN_TIMEOUT``, and only
+then hands the signal on to the server. A second signal hands it on at once.
+
+Only handlers a server installed are wrapped (a Python callable other than
+Python's own SIGINT default), so a test runner or a shell is left alone. Set
+``DETACHED_RUNS["HANDLE_SIGNALS"] = False`` to opt out and call
+``runs.get_service().shutdown()`` yourself. For servers that speak the ASGI
+lifespan protocol, `LifespanApp` does the same on ``lifespan.shutdown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+from .conf import get_config
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_shutdown: Callable[[], Awaitable[None]] | None = None
+_state = {"shutting_down": False}
+
+
+def install_signal_handlers(shutdown: Callable[[], Awaitable[None]]) -> bool:
+    """Wrap the server's SIGTERM/SIGINT handlers (once); True if any was wrapped."""
+    global _shutdown
+    if not get_config()["HANDLE_SIGNALS"]:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    loop = asyncio.get_running_loop()
+    _shutdown = shutdown
+    wrapped = False
+    for number in SIGNALS:
+        previous = signal.getsignal(number)
+        if getattr(previous, "_detached_runs", False):
+            wrapped = True
+            continue
+        if not callable(previous) or previous is signal.default_int_handler:
+            continue  # nobody but Python's defaults: not a server we can hand on to
+        signal.signal(number, _make_handler(loop, previous))
+        wrapped = True
+    return wrapped
+
+
+def _make_handler(loop: asyncio.AbstractEventLoop, previous: Any) -> Any:
+    def handler(number: int, frame: FrameType | None) -> None:
+        # In signal context: do nothing here but hand over to the loop.
+        loop.call_soon_threadsafe(_on_signal, loop, number, frame, previous)
+
+    handler._detached_runs = True  # type: ignore[attr-defined]
+    return handler
+
+
+def _on_signal(loop: asyncio.AbstractEventLoop, number: int, frame: Any, previous: Any) -> None:
+    if _state["shutting_down"]:
+        logger.warning("Second %s: shutting down without waiting", signal.Signals(number).name)
+        _hand_on(number, frame, previous)
+        return
+    _state["shutting_down"] = True
+    logger.info("%s: ending runs in flight before shutdown", signal.Signals(number).name)
+    task = loop.create_task(_graceful(number, frame, previous), name="detached_runs:shutdown")
+    _tasks.add(task)
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+async def _graceful(number: int, frame: Any, previous: Any) -> None:
+    timeout = float(get_config()["SHUTDOWN_TIMEOUT"])
+    try:
+        if _shutdown is not None:
+            await asyncio.wait_for(_shutdown(), timeout + 1)
+    except Exception:
+        logger.exception("Graceful shutdown of runs failed")
+    finally:
+        _hand_on(number, frame, previous)
+
+
+def _hand_on(number: int, frame: Any, previous: Any) -> None:
+    if callable(previous):
+        previous(number, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+
+
+class LifespanApp:
+    """An ASGI app for the ``lifespan`` scope: ends runs on ``lifespan.shutdown``.
+
+    Route it in your ``ProtocolTypeRouter`` as ``"lifespan": LifespanApp()``.
+    """
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from .runs import get_service
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await get_service().shutdown()
+                except Exception:
+                    logger.exception("Ending runs at lifespan shutdown failed")
+                await send({"type": "lifespan.shutdown.complete"})
+                return

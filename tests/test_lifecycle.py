@@ -1,0 +1,105 @@
+"""Shutdown and crash, with real server processes sharing the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from detached_runs.events import parse_id
+from detached_runs.models import Run
+
+from .conftest import server_env, start_server, stop_server
+from .http import Browser, text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+ALL_500 = "".join(f"w{i} " for i in range(500))
+
+
+def launch(kind: str = "daphne") -> Any:
+    env = server_env(TEST_AGENT_DELAY="0.02", TEST_SHUTDOWN_TIMEOUT="5", LOG="INFO")
+    return start_server(env, kind=kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "number"),
+    [
+        ("daphne", signal.SIGTERM),
+        ("daphne", signal.SIGINT),
+        ("uvicorn", signal.SIGTERM),
+        ("uvicorn", signal.SIGINT),
+    ],
+)
+def test_a_signal_ends_running_runs_saves_them_and_tells_subscribers(kind, number):
+    server = launch(kind)
+    try:
+        browser = Browser(server.port)
+        keys = [uuid.uuid4().hex[:10] for _ in range(2)]
+        for key in keys:
+            assert browser.request("POST", f"/runs/{key}/", {"prompt": "500"}).status == 202
+        streams = [browser.stream(f"/runs/{key}/events/") for key in keys]
+        seen = [stream.take(6) for stream in streams]
+        began = time.monotonic()
+        server.process.send_signal(number)
+        rests = [stream.rest() for stream in streams]
+        server.process.wait(timeout=15)
+        took = time.monotonic() - began
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    log = server.output()
+    assert took < 5 + 3, log  # SHUTDOWN_TIMEOUT is 5 s
+    for key, first, rest in zip(keys, seen, rests, strict=True):
+        assert rest and rest[-1].data == {"status": "interrupted"}, log
+        row = Run.objects.get(session_key=key)
+        assert row.status == "interrupted"
+        assert row.output == text(first) + text(rest)
+        assert 0 < len(row.output) < len(ALL_500)
+        assert row.last_event_id == rest[-1].id
+    assert "Traceback" not in log, log
+
+
+def test_after_kill_9_a_restarted_server_shows_the_run_interrupted_with_its_checkpoint():
+    first = launch()
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(first.port)
+    try:
+        browser.request("POST", f"/runs/{key}/", {"prompt": "500"})
+        stream = browser.stream(f"/runs/{key}/events/")
+        seen = stream.take(40)  # ~0.8 s of words; checkpoints every 0.2 s
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait(timeout=10)
+        stream.close()
+    finally:
+        stop_server(first)
+    row = Run.objects.get(session_key=key)
+    assert row.status == "running"  # nobody could save it: that is what kill -9 means
+
+    second = launch()
+    try:
+        browser.port = second.port
+        status = browser.request("GET", f"/runs/{key}/").json()["run"]
+        assert status["status"] == "interrupted"
+        saved, shown = status["output"], text(seen)
+        # At most CHECKPOINT_EVERY (0.2 s, ~10 words at 0.02 s) of text is lost.
+        assert saved
+        assert shown.startswith(saved) or saved.startswith(shown)
+        assert len(shown.split()) - len(saved.split()) <= 15
+        events = browser.stream(f"/runs/{key}/events/").rest()
+        assert [e.event for e in events] == ["start", "delta", "done"]
+        assert text(events) == saved and events[-1].data == {"status": "interrupted"}
+        # The browser that saw more than the checkpoint resumes without a repeat.
+        last = [e for e in seen if e.event == "delta"][-1]
+        rest = browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": last.id or ""}).rest()
+        assert rest[-1].event == "done" and not any(e.event == "start" for e in rest)
+        assert text(rest) == saved[len(shown) :]
+        done = browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": events[-1].id or ""})
+        assert done.status == 204
+        assert parse_id(events[-1].id or "")[0] == uuid.UUID(status["id"]).hex
+    finally:
+        stop_server(second)
