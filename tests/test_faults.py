@@ -1,0 +1,143 @@
+"""Faults injected for real: agents that raise or hang, a database that refuses
+writes (Django's execute_wrapper on the connection the async ORM uses), a
+client that never reads (a real socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import OperationalError, connection
+
+from detached_runs import runs
+from detached_runs.models import Run
+from detached_runs.runs import get_service
+
+from .http import Browser, text
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def config(settings: Any) -> Any:
+    def apply(**values: Any) -> None:
+        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
+        get_service().reset()
+
+    return apply
+
+
+@asynccontextmanager
+async def refusing(matches: Any) -> AsyncIterator[dict[str, int]]:
+    """Make the database refuse statements for which ``matches(sql)`` is true."""
+    counts = {"refused": 0}
+
+    def wrapper(execute: Any, sql: str, *args: Any) -> Any:
+        if counts.get("off") is None and matches(sql):
+            counts["refused"] += 1
+            raise OperationalError("disk I/O error (injected)")
+        return execute(sql, *args)
+
+    await sync_to_async(lambda: connection.execute_wrappers.append(wrapper))()
+    try:
+        yield counts
+    finally:
+        await sync_to_async(lambda: connection.execute_wrappers.remove(wrapper))()
+
+
+def final_save(sql: str) -> bool:
+    return sql.lstrip().upper().startswith("UPDATE") and "finished_at" in sql
+
+
+def checkpoint(sql: str) -> bool:
+    return sql.lstrip().upper().startswith("UPDATE") and "finished_at" not in sql
+
+
+async def hang(ctx: Any) -> AsyncIterator[str]:
+    yield "before the hang "
+    await asyncio.sleep(3600)
+
+
+async def test_an_agent_that_raises_mid_stream_ends_as_error_with_its_safe_message():
+    await runs.start("chat", prompt="x", agent="tests.agents.failing")
+    events = [e async for e in runs.subscribe("chat")]
+    assert events[-1].data == {"status": "error", "error": "the model is overloaded"}
+    row = await Run.objects.aget(session_key="chat")
+    assert (row.status, row.output, row.error) == ("error", "partial ", "the model is overloaded")
+
+
+async def test_a_hanging_agent_is_ended_as_error_after_run_timeout(config):
+    config(RUN_TIMEOUT=0.3)
+    began = time.monotonic()
+    await runs.start("chat", prompt="x", agent=hang)
+    events = [e async for e in runs.subscribe("chat")]
+    assert 0.3 <= time.monotonic() - began < 2
+    assert events[-1].data == {"status": "error", "error": "The run took too long."}
+    row = await Run.objects.aget(session_key="chat")
+    assert (row.status, row.output) == ("error", "before the hang ")
+
+
+async def test_when_every_final_save_fails_the_stream_still_ends_and_status_still_answers(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr("detached_runs.runs.SAVE_RETRY_DELAYS", (0.01, 0.01))
+    caplog.set_level(logging.WARNING, logger="detached_runs")
+    async with refusing(final_save) as counts:
+        await runs.start("chat", prompt="5")
+        events = [e async for e in runs.subscribe("chat")]
+    assert events[-1].data == {"status": "done"}
+    assert counts["refused"] == 3  # the first try and two retries
+    assert "output stays in memory" in caplog.text
+    live = await runs.status("chat")
+    assert live is not None and (live.status, live.output) == ("done", "w0 w1 w2 w3 w4 ")
+
+
+async def test_refused_checkpoints_are_retried_and_catch_up(caplog):
+    caplog.set_level(logging.WARNING, logger="detached_runs")
+    async with refusing(checkpoint) as counts:
+        run = await runs.start("chat", prompt="x", agent=hang)
+        await asyncio.sleep(0.5)  # two or so checkpoint ticks, all refused
+        assert (await Run.objects.aget(pk=run.pk)).output == ""
+        counts["off"] = 1
+        await asyncio.sleep(0.5)
+    assert counts["refused"] >= 1 and "Checkpoint of run" in caplog.text
+    assert (await Run.objects.aget(pk=run.pk)).output == "before the hang "
+    await runs.stop("chat")
+
+
+@pytest.mark.e2e
+def test_a_client_that_never_reads_holds_up_nobody(server):
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    browser.request("POST", f"/runs/{key}/", {"prompt": "150"})  # 3 s at 0.02 s a word
+    stalled = stall(server.port, f"/runs/{key}/events/", browser)
+    try:
+        events = browser.stream(f"/runs/{key}/events/").rest()
+        assert text(events) == "".join(f"w{i} " for i in range(150))
+        assert events[-1].data == {"status": "done"}
+        assert browser.request("GET", f"/runs/{key}/").json()["run"]["status"] == "done"
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert "Traceback" not in server.output()
+
+
+def stall(port: int, path: str, browser: Browser) -> Iterator[socket.socket]:
+    """Open SSE requests whose sockets have a tiny buffer and are never read."""
+    cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    opened = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookies}\r\n\r\n".encode())
+        opened.append(sock)
+    return iter(opened)
