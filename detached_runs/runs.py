@@ -394,7 +394,7 @@ class RunService:
     # -- the API -----------------------------------------------------------
 
     async def start(
-        self, session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | None = None
+        self, session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | str | None = None
     ) -> Run:
         """Start a run for ``prompt``, stopping the session's run in flight.
 
@@ -635,7 +635,7 @@ def get_service() -> RunService:
 
 
 async def start(
-    session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | None = None
+    session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | str | None = None
 ) -> Run:
     return await _service.start(session_key, prompt=prompt, owner=owner, agent=agent)
 
