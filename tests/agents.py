@@ -35,3 +35,9 @@ async def failing(ctx: Any) -> AsyncIterator[str]:
     yield "partial "
     await asyncio.sleep(0)
     raise AgentError("the model is overloaded")
+
+
+def same_team(requester: str, run_owner: str, session_key: str) -> bool:
+    """A PERMISSION hook for the tests: users 1 and 2 are one team."""
+    team = {"user:1", "user:2"}
+    return requester == run_owner or (requester in team and run_owner in team)

@@ -253,3 +253,14 @@ async def test_custom_events_pass_through_and_invalid_ones_end_the_run():
     assert events[-1].data["status"] == "error"
     row = await finished("chat")
     assert row.output == "Looking it up. Found it." and row.status == "error"
+
+
+async def test_a_permission_hook_can_let_a_team_share_sessions(config):
+    config(PERMISSION="tests.agents.same_team")
+    await runs.start("team", prompt="x", owner="user:1", agent=slow)
+    shared = await runs.status("team", owner="user:2")
+    assert shared is not None and shared.prompt == "x"
+    assert await runs.status("team", owner="user:3") is None
+    with pytest.raises(RunNotFound):
+        await runs.stop("team", owner="user:3")
+    assert await runs.stop("team", owner="user:2") is True
