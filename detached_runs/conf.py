@@ -18,6 +18,10 @@ DEFAULTS: dict[str, Any] = {
     "AGENT": None,
     "BACKEND": "detached_runs.backends.memory.MemoryBackend",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
+    # Prefix of every Redis key (several projects can share one Redis).
+    "REDIS_PREFIX": "detached_runs",
+    # Upper bound of entries in one run's Redis stream (approximate trimming).
+    "REDIS_STREAM_MAXLEN": 100_000,
     # Seconds a finished run stays in memory after it ended (and its last subscriber left).
     "EVICT_AFTER": 180.0,
     # Seconds between saves of a running run's output.

@@ -27,6 +27,8 @@ def load_backend(path: str | None = None, **overrides: Any) -> BaseBackend:
         "evict_after": float(config["EVICT_AFTER"]),
         "max_subscribers": config["MAX_SUBSCRIBERS_PER_RUN"],
         "redis_url": config["REDIS_URL"],
+        "redis_prefix": config["REDIS_PREFIX"],
+        "stream_maxlen": config["REDIS_STREAM_MAXLEN"],
     }
     options.update(overrides)
     return cls(**options)

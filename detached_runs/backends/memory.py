@@ -155,6 +155,14 @@ class _Run:
         for future in waiters:
             _set_if_pending(future)
 
+    def mark_finished(self, status: str, error: str) -> None:
+        """End the run's state (after its terminal event is in the log)."""
+        self.status, self.error = status, error
+        self.finished_at = time.time()
+        self.ended_at = asyncio.get_running_loop().time()
+        self.phase = _FINISHED
+        self.finished.set()
+
     def compact(self) -> None:
         """Once finished, text blocks shrink to exact-size immutable bytes."""
         for entry in self.entries:
@@ -263,8 +271,8 @@ class MemorySubscription(Subscription):
             return
         self._closed = True
         self._run.subscribers -= 1
-        if self._run.subscribers == 0 and self._run.phase == _FINISHED:
-            self._backend._schedule_eviction(self._run)
+        if self._run.subscribers == 0:
+            self._backend._released(self._run)
 
 
 class MemoryBackend(BaseBackend):
@@ -474,6 +482,11 @@ class MemoryBackend(BaseBackend):
         run.finished.set()
         logger.info("Run %s of session %s ended: %s", run.id, run.session_key, status)
         if run.subscribers == 0:
+            self._schedule_eviction(run)
+
+    def _released(self, run: _Run) -> None:
+        """The run's last subscriber left."""
+        if run.phase == _FINISHED:
             self._schedule_eviction(run)
 
     def _schedule_eviction(self, run: _Run) -> None:

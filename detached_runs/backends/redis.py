@@ -1,0 +1,484 @@
+"""The Redis Streams backend: any worker process, on any host, serves any subscriber.
+
+Install with ``pip install django-detached-runs[redis]`` and set
+``DETACHED_RUNS["BACKEND"] = "detached_runs.backends.redis.RedisBackend"``.
+
+How it works, reusing the memory backend's machinery:
+
+* The worker that starts a run drives it exactly as the memory backend does
+  (stop flags, the chain of one session's runs, finalize before the terminal
+  event), into a local log. A *writer* task copies that log to the run's Redis
+  Stream with ``XADD``, using the event positions as stream ids (``<text
+  bytes>-<seq>``), so an event id means the same thing on every worker. What
+  piled up while Redis was slow goes as one merged delta; while Redis is
+  unreachable the local log is the buffer and the writer retries.
+* Any other worker that has subscribers for a run keeps a *mirror* of it: the
+  stream replayed with ``XRANGE``, then followed by one ``XREAD BLOCK`` reader
+  task per run per worker, appended into a local log of the same kind. Local
+  subscribers are cursors into that mirror: no blocked Redis connection per
+  subscriber. The reader stops when the mirror's last local subscriber leaves.
+* Keys are hash-tagged per session (``{<prefix>:<session>}``), so one
+  session's keys share a Redis Cluster slot. When a run ends its keys expire
+  after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
+* A stop that arrives at another worker is published on ``<prefix>:stop``;
+  the worker running the run stops it. A start on another worker waits until
+  the previous run's terminal event (written after its save) is in the stream.
+* The running worker holds a lease key (renewed by its writer); a run whose
+  lease lapsed is treated as ended by a new start.
+
+Not yet done (see the README's roadmap): rebuilding an interrupted run's
+output from the stream when its worker died, fencing tokens on the session
+lock, and resuming subscribers across a Redis restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from ..events import DONE, ORIGIN, Event, Position
+from ..exceptions import BackendUnavailable, RunNotFound, TooManySubscribers
+from .base import RUNNING, Finalize, RunState, Source, Subscription, _set_if_pending
+from .memory import _FINISHED, MemoryBackend, MemorySubscription, _Run
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - exercised by the system check
+    raise ImportError(
+        "The Redis backend needs redis-py: pip install django-detached-runs[redis]"
+    ) from exc
+
+logger = logging.getLogger(__name__)
+
+LEASE_MS = 10_000
+RENEW_EVERY = 3.0
+LOCK_MS = 10_000
+
+
+def _stream_id(position: Position) -> str:
+    return f"{position.text}-{position.seq}"
+
+
+def _position(stream_id: bytes | str) -> Position:
+    text, seq = (stream_id.decode() if isinstance(stream_id, bytes) else stream_id).split("-")
+    return Position(int(text), int(seq))
+
+
+class _Remote:
+    """A previous run driven by another worker, waited on like a local one."""
+
+    def __init__(self) -> None:
+        self.finished = asyncio.Event()
+
+
+class RedisBackend(MemoryBackend):
+    """Runs logged in Redis Streams; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        redis_prefix: str = "detached_runs",
+        stream_maxlen: int = 100_000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.prefix = redis_prefix
+        self.maxlen = stream_maxlen
+        self.worker = f"{uuid.uuid4().hex[:12]}"
+        # redis-py's type hints mix its sync and async clients; typed loosely here.
+        self.redis: Any = aioredis.Redis.from_url(redis_url)
+        self._mirrors: dict[str, _Run] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- keys --------------------------------------------------------------
+
+    def _key(self, session_key: str, *parts: str) -> str:
+        return ":".join([f"{{{self.prefix}:{session_key}}}", *parts])
+
+    # -- the interface -----------------------------------------------------
+
+    async def start(
+        self,
+        session_key: str,
+        run_id: str,
+        source: Source,
+        *,
+        start_data: dict[str, Any],
+        meta: dict[str, Any],
+        finalize: Finalize,
+        timeout: float | None = None,
+    ) -> None:
+        if self._closing:
+            raise BackendUnavailable("The server is shutting down; try again in a moment.")
+        await self._ensure_listener()
+        async with self._session_lock(session_key):
+            remote = await self._stop_remote_previous(session_key)
+            fields = {
+                "worker": self.worker,
+                "status": RUNNING,
+                "error": "",
+                "started_at": str(time.time()),
+                "meta": json.dumps(meta),
+            }
+            await self._call(
+                self.redis.pipeline(transaction=True)
+                .hset(self._key(session_key, "run", run_id), mapping=fields)
+                .set(self._key(session_key, "lease", run_id), self.worker, px=LEASE_MS)
+                .set(self._key(session_key, "current"), run_id)
+                .sadd(self._owner_key(meta.get("owner", "")), run_id)
+                .execute()
+            )
+            await super().start(
+                session_key,
+                run_id,
+                source,
+                start_data=start_data,
+                meta=meta,
+                finalize=finalize,
+                timeout=timeout,
+            )
+            run = self._sessions[session_key]
+            if remote is not None and run.previous is None:
+                run.previous = remote  # type: ignore[assignment]
+            self._writers[run_id] = asyncio.create_task(
+                self._write(run), name=f"detached_runs:redis-writer:{run_id}"
+            )
+
+    async def subscribe(
+        self, session_key: str, after: tuple[str, Position] | None = None
+    ) -> Subscription:
+        run = await self._bound_run(session_key)
+        if run is None:
+            raise RunNotFound("No run for this session.")
+        if self.max_subscribers is not None and run.subscribers >= self.max_subscribers:
+            raise TooManySubscribers("Too many subscribers for this run.")
+        cursor = ORIGIN
+        if after is not None and after[0] == run.id:
+            run.check_after(after[1])
+            cursor = after[1]
+        return MemorySubscription(self, run, cursor)
+
+    async def stop(self, session_key: str, run_id: str | None = None) -> bool:
+        local = self._sessions.get(session_key)
+        current = await self._current(session_key)
+        if current is None or (run_id is not None and current != run_id):
+            return False
+        if local is not None and local.id == current:
+            return self._request_stop(local)
+        status = await self._call(self.redis.hget(self._key(session_key, "run", current), "status"))
+        if status != RUNNING.encode():
+            return False
+        await self._call(self.redis.publish(f"{self.prefix}:stop", f"{session_key} {current}"))
+        return True
+
+    async def get(self, session_key: str) -> RunState | None:
+        current = await self._current(session_key)
+        if current is None:
+            return None
+        local = self._sessions.get(session_key)
+        if local is not None and local.id == current:
+            return local.state()
+        fields = await self._call(self.redis.hgetall(self._key(session_key, "run", current)))
+        if not fields:
+            return None
+        info = {k.decode(): v.decode() for k, v in fields.items()}
+        mirror = self._mirrors.get(current)
+        if mirror is None:
+            mirror = await self._replay(session_key, current)
+        return RunState(
+            run_id=current,
+            session_key=session_key,
+            status=info.get("status", RUNNING),
+            error=info.get("error", ""),
+            output=mirror.output(),
+            last_id=mirror.last_id(),
+            meta=json.loads(info.get("meta", "{}")),
+            finished_at=float(info["finished_at"]) if info.get("finished_at") else None,
+        )
+
+    async def count_running(self, owner: str) -> int:
+        return int(await self._call(self.redis.scard(self._owner_key(owner))))
+
+    async def shutdown(self, timeout: float) -> None:
+        await super().shutdown(timeout)
+        writers = [t for t in self._writers.values() if not t.done()]
+        if writers:
+            await asyncio.wait(writers, timeout=timeout)
+        for task in [*self._readers.values(), *([self._listener] if self._listener else [])]:
+            task.cancel()
+        await self.redis.aclose()
+
+    # -- writing (the worker that drives the run) --------------------------
+
+    async def _write(self, run: _Run) -> None:
+        """Copy the local log to the run's stream; renew the lease meanwhile."""
+        flushed, renewed, delay = ORIGIN, 0.0, 0.05
+        key = self._key(run.session_key, "log", run.id)
+        try:
+            while True:
+                events = run.read(flushed)
+                loop = asyncio.get_running_loop()
+                if not events:
+                    if loop.time() - renewed > RENEW_EVERY:
+                        await self._renew(run)
+                        renewed = loop.time()
+                    await _wait_for_change(run, RENEW_EVERY)
+                    continue
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for event in events:
+                        pipe.xadd(
+                            key,
+                            {"e": event.event, "d": json.dumps(event.data)},
+                            id=_stream_id(_event_position(event)),
+                            maxlen=self.maxlen,
+                            approximate=True,
+                        )
+                    ended = events[-1].event == DONE
+                    if ended:
+                        self._ending(pipe, run, events[-1])
+                    await pipe.execute()
+                except (RedisError, OSError):
+                    logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.05
+                flushed = _event_position(events[-1])
+                if ended:
+                    return
+        finally:
+            self._writers.pop(run.id, None)
+
+    def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
+        grace = max(int(self.evict_after * 1000), 1)
+        meta = self._key(run.session_key, "run", run.id)
+        pipe.hset(
+            meta,
+            mapping={
+                "status": done.data["status"],
+                "error": done.data.get("error", ""),
+                "finished_at": str(time.time()),
+            },
+        )
+        pipe.srem(self._owner_key(run.meta.get("owner", "")), run.id)
+        pipe.delete(self._key(run.session_key, "lease", run.id))
+        for name in (meta, self._key(run.session_key, "log", run.id)):
+            pipe.pexpire(name, grace)
+        pipe.pexpire(self._key(run.session_key, "current"), grace)
+
+    async def _renew(self, run: _Run) -> None:
+        try:
+            await self.redis.set(
+                self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS
+            )
+        except (RedisError, OSError):
+            logger.warning("Could not renew the lease of run %s", run.id)
+
+    # -- reading (any worker with subscribers) -----------------------------
+
+    async def _bound_run(self, session_key: str) -> _Run | None:
+        current = await self._current(session_key)
+        if current is None:
+            return None
+        local = self._sessions.get(session_key)
+        if local is not None and local.id == current:
+            return local
+        mirror = self._mirrors.get(current)
+        if mirror is None:
+            mirror = await self._replay(session_key, current)
+            if not mirror.entries:
+                return None  # expired between the two reads
+            self._mirrors[current] = mirror
+            if mirror.phase != _FINISHED:
+                self._readers[current] = asyncio.create_task(
+                    self._follow(mirror), name=f"detached_runs:redis-reader:{current}"
+                )
+        return mirror
+
+    async def _replay(self, session_key: str, run_id: str) -> _Run:
+        mirror = _Run(run_id, session_key, {})
+        meta = await self._call(self.redis.hget(self._key(session_key, "run", run_id), "meta"))
+        mirror.meta = json.loads(meta) if meta else {}
+        entries = await self._call(self.redis.xrange(self._key(session_key, "log", run_id)))
+        for stream_id, fields in entries or []:
+            _apply(mirror, stream_id, fields)
+        return mirror
+
+    async def _follow(self, mirror: _Run) -> None:
+        """The one blocked XREAD of this worker for this run."""
+        key = self._key(mirror.session_key, "log", mirror.id)
+        last = _stream_id(mirror.position)
+        try:
+            while mirror.phase != _FINISHED:
+                try:
+                    reply = await self.redis.xread({key: last}, block=5000, count=1000)
+                except (RedisError, OSError):
+                    logger.warning("Redis unreachable; following run %s again soon", mirror.id)
+                    await asyncio.sleep(0.5)
+                    continue
+                for _, entries in reply or []:
+                    for stream_id, fields in entries:
+                        _apply(mirror, stream_id, fields)
+                        last = stream_id.decode()
+        finally:
+            self._readers.pop(mirror.id, None)
+
+    def _released(self, run: _Run) -> None:
+        mirror = self._mirrors.get(run.id)
+        if mirror is run:
+            # The last local subscriber left: stop reading, forget the mirror.
+            del self._mirrors[run.id]
+            reader = self._readers.pop(run.id, None)
+            if reader is not None:
+                reader.cancel()
+            return
+        super()._released(run)
+
+    # -- stopping across workers ---------------------------------------------
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="detached_runs:redis-stop")
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub()
+                await pubsub.subscribe(f"{self.prefix}:stop")
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    session_key, _, run_id = message["data"].decode().partition(" ")
+                    run = self._sessions.get(session_key)
+                    if run is not None and run.id == run_id:
+                        self._request_stop(run)
+            except (RedisError, OSError):
+                logger.warning("Lost the Redis stop channel; listening again soon")
+                await asyncio.sleep(0.5)
+
+    async def _stop_remote_previous(self, session_key: str) -> _Remote | None:
+        previous = await self._current(session_key)
+        local = self._sessions.get(session_key)
+        if previous is None or (local is not None and local.id == previous):
+            return None
+        status = await self._call(
+            self.redis.hget(self._key(session_key, "run", previous), "status")
+        )
+        if status != RUNNING.encode():
+            return None
+        await self._call(self.redis.publish(f"{self.prefix}:stop", f"{session_key} {previous}"))
+        remote = _Remote()
+        task = asyncio.create_task(
+            self._await_end(session_key, previous, remote), name="detached_runs:redis-previous"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return remote
+
+    async def _await_end(self, session_key: str, run_id: str, remote: _Remote) -> None:
+        """Set ``remote.finished`` once the other worker saved and ended the run
+        (its status is no longer running) or its lease lapsed (it died)."""
+        meta = self._key(session_key, "run", run_id)
+        lease = self._key(session_key, "lease", run_id)
+        try:
+            while True:
+                try:
+                    status, alive = await asyncio.gather(
+                        self.redis.hget(meta, "status"), self.redis.exists(lease)
+                    )
+                except (RedisError, OSError):
+                    await asyncio.sleep(0.5)
+                    continue
+                if status != RUNNING.encode() or not alive:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            remote.finished.set()
+
+    # -- helpers -----------------------------------------------------------
+
+    async def _current(self, session_key: str) -> str | None:
+        value = await self._call(self.redis.get(self._key(session_key, "current")))
+        return value.decode() if value else None
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:running"
+
+    def _session_lock(self, session_key: str) -> _SessionLock:
+        return _SessionLock(self, self._key(session_key, "lock"))
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
+
+
+class _SessionLock:
+    """Orders starts of one session across workers (SET NX with a token)."""
+
+    def __init__(self, backend: RedisBackend, key: str) -> None:
+        self.backend, self.key, self.token = backend, key, uuid.uuid4().hex
+
+    async def __aenter__(self) -> None:
+        deadline = time.monotonic() + LOCK_MS / 1000
+        while not await self.backend._call(
+            self.backend.redis.set(self.key, self.token, nx=True, px=LOCK_MS)
+        ):
+            if time.monotonic() > deadline:
+                raise BackendUnavailable("The session is busy; try again.")
+            await asyncio.sleep(0.01)
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Release only our own lock (it may have expired and been taken since).
+        try:
+            await self.backend.redis.eval(
+                "if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('del', KEYS[1]) else return 0 end",
+                1,
+                self.key,
+                self.token,
+            )
+        except (RedisError, OSError):
+            logger.warning("Could not release %s; it expires by itself", self.key)
+
+
+def _event_position(event: Event) -> Position:
+    return _position(event.id.rpartition(":")[2])
+
+
+def _apply(mirror: _Run, stream_id: bytes, fields: dict[bytes, bytes]) -> None:
+    """Append one stream entry to a mirror (positions follow from the order)."""
+    position = _position(stream_id)
+    if position <= mirror.position:
+        return  # already there (a replay and a read that overlapped)
+    event = fields[b"e"].decode()
+    data = json.loads(fields[b"d"])
+    if event == "delta":
+        mirror.append_text(data["text"])
+    else:
+        mirror.append_event(event, data)
+    if mirror.position != position:
+        logger.error("Run %s: stream id %s does not match the log", mirror.id, position)
+    if event == DONE:
+        mirror.mark_finished(data.get("status", "done"), data.get("error", ""))
+
+
+async def _wait_for_change(run: _Run, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    run.waiters.append(future)
+    timer = loop.call_later(timeout, _set_if_pending, future)
+    try:
+        await future
+    finally:
+        timer.cancel()

@@ -1,0 +1,163 @@
+"""The Redis Streams backend against a real Redis (127.0.0.1:6379): two backend
+instances in one process stand for two worker processes sharing Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from detached_runs.events import parse_id
+from detached_runs.exceptions import BackendUnavailable, RunNotFound
+
+from .conftest import Saves, collect, new_id, paced, terminals, text_of
+
+REDIS = ("127.0.0.1", 6379)
+
+
+def _redis_up() -> bool:
+    try:
+        socket.create_connection(REDIS, timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+if not _redis_up():
+    if os.environ.get("DETACHED_RUNS_REQUIRE_REDIS") == "1":
+        raise RuntimeError("DETACHED_RUNS_REQUIRE_REDIS=1 but no Redis on 127.0.0.1:6379")
+    pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
+
+from detached_runs.backends.redis import RedisBackend  # noqa: E402
+
+WORDS = [f"w{i} " for i in range(40)]
+FULL = "".join(WORDS)
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
+    make = lambda: RedisBackend(  # noqa: E731
+        redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix, evict_after=0.5
+    )
+    a, b = make(), make()
+    yield a, b
+    await a.shutdown(2)
+    await b.shutdown(2)
+    cleaner = RedisBackend(redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix)
+    keys = [k async for k in cleaner.redis.scan_iter(match=f"*{prefix}*")]
+    if keys:
+        await cleaner.redis.delete(*keys)
+    await cleaner.redis.aclose()
+
+
+async def start(backend: RedisBackend, source: Any, saves: Saves, session: str = "s") -> str:
+    run_id = new_id()
+    await backend.start(
+        session, run_id, source, start_data={"run": run_id}, meta={"owner": "o"}, finalize=saves
+    )
+    return run_id
+
+
+async def test_a_run_started_on_one_worker_streams_to_a_subscriber_on_another(workers, saves):
+    a, b = workers
+    await start(a, paced(WORDS, 0.002), saves)
+    on_b = await collect(await b.subscribe("s"))
+    on_a = await collect(await a.subscribe("s"))
+    assert text_of(on_b) == FULL and on_b[-1].data == {"status": "done"}
+    assert [e.id for e in terminals(on_b)] == [e.id for e in terminals(on_a)]
+    positions = [parse_id(e.id)[1] for e in on_b]
+    assert positions == sorted(set(positions))
+
+
+async def test_a_subscriber_resumes_on_another_worker_with_the_first_workers_ids(workers, saves):
+    a, b = workers
+    await start(a, paced([*WORDS, ("tool", {"n": 1}), *WORDS], 0.001), saves)
+    first = await collect(await a.subscribe("s"))
+    seen = ""
+    for event in first[:-1]:
+        if event.event == "delta":
+            seen += event.data["text"]
+        rest = await collect(await b.subscribe("s", parse_id(event.id)))
+        assert seen + text_of(rest) == FULL + FULL
+        assert len(terminals(rest)) == 1
+
+
+async def test_a_finished_run_replays_compactly_on_another_worker(workers, saves):
+    a, b = workers
+    words = [f"t{i} " for i in range(4000)]
+    await start(a, paced(words, 0), saves)
+    await collect(await a.subscribe("s"))
+    events = await collect(await b.subscribe("s"))
+    assert len(events) <= 10 and text_of(events) == "".join(words)
+
+
+async def test_stop_from_another_worker_stops_the_run_where_it_runs(workers, saves):
+    a, b = workers
+
+    async def forever() -> AsyncIterator[str]:
+        yield "thinking "
+        await asyncio.sleep(30)
+
+    run_id = await start(a, forever(), saves)
+    await asyncio.sleep(0.05)
+    assert await b.stop("s") is True
+    events = await collect(await b.subscribe("s"))
+    assert events[-1].data == {"status": "stopped"}
+    assert saves.status_of(run_id) == "stopped" and saves.ends[0].output == "thinking "
+
+
+async def test_double_send_across_workers_saves_the_first_before_the_second_starts(workers):
+    a, b = workers
+    slow = Saves(delay=0.2)
+    first = await start(a, paced(WORDS, 0.05), slow)
+    await asyncio.sleep(0.1)
+    second = await start(b, paced(["second "]), slow)
+    events = await collect(await b.subscribe("s"))
+    assert events[-1].data == {"status": "done"} and text_of(events) == "second "
+    assert slow.log == [f"begin {first}", f"end {first}", f"begin {second}", f"end {second}"]
+    assert slow.status_of(first) == "stopped"
+
+
+async def test_a_finished_runs_keys_expire_after_the_grace_period(workers, saves):
+    a, b = workers
+    await start(a, paced(["a "]), saves)
+    await collect(await a.subscribe("s"))
+    state = await b.get("s")
+    assert state is not None and state.status == "done" and state.output == "a "
+    await asyncio.sleep(0.8)
+    assert await b.get("s") is None
+    with pytest.raises(RunNotFound):
+        await b.subscribe("s")
+
+
+async def test_runs_in_flight_are_counted_across_workers(workers, saves):
+    a, b = workers
+    gate = asyncio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        await gate.wait()
+        yield "x"
+
+    await start(a, waiting(), saves, session="one")
+    await start(b, waiting(), saves, session="two")
+    assert await a.count_running("o") == 2
+    gate.set()
+    await collect(await a.subscribe("one"))
+    await collect(await a.subscribe("two"))
+    await asyncio.sleep(0.05)
+    assert await b.count_running("o") == 0
+
+
+async def test_an_unreachable_redis_is_a_named_error():
+    dead = RedisBackend(redis_url="redis://127.0.0.1:1/0", socket_timeout=1)
+    with pytest.raises(BackendUnavailable):
+        await dead.subscribe("s")
+    with pytest.raises(BackendUnavailable):
+        await dead.start("s", new_id(), paced([]), start_data={}, meta={}, finalize=Saves())
+    await dead.redis.aclose()
