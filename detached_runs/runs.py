@@ -39,7 +39,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from .backends import load_backend
-from .backends.base import RUNNING, BaseBackend, Item, RunEnd, Subscription
+from .backends.base import INTERRUPTED, RUNNING, BaseBackend, Item, RunEnd, RunState, Subscription
 from .conf import get_config
 from .events import DELTA, DONE, ORIGIN, RESERVED, START, Event, Position, make_id, parse_id
 from .exceptions import (
@@ -464,6 +464,7 @@ class RunService:
         if current is not None:
             if not may_access(requester, current.meta.get("owner", ""), session_key):
                 raise RunNotFound("No such session.")
+            await self._reconcile(current)
             try:
                 return await backend.subscribe(session_key, parsed)
             except RunNotFound:
@@ -506,6 +507,7 @@ class RunService:
             meta = current.meta
             if not may_access(requester, meta.get("owner", ""), session_key):
                 return None
+            await self._reconcile(current)
             return Run(
                 id=uuid.UUID(meta["uuid"]),
                 session_key=session_key,
@@ -572,6 +574,18 @@ class RunService:
         await self.backend.shutdown(timeout)
 
     # -- internals ---------------------------------------------------------
+
+    async def _reconcile(self, state: RunState) -> None:
+        """A run the backend ended for a dead worker (``interrupted``, rebuilt
+        from a shared log) is saved with that output: its worker never will."""
+        if state.status != INTERRUPTED or "uuid" not in state.meta:
+            return
+        await Run.objects.filter(pk=state.meta["uuid"], status=RUNNING).aupdate(
+            status=INTERRUPTED,
+            output=state.output,
+            last_event_id=state.last_id,
+            finished_at=timezone.now(),
+        )
 
     async def _latest_row(self, session_key: str) -> Run | None:
         return await Run.objects.filter(session_key=session_key).order_by("-started_at").afirst()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +16,25 @@ from detached_runs.runs import get_service
 
 
 @pytest.fixture(autouse=True)
-def _fresh_service() -> Any:
+def _fresh_service(request: Any) -> Any:
     # The service keeps one backend per event loop; make each test start clean.
+    # Under TEST_BACKEND=redis each test gets its own key prefix, as it gets a
+    # fresh in-process registry with the memory backend.
+    prefix = f"dr-test-{uuid.uuid4().hex[:10]}"
+    if os.environ.get("TEST_BACKEND") == "redis":
+        settings = request.getfixturevalue("settings")
+        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, "REDIS_PREFIX": prefix}
     get_service().reset()
     yield
     get_service().reset()
+    if os.environ.get("TEST_BACKEND") == "redis":
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        keys = list(client.scan_iter(match=f"*{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 class Saves:

@@ -83,6 +83,13 @@ DETACHED_RUNS = {
     "SHUTDOWN_TIMEOUT": float(os.environ.get("TEST_SHUTDOWN_TIMEOUT", "10")),
 }
 
+if os.environ.get("TEST_BACKEND") == "redis":
+    # The whole suite against the Redis backend (a fresh key prefix per process).
+    DETACHED_RUNS["BACKEND"] = "detached_runs.backends.redis.RedisBackend"
+    DETACHED_RUNS["REDIS_PREFIX"] = os.environ.setdefault(
+        "TEST_REDIS_PREFIX", f"dr-suite-{os.getpid()}"
+    )
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

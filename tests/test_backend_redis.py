@@ -161,3 +161,66 @@ async def test_an_unreachable_redis_is_a_named_error():
     with pytest.raises(BackendUnavailable):
         await dead.start("s", new_id(), paced([]), start_data={}, meta={}, finalize=Saves())
     await dead.redis.aclose()
+
+
+async def test_a_run_whose_worker_died_is_interrupted_with_everything_its_stream_holds(
+    workers, saves
+):
+    a, b = workers
+    gate = asyncio.Event()
+
+    async def agent() -> AsyncIterator[str]:
+        for word in WORDS[:10]:
+            yield word
+        await gate.wait()
+
+    run_id = await start(a, agent(), saves)
+    await asyncio.sleep(0.1)  # the ten words reach the stream
+    # Worker A dies: its tasks stop and its lease is gone (as when it lapses).
+    for task in [*a._tasks, *a._writers.values()]:
+        task.cancel()
+    await a.redis.delete(a._key("s", "lease", run_id))
+    state = await b.get("s")
+    assert state is not None and state.status == "interrupted"
+    assert state.output == "".join(WORDS[:10])
+    events = await collect(await b.subscribe("s"))
+    assert events[-1].data == {"status": "interrupted"} and text_of(events) == state.output
+    assert await b.count_running("o") == 0
+
+
+async def test_a_lease_of_a_dead_process_on_this_host_counts_as_lapsed(workers, saves):
+    a, b = workers
+    gate = asyncio.Event()
+
+    async def agent() -> AsyncIterator[str]:
+        yield "x "
+        await gate.wait()
+
+    run_id = await start(a, agent(), saves)
+    await asyncio.sleep(0.05)
+    for task in [*a._tasks, *a._writers.values()]:
+        task.cancel()
+    dead = await asyncio.create_subprocess_exec("true")
+    await dead.wait()  # a pid that existed and is gone
+    host = socket.gethostname()
+    await a.redis.set(a._key("s", "lease", run_id), f"{host}:{dead.pid}:x", px=60_000)
+    state = await b.get("s")
+    assert state is not None and state.status == "interrupted"
+
+
+async def test_the_end_of_an_older_run_does_not_expire_the_sessions_newer_run(workers):
+    a, b = workers
+    slow = Saves(delay=0.1)
+    gate = asyncio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        yield "second "
+        await gate.wait()
+
+    await start(a, paced(WORDS, 0.05), slow)
+    await asyncio.sleep(0.05)
+    second = await start(b, waiting(), slow)  # the first ends, stopped, after this
+    await asyncio.sleep(1.0)  # past the first run's grace (0.5 s)
+    state = await a.get("s")
+    assert state is not None and state.run_id == second and state.status == "running"
+    gate.set()

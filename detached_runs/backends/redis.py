@@ -36,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -90,7 +92,9 @@ class RedisBackend(MemoryBackend):
         super().__init__(**kwargs)
         self.prefix = redis_prefix
         self.maxlen = stream_maxlen
-        self.worker = f"{uuid.uuid4().hex[:12]}"
+        # host:pid:boot, so that a restarted process on the same host can tell
+        # at once that the worker holding a lease is gone.
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # redis-py's type hints mix its sync and async clients; typed loosely here.
         self.redis: Any = aioredis.Redis.from_url(redis_url)
         self._mirrors: dict[str, _Run] = {}
@@ -190,6 +194,8 @@ class RedisBackend(MemoryBackend):
         if not fields:
             return None
         info = {k.decode(): v.decode() for k, v in fields.items()}
+        if info.get("status") == RUNNING and await self._reap(session_key, current):
+            return await self.get(session_key)
         mirror = self._mirrors.get(current)
         if mirror is None:
             mirror = await self._replay(session_key, current)
@@ -273,7 +279,7 @@ class RedisBackend(MemoryBackend):
         pipe.delete(self._key(run.session_key, "lease", run.id))
         for name in (meta, self._key(run.session_key, "log", run.id)):
             pipe.pexpire(name, grace)
-        pipe.pexpire(self._key(run.session_key, "current"), grace)
+        pipe.eval(_EXPIRE_CURRENT, 1, self._key(run.session_key, "current"), run.id, grace)
 
     async def _renew(self, run: _Run) -> None:
         try:
@@ -294,6 +300,7 @@ class RedisBackend(MemoryBackend):
             return local
         mirror = self._mirrors.get(current)
         if mirror is None:
+            await self._reap(session_key, current)
             mirror = await self._replay(session_key, current)
             if not mirror.entries:
                 return None  # expired between the two reads
@@ -373,7 +380,7 @@ class RedisBackend(MemoryBackend):
         status = await self._call(
             self.redis.hget(self._key(session_key, "run", previous), "status")
         )
-        if status != RUNNING.encode():
+        if status != RUNNING.encode() or await self._reap(session_key, previous):
             return None
         await self._call(self.redis.publish(f"{self.prefix}:stop", f"{session_key} {previous}"))
         remote = _Remote()
@@ -398,11 +405,53 @@ class RedisBackend(MemoryBackend):
                 except (RedisError, OSError):
                     await asyncio.sleep(0.5)
                     continue
-                if status != RUNNING.encode() or not alive:
+                if status != RUNNING.encode():
+                    return
+                if not alive:
+                    await self._reap(session_key, run_id)
                     return
                 await asyncio.sleep(0.05)
         finally:
             remote.finished.set()
+
+    # -- runs whose worker died ----------------------------------------------
+
+    async def _reap(self, session_key: str, run_id: str) -> bool:
+        """End a running run whose worker is gone; True if this call ended it.
+
+        Its worker is gone when its lease lapsed, or at once when the lease
+        names a process of this host that no longer exists (a restart after a
+        crash). The run ends ``interrupted`` with what its stream holds:
+        nothing that reached Redis is lost. Atomic (a script), so of several
+        workers noticing at once exactly one writes the terminal event.
+        """
+        local = self._sessions.get(session_key)
+        if local is not None and local.id == run_id:
+            return False
+        holder = await self._call(self.redis.get(self._key(session_key, "lease", run_id)))
+        if holder is not None and not _gone(holder.decode()):
+            return False
+        log = await self._replay(session_key, run_id)
+        terminal = Position(log.position.text, log.position.seq + 1)
+        grace = max(int(self.evict_after * 1000), 1)
+        reaped = await self._call(
+            self.redis.eval(
+                _REAP,
+                3,
+                self._key(session_key, "run", run_id),
+                self._key(session_key, "log", run_id),
+                self._key(session_key, "current"),
+                _stream_id(terminal),
+                json.dumps({"status": "interrupted"}),
+                str(time.time()),
+                grace,
+                run_id,
+            )
+        )
+        if reaped:
+            logger.warning("Run %s of session %s lost its worker: interrupted", run_id, session_key)
+            await self._call(self.redis.srem(self._owner_key(log.meta.get("owner", "")), run_id))
+        return bool(reaped)
 
     # -- helpers -----------------------------------------------------------
 
@@ -450,6 +499,39 @@ class _SessionLock:
             )
         except (RedisError, OSError):
             logger.warning("Could not release %s; it expires by itself", self.key)
+
+
+_REAP = """
+if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('hset', KEYS[1], 'status', 'interrupted', 'error', '', 'finished_at', ARGV[3])
+redis.call('xadd', KEYS[2], ARGV[1], 'e', 'done', 'd', ARGV[2])
+redis.call('pexpire', KEYS[1], ARGV[4])
+redis.call('pexpire', KEYS[2], ARGV[4])
+if redis.call('get', KEYS[3]) == ARGV[5] then redis.call('pexpire', KEYS[3], ARGV[4]) end
+return 1
+"""
+
+# Expire the session's "current" pointer only if it still names this run: a
+# newer run may have taken the session meanwhile (a double send).
+_EXPIRE_CURRENT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def _gone(worker: str) -> bool:
+    """Whether a worker id (host:pid:boot) names a dead process of this host."""
+    host, _, rest = worker.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _event_position(event: Event) -> Position:
