@@ -224,3 +224,84 @@ async def test_the_end_of_an_older_run_does_not_expire_the_sessions_newer_run(wo
     state = await a.get("s")
     assert state is not None and state.run_id == second and state.status == "running"
     gate.set()
+
+
+class OwnRedis:
+    """A redis-server of the test's own, on a free port, that it can kill and restart."""
+
+    def __init__(self) -> None:
+        from .conftest import free_port
+
+        self.port = free_port()
+        self.process: Any = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    async def kill(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = OwnRedis()
+    await server.start()
+    yield server
+    if server.process.returncode is None:
+        await server.kill()
+
+
+async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_has_it(
+    own_redis, saves
+):
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    a = RedisBackend(redis_url=url, evict_after=30, socket_timeout=1)
+    b = RedisBackend(redis_url=url, evict_after=30, socket_timeout=1)
+    words = [f"w{i} " for i in range(60)]
+    await start(a, paced(words, 0.02), saves)
+    local = await a.subscribe("s")
+    await asyncio.sleep(0.3)
+    await own_redis.kill()
+    with pytest.raises(BackendUnavailable):
+        await b.get("s")  # requests elsewhere get 503
+    on_a = await collect(local)  # the local subscriber never notices
+    assert text_of(on_a) == "".join(words) and on_a[-1].data == {"status": "done"}
+    assert saves.ends[0].output == "".join(words)  # the save happened all the same
+    await own_redis.start()  # back, and empty: it keeps nothing on disk
+    for _ in range(100):
+        try:
+            state = await b.get("s")
+        except BackendUnavailable:
+            state = None
+        if state is not None and state.status == "done":
+            break
+        await asyncio.sleep(0.05)
+    on_b = await collect(await b.subscribe("s"))
+    assert text_of(on_b) == "".join(words)
+    assert on_b[-1].id == on_a[-1].id  # the same ids on every worker
+    await a.shutdown(2)
+    await b.shutdown(2)

@@ -153,7 +153,7 @@ class RedisBackend(MemoryBackend):
             if remote is not None and run.previous is None:
                 run.previous = remote  # type: ignore[assignment]
             self._writers[run_id] = asyncio.create_task(
-                self._write(run), name=f"detached_runs:redis-writer:{run_id}"
+                self._write(run, fields), name=f"detached_runs:redis-writer:{run_id}"
             )
 
     async def subscribe(
@@ -224,12 +224,27 @@ class RedisBackend(MemoryBackend):
 
     # -- writing (the worker that drives the run) --------------------------
 
-    async def _write(self, run: _Run) -> None:
-        """Copy the local log to the run's stream; renew the lease meanwhile."""
-        flushed, renewed, delay = ORIGIN, 0.0, 0.05
+    async def _write(self, run: _Run, record: dict[str, str]) -> None:
+        """Copy the local log to the run's stream; renew the lease meanwhile.
+
+        While Redis is unreachable the local log is the buffer (the agent goes
+        on, local subscribers are served, the save goes to the database). After
+        any failure the writer asks the stream where it stands before writing
+        again, so a pipeline cut halfway is neither lost nor doubled, and a
+        Redis that came back empty gets the run again from its start.
+        """
+        flushed, renewed, delay, resync = ORIGIN, 0.0, 0.05, False
         key = self._key(run.session_key, "log", run.id)
         try:
             while True:
+                if resync:
+                    try:
+                        flushed = await self._resync(run, record)
+                    except (RedisError, OSError):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                    resync = False
                 events = run.read(flushed)
                 loop = asyncio.get_running_loop()
                 if not events:
@@ -256,6 +271,7 @@ class RedisBackend(MemoryBackend):
                     logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
+                    resync = True
                     continue
                 delay = 0.05
                 flushed = _event_position(events[-1])
@@ -263,6 +279,23 @@ class RedisBackend(MemoryBackend):
                     return
         finally:
             self._writers.pop(run.id, None)
+
+    async def _resync(self, run: _Run, record: dict[str, str]) -> Position:
+        """Where the run's stream ends; re-create the run's keys if Redis lost them."""
+        key = self._key(run.session_key, "log", run.id)
+        last = await self.redis.xrevrange(key, count=1)
+        if last:
+            return _position(last[0][0])
+        logger.warning("Redis lost run %s; writing it again from its start", run.id)
+        await (
+            self.redis.pipeline(transaction=True)
+            .hset(self._key(run.session_key, "run", run.id), mapping=record)
+            .set(self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS)
+            .set(self._key(run.session_key, "current"), run.id, nx=True)
+            .sadd(self._owner_key(run.meta.get("owner", "")), run.id)
+            .execute()
+        )
+        return ORIGIN
 
     def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
         grace = max(int(self.evict_after * 1000), 1)
