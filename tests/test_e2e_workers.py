@@ -1,0 +1,114 @@
+"""Two real daphne processes sharing Redis and the database: any worker serves
+any subscriber, stops reach the worker running the run, a dead worker's run
+ends interrupted with what reached Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from detached_runs.models import Run
+
+from .conftest import server_env, start_server, stop_server
+from .http import Browser, text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+redis = pytest.importorskip("redis")
+
+
+def _redis_up() -> bool:
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+if not _redis_up():
+    if os.environ.get("DETACHED_RUNS_REQUIRE_REDIS") == "1":
+        raise RuntimeError("DETACHED_RUNS_REQUIRE_REDIS=1 but no Redis on 127.0.0.1:6379")
+    pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
+
+ALL_500 = "".join(f"w{i} " for i in range(500))
+
+
+@pytest.fixture
+def workers() -> Any:
+    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
+    env = server_env(
+        TEST_BACKEND="redis",
+        TEST_REDIS_PREFIX=prefix,
+        TEST_AGENT_DELAY="0.02",
+        TEST_EVICT_AFTER="30",
+        LOG="INFO",
+    )
+    a, b = start_server(env), start_server(env)
+    yield a, b
+    for server in (a, b):
+        stop_server(server)
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    keys = list(client.scan_iter(match=f"*{prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
+def test_start_on_one_worker_follow_and_resume_on_the_other_with_its_ids(workers):
+    a, b = workers
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "60"}).status == 202
+    first = on_a.stream(f"/runs/{key}/events/").take(12)
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))  # the same browser, balanced to B
+    rest = on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": first[-1].id or ""}).rest()
+    assert text(first) + text(rest) == "".join(f"w{i} " for i in range(60))
+    assert rest[-1].data == {"status": "done"} and rest[0].event != "start"
+    replay = on_b.stream(f"/runs/{key}/events/").rest()
+    assert [e.event for e in replay] == ["start", "delta", "done"]
+    assert on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": rest[-1].id or ""}).status == 204
+    assert on_b.request("GET", f"/runs/{key}/").json()["run"]["status"] == "done"
+
+
+def test_a_stop_sent_to_the_other_worker_stops_the_run(workers):
+    a, b = workers
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    on_a.request("POST", f"/runs/{key}/", {"prompt": "500"})
+    stream = on_a.stream(f"/runs/{key}/events/")
+    seen = stream.take(8)
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    assert on_b.request("POST", f"/runs/{key}/stop/").json() == {"stopped": True}
+    rest = stream.rest()
+    assert rest[-1].data == {"status": "stopped"}
+    row = Run.objects.get(session_key=key)
+    assert row.status == "stopped" and row.output == text(seen) + text(rest)
+    stranger = Browser(b.port)
+    assert stranger.request("POST", f"/runs/{key}/stop/").status == 404
+
+
+def test_when_a_worker_dies_the_other_shows_its_run_interrupted_with_the_text(workers):
+    a, b = workers
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    on_a.request("POST", f"/runs/{key}/", {"prompt": "500"})
+    seen = on_a.stream(f"/runs/{key}/events/").take(30)
+    os.kill(a.process.pid, signal.SIGKILL)
+    a.process.wait(timeout=10)
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    status = on_b.request("GET", f"/runs/{key}/").json()["run"]
+    assert status["status"] == "interrupted"
+    saved, shown = status["output"], text(seen)
+    # What was shown had reached Redis, but for the last few ms before the kill.
+    assert saved.startswith(shown) or (shown.startswith(saved) and len(shown) - len(saved) < 30)
+    assert len(saved) < len(ALL_500)
+    events = on_b.stream(f"/runs/{key}/events/").rest()
+    assert text(events) == saved and events[-1].data == {"status": "interrupted"}
+    deadline = time.monotonic() + 5
+    while Run.objects.get(session_key=key).status != "interrupted":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert Run.objects.get(session_key=key).output == saved
