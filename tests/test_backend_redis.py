@@ -305,3 +305,28 @@ async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_h
     assert on_b[-1].id == on_a[-1].id  # the same ids on every worker
     await a.shutdown(2)
     await b.shutdown(2)
+
+
+async def test_a_worker_that_lost_its_run_cannot_write_past_its_end(workers, saves):
+    a, b = workers
+    step = asyncio.Event()
+
+    async def agent() -> AsyncIterator[str]:
+        yield "before "
+        await step.wait()
+        yield "after the reaping "  # the cut-off worker carries on
+        await asyncio.sleep(30)
+
+    run_id = await start(a, agent(), saves)
+    await asyncio.sleep(0.1)
+    # A is cut off long enough for its lease to lapse; B ends the run.
+    await a.redis.delete(a._key("s", "lease", run_id))
+    state = await b.get("s")
+    assert state is not None and state.status == "interrupted"
+    step.set()  # A wakes up and tries to go on
+    local = await collect(await a.subscribe("s"))
+    assert local[-1].data == {"status": "interrupted"}  # A stopped its copy too
+    entries = await b.redis.xrange(b._key("s", "log", run_id))
+    kinds = [fields[b"e"] for _, fields in entries]
+    assert kinds.count(b"done") == 1 and kinds[-1] == b"done"
+    assert b"after the reaping" not in b"".join(f[b"d"] for _, f in entries)

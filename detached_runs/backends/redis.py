@@ -132,14 +132,16 @@ class RedisBackend(MemoryBackend):
                 "started_at": str(time.time()),
                 "meta": json.dumps(meta),
             }
+            # One MULTI for the session's keys (one Cluster slot); the owner's
+            # set lives elsewhere and is written on its own.
             await self._call(
                 self.redis.pipeline(transaction=True)
                 .hset(self._key(session_key, "run", run_id), mapping=fields)
                 .set(self._key(session_key, "lease", run_id), self.worker, px=LEASE_MS)
                 .set(self._key(session_key, "current"), run_id)
-                .sadd(self._owner_key(meta.get("owner", "")), run_id)
                 .execute()
             )
+            await self._call(self.redis.sadd(self._owner_key(meta.get("owner", "")), run_id))
             await super().start(
                 session_key,
                 run_id,
@@ -254,19 +256,31 @@ class RedisBackend(MemoryBackend):
                     await _wait_for_change(run, RENEW_EVERY)
                     continue
                 try:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for event in events:
-                        pipe.xadd(
-                            key,
-                            {"e": event.event, "d": json.dumps(event.data)},
-                            id=_stream_id(_event_position(event)),
-                            maxlen=self.maxlen,
-                            approximate=True,
-                        )
                     ended = events[-1].event == DONE
+                    args: list[Any] = [self.maxlen]
+                    for event in events:
+                        args += [
+                            _stream_id(_event_position(event)),
+                            event.event,
+                            json.dumps(event.data),
+                        ]
+                    # Fenced: appends only while the run is still running in Redis.
+                    written = await self.redis.eval(
+                        _APPEND, 2, key, self._key(run.session_key, "run", run.id), *args
+                    )
+                    if written == _MISSING:
+                        resync = True  # Redis lost the run (restarted empty)
+                        continue
+                    if written == _ENDED:
+                        # Another worker ended this run (our lease lapsed while we
+                        # were cut off): it is not ours to write or finish any more.
+                        logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
+                        self._request_stop(run, ("interrupted", ""))
+                        return
                     if ended:
+                        pipe = self.redis.pipeline(transaction=False)
                         self._ending(pipe, run, events[-1])
-                    await pipe.execute()
+                        await pipe.execute()
                 except (RedisError, OSError):
                     logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
                     await asyncio.sleep(delay)
@@ -284,17 +298,18 @@ class RedisBackend(MemoryBackend):
         """Where the run's stream ends; re-create the run's keys if Redis lost them."""
         key = self._key(run.session_key, "log", run.id)
         last = await self.redis.xrevrange(key, count=1)
-        if last:
+        if last and await self.redis.exists(self._key(run.session_key, "run", run.id)):
             return _position(last[0][0])
         logger.warning("Redis lost run %s; writing it again from its start", run.id)
+        await self.redis.delete(key)
         await (
             self.redis.pipeline(transaction=True)
             .hset(self._key(run.session_key, "run", run.id), mapping=record)
             .set(self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS)
             .set(self._key(run.session_key, "current"), run.id, nx=True)
-            .sadd(self._owner_key(run.meta.get("owner", "")), run.id)
             .execute()
         )
+        await self.redis.sadd(self._owner_key(run.meta.get("owner", "")), run.id)
         return ORIGIN
 
     def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
@@ -533,6 +548,21 @@ class _SessionLock:
         except (RedisError, OSError):
             logger.warning("Could not release %s; it expires by itself", self.key)
 
+
+_MISSING, _ENDED = -2, -1
+
+# The writer's append, fenced on the run's status: a worker that lost its run
+# (its lease lapsed and another worker ended it) cannot write past the end.
+# KEYS: log, run hash. ARGV: maxlen, then (stream id, event, data) triples.
+_APPEND = """
+local status = redis.call('hget', KEYS[2], 'status')
+if not status then return -2 end
+if status ~= 'running' then return -1 end
+for i = 2, #ARGV, 3 do
+  redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+end
+return 1
+"""
 
 _REAP = """
 if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
