@@ -284,6 +284,7 @@ async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_h
     words = [f"w{i} " for i in range(60)]
     await start(a, paced(words, 0.02), saves)
     local = await a.subscribe("s")
+    remote = asyncio.ensure_future(collect(await b.subscribe("s")))  # B follows through Redis
     await asyncio.sleep(0.3)
     await own_redis.kill()
     with pytest.raises(BackendUnavailable):
@@ -303,6 +304,9 @@ async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_h
     on_b = await collect(await b.subscribe("s"))
     assert text_of(on_b) == "".join(words)
     assert on_b[-1].id == on_a[-1].id  # the same ids on every worker
+    # The subscriber that was following on B when Redis died resumes: no gap.
+    followed = await asyncio.wait_for(remote, 10)
+    assert text_of(followed) == "".join(words) and len(terminals(followed)) == 1
     await a.shutdown(2)
     await b.shutdown(2)
 
@@ -330,3 +334,22 @@ async def test_a_worker_that_lost_its_run_cannot_write_past_its_end(workers, sav
     kinds = [fields[b"e"] for _, fields in entries]
     assert kinds.count(b"done") == 1 and kinds[-1] == b"done"
     assert b"after the reaping" not in b"".join(f[b"d"] for _, f in entries)
+
+
+async def test_a_workers_reader_stops_when_its_last_local_subscriber_leaves(workers, saves):
+    a, b = workers
+    gate = asyncio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        yield "x "
+        await gate.wait()
+
+    run_id = await start(a, waiting(), saves)
+    one, two = await b.subscribe("s"), await b.subscribe("s")
+    assert list(b._readers) == [run_id]  # one reader for both subscribers
+    await one.aclose()
+    assert run_id in b._readers
+    await two.aclose()
+    await asyncio.sleep(0)
+    assert b._readers == {} and b._mirrors == {}
+    gate.set()

@@ -193,3 +193,11 @@ async def test_a_body_over_djangos_upload_limit_is_400_and_starts_nothing(client
     form = await client.post("/runs/chat/", {"prompt": "x" * 20_000}, headers=with_csrf(client))
     assert form.status_code == 400 and "too large" in form.json()["error"]
     assert await Run.objects.acount() == 0
+
+
+async def test_an_unreachable_redis_is_503_with_a_clear_message(client, config):
+    config(BACKEND="detached_runs.backends.redis.RedisBackend", REDIS_URL="redis://127.0.0.1:1/0")
+    reply = await post(client, "/runs/chat/", {"prompt": "x"})
+    assert reply.status_code == 503 and "Redis" in reply.json()["error"]
+    assert (await client.get("/runs/chat/events/")).status_code == 503
+    await get_service().backend.redis.aclose()  # type: ignore[attr-defined]

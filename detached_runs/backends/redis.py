@@ -609,7 +609,13 @@ def _apply(mirror: _Run, stream_id: bytes, fields: dict[bytes, bytes]) -> None:
     event = fields[b"e"].decode()
     data = json.loads(fields[b"d"])
     if event == "delta":
-        mirror.append_text(data["text"])
+        text = data["text"].encode()
+        begins = position.text - len(text)
+        if position.seq == mirror.position.seq and begins < mirror.position.text:
+            # A merged delta that overlaps what the mirror has (the stream was
+            # written again after Redis lost it): append only the new part.
+            text = text[mirror.position.text - begins :]
+        mirror.append_text(text.decode())
     else:
         mirror.append_event(event, data)
     if mirror.position != position:
