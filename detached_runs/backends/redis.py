@@ -21,14 +21,26 @@ How it works, reusing the memory backend's machinery:
   session's keys share a Redis Cluster slot. When a run ends its keys expire
   after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
 * A stop that arrives at another worker is published on ``<prefix>:stop``;
-  the worker running the run stops it. A start on another worker waits until
-  the previous run's terminal event (written after its save) is in the stream.
-* The running worker holds a lease key (renewed by its writer); a run whose
-  lease lapsed is treated as ended by a new start.
+  the worker running the run stops it.
+* The running worker holds a lease key (``host:pid:boot``, renewed by its
+  writer). A run whose lease lapsed, or names a process of this host that is
+  gone, is ended ``interrupted`` with what its stream holds, by a script, so
+  of several workers noticing at once exactly one writes the terminal event.
 
-Not yet done (see the README's roadmap): rebuilding an interrupted run's
-output from the stream when its worker died, fencing tokens on the session
-lock, and resuming subscribers across a Redis restart.
+One run at a time per session, across workers, and "the previous partial is
+saved first": why a lock plus the run's own status, not a fencing token.
+Starts of a session are ordered by a short Redis lock (``SET NX PX`` with a
+random token, released only by its holder). Under it, a start that finds the
+session's run running elsewhere asks that worker to stop it and its own run
+then waits (like a local successor, before its agent starts) until the old
+run's status in Redis is no longer ``running``: its worker sets that status
+together with the terminal event, *after* the database save. If that worker
+died instead, its lease lapses and the run is reaped. The status in Redis is
+the fence for the writer too: appends go through a script that refuses once
+the run is not ``running`` there, so a worker that was cut off past its lease
+cannot write after the end another worker wrote; it stops its copy of the
+run. A token number would fence the same writes; the status needs no extra
+state and is what readers look at anyway.
 """
 
 from __future__ import annotations
@@ -406,8 +418,8 @@ class RedisBackend(MemoryBackend):
 
     async def _listen(self) -> None:
         while True:
+            pubsub = self.redis.pubsub()
             try:
-                pubsub = self.redis.pubsub()
                 await pubsub.subscribe(f"{self.prefix}:stop")
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
@@ -419,6 +431,11 @@ class RedisBackend(MemoryBackend):
             except (RedisError, OSError):
                 logger.warning("Lost the Redis stop channel; listening again soon")
                 await asyncio.sleep(0.5)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError):
+                    pass
 
     async def _stop_remote_previous(self, session_key: str) -> _Remote | None:
         previous = await self._current(session_key)
