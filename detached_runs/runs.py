@@ -343,7 +343,7 @@ class StoredSubscription(Subscription):
             self._cursor = max(position, cursor)
         return events
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self._closed = True
 
 

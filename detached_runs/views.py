@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -151,11 +152,25 @@ async def events(request: HttpRequest, session_key: str) -> HttpResponseBase:
     return response
 
 
-async def _stream(subscription: Subscription, keepalive: float) -> AsyncIterator[bytes]:
+def _stream(subscription: Subscription, keepalive: float) -> AsyncIterator[bytes]:
+    stream = _events(subscription, keepalive)
+    # If the client is gone before Django starts iterating, the generator is
+    # dropped without ever running its finally: release the subscriber then.
+    weakref.finalize(stream, subscription.close)
+    return stream
+
+
+async def _events(subscription: Subscription, keepalive: float) -> AsyncIterator[bytes]:
     # Django consumes this inside aclosing() and cancels it when the client
-    # disconnects, so the finally (via batches()) releases the subscriber.
-    async for batch in subscription.batches(keepalive or None):
-        yield encode_sse(batch) if batch else KEEPALIVE_SSE
+    # disconnects, so the finally releases the subscriber.
+    try:
+        # An empty first chunk makes the server send the headers now (EventSource
+        # opens) instead of with the first event, which may be a token away.
+        yield b""
+        async for batch in subscription.batches(keepalive or None):
+            yield encode_sse(batch) if batch else KEEPALIVE_SSE
+    finally:
+        await subscription.aclose()
 
 
 @api("POST")

@@ -201,3 +201,18 @@ async def test_an_unreachable_redis_is_503_with_a_clear_message(client, config):
     assert reply.status_code == 503 and "Redis" in reply.json()["error"]
     assert (await client.get("/runs/chat/events/")).status_code == 503
     await get_service().backend.redis.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_stream_dropped_before_it_was_read_releases_its_subscriber(config):
+    import gc
+
+    from detached_runs.views import _stream
+
+    config(AGENT=forever)
+    await runs.start("chat", prompt="x")
+    backend = get_service().backend
+    stream = _stream(await runs.subscribe("chat"), 15)
+    assert backend._sessions["chat"].subscribers == 1  # type: ignore[attr-defined]
+    del stream  # the client vanished before Django read a byte of it
+    gc.collect()
+    assert backend._sessions["chat"].subscribers == 0  # type: ignore[attr-defined]

@@ -85,8 +85,12 @@ class Subscription:
         """
         raise NotImplementedError("subclasses of Subscription must provide next_batch()")
 
+    def close(self) -> None:
+        """Release the subscriber now (idempotent; safe outside the event loop's tasks)."""
+        raise NotImplementedError("subclasses of Subscription must provide close()")
+
     async def aclose(self) -> None:
-        raise NotImplementedError("subclasses of Subscription must provide aclose()")
+        self.close()
 
     async def batches(self, keepalive: float | None = None) -> AsyncIterator[list[Event]]:
         try:

@@ -266,13 +266,13 @@ class MemorySubscription(Subscription):
             if timer is not None and not run.read(self._cursor) and not self.ended:
                 return []
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._run.subscribers -= 1
         if self._run.subscribers == 0:
-            self._backend._released(self._run)
+            self._backend._in_loop(self._backend._released, self._run)
 
 
 class MemoryBackend(BaseBackend):
@@ -283,6 +283,7 @@ class MemoryBackend(BaseBackend):
         self._sessions: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the interface -----------------------------------------------------
 
@@ -299,6 +300,7 @@ class MemoryBackend(BaseBackend):
     ) -> None:
         if self._closing:
             raise BackendUnavailable("The server is shutting down; try again in a moment.")
+        self._loop = asyncio.get_running_loop()
         run = _Run(run_id, session_key, meta)
         run.append_event(START, start_data)
         previous = self._sessions.get(session_key)
@@ -321,6 +323,7 @@ class MemoryBackend(BaseBackend):
     async def subscribe(
         self, session_key: str, after: tuple[str, Position] | None = None
     ) -> Subscription:
+        self._loop = asyncio.get_running_loop()
         run = self._sessions.get(session_key)
         if run is None:
             raise RunNotFound("No run for this session.")
@@ -483,6 +486,18 @@ class MemoryBackend(BaseBackend):
         logger.info("Run %s of session %s ended: %s", run.id, run.session_key, status)
         if run.subscribers == 0:
             self._schedule_eviction(run)
+
+    def _in_loop(self, function: Any, *args: Any) -> None:
+        """Call ``function`` on the backend's loop: now if we are on it, else soon
+        (a stream released by the garbage collector may be outside it)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and (self._loop is None or running is self._loop):
+            function(*args)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(function, *args)
 
     def _released(self, run: _Run) -> None:
         """The run's last subscriber left."""

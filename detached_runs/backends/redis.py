@@ -173,6 +173,7 @@ class RedisBackend(MemoryBackend):
     async def subscribe(
         self, session_key: str, after: tuple[str, Position] | None = None
     ) -> Subscription:
+        self._loop = asyncio.get_running_loop()
         run = await self._bound_run(session_key)
         if run is None:
             raise RunNotFound("No run for this session.")
