@@ -8,10 +8,12 @@ duplicate, compact replay, ownership); no run logic here. Protocol:
   frame ``{"id", "event", "data"}``. An unknown session, or one the requester
   does not own, is closed with code 4404 (other refusals: 4400 bad key, 4403
   not logged in, 4429 over a limit, 4503 unavailable).
-* client frames: ``{"type": "start", "prompt": "..."}`` starts a run (and the
-  socket follows it from its ``start`` event); ``{"type": "stop"}`` stops the
-  run in flight (its ``done`` event follows); ``{"type": "resume", "after":
-  "<id>"}`` re-follows the current run after that id.
+* client frames: ``{"type": "start", "prompt": "..."}`` starts a run; the
+  socket sends the rest of the run it was following (stopped by the start)
+  up to its ``done``, then follows the new run from its ``start`` event.
+  ``{"type": "stop"}`` stops the run in flight (its ``done`` event
+  follows); ``{"type": "resume", "after": "<id>"}`` re-follows the current
+  run after that id.
 * a bad frame is answered with ``{"event": "error", "data": {"error": "..."}}``;
   the socket stays open and no run changes.
 * after a run's ``done`` the socket stays open for the next ``start``.
@@ -106,30 +108,45 @@ class RunConsumer(AsyncWebsocketConsumer):
         if "prompt" not in frame:
             raise InvalidInput('A "start" frame needs a "prompt".')
         await runs.start(self.session_key, prompt=frame["prompt"], owner=self.owner)
-        # Follow the new run from its start event; the old one was stopped.
-        await self._follow(await runs.subscribe(self.session_key, owner=self.owner))
+        # Follow the new run from its start event, once the run followed so far
+        # (stopped by this start) has sent the rest of its events and its done.
+        subscription = await runs.subscribe(self.session_key, owner=self.owner)
+        await self._follow(subscription, after_previous=True)
 
     async def _error(self, message: str) -> None:
         await self.send(text_data=json.dumps({"event": "error", "data": {"error": message}}))
 
     # -- following a run ---------------------------------------------------
 
-    async def _follow(self, subscription: Subscription) -> None:
-        await self._unfollow()
+    async def _follow(self, subscription: Subscription, *, after_previous: bool = False) -> None:
+        """Forward ``subscription`` to the socket instead of what it followed so far.
+
+        With ``after_previous`` the old pump is not cut short: it goes on until
+        its run's terminal event (a ``start`` has just stopped that run), and
+        the new subscription's frames follow it. Otherwise (``resume``) the old
+        pump is cancelled at once.
+        """
+        previous, self._pump = self._pump, None
+        if previous is not None and not after_previous:
+            await _cancel(previous)
+            previous = None
         self._pump = asyncio.create_task(
-            self._forward(subscription), name=f"detached_runs:ws:{self.session_key}"
+            self._forward(subscription, previous), name=f"detached_runs:ws:{self.session_key}"
         )
 
     async def _unfollow(self) -> None:
         pump, self._pump = self._pump, None
-        if pump is not None and not pump.done():
-            pump.cancel()
-            # Wait for it: its clean-up releases the subscriber, and no frame of
-            # the old subscription may follow one of the new.
-            await asyncio.wait([pump])
+        if pump is not None:
+            # Wait for it: its clean-up releases the subscriber (and those of
+            # the pumps it was waiting for).
+            await _cancel(pump)
 
-    async def _forward(self, subscription: Subscription) -> None:
+    async def _forward(
+        self, subscription: Subscription, previous: asyncio.Task[None] | None = None
+    ) -> None:
         try:
+            if previous is not None:
+                await _drain(previous)
             # A socket that is behind gets what piled up, merged, at its next read
             # of the shared log: it holds no queue of its own.
             async for batch in subscription.batches():
@@ -139,6 +156,33 @@ class RunConsumer(AsyncWebsocketConsumer):
             raise
         except Exception:
             logger.exception("Forwarding session %s to a WebSocket failed", self.session_key)
+        finally:
+            subscription.close()  # if cancelled before it was iterated
+
+
+#: Seconds a socket waits for the run it followed to send its terminal event,
+#: after a ``start`` frame stopped that run, before it follows the new run
+#: anyway. A stopped run ends as soon as its save returns (retried for about
+#: 4 s when the database fails), so this is reached only by a run that is
+#: not this process's to stop, e.g. one served from the database while another
+#: worker of the memory backend runs it.
+PREVIOUS_RUN_WAIT = 10.0
+
+
+async def _drain(pump: asyncio.Task[None]) -> None:
+    """Let ``pump`` send the rest of its run (up to its terminal event) first;
+    cancel it if that takes longer than `PREVIOUS_RUN_WAIT` or if we are cancelled."""
+    try:
+        await asyncio.wait([pump], timeout=PREVIOUS_RUN_WAIT)
+    finally:
+        await _cancel(pump)
+
+
+async def _cancel(pump: asyncio.Task[None]) -> None:
+    if not pump.done():
+        pump.cancel()
+        # No frame of the old subscription may follow one of the new.
+        await asyncio.wait([pump])
 
 
 def _decode(text_data: str | None) -> dict[str, Any]:

@@ -164,6 +164,86 @@ async def test_a_start_frame_during_a_run_stops_it_and_follows_the_new_one():
     await communicator.disconnect()
 
 
+async def frames_until_done_of(
+    communicator: WebsocketCommunicator, run_id: str
+) -> list[dict[str, Any]]:
+    """Frames up to the ``done`` of the run whose uuid is ``run_id``."""
+    run_hex = run_id.replace("-", "")
+    frames = []
+    while True:
+        frame = await communicator.receive_json_from(timeout=5)
+        frames.append(frame)
+        if frame["event"] == "done" and frame["id"].startswith(run_hex + ":"):
+            return frames
+
+
+async def rows_of(session_key: str, count: int) -> list[Run]:
+    """The session's rows, oldest first, once there are ``count`` (a start frame's
+    run is created while the test goes on)."""
+    for _ in range(500):
+        rows = [r async for r in Run.objects.filter(session_key=session_key).order_by("started_at")]
+        if len(rows) >= count:
+            return rows
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"session {session_key} did not get {count} runs")
+
+
+def by_run(frames: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The event types each run's frames carried, per run, in order of arrival
+    (consecutive deltas counted as one: how text is batched depends on timing)."""
+    runs_seen: dict[str, list[str]] = {}
+    for frame in frames:
+        kinds = runs_seen.setdefault(frame["id"].partition(":")[0], [])
+        if not (frame["event"] == "delta" and kinds and kinds[-1] == "delta"):
+            kinds.append(frame["event"])
+    return runs_seen
+
+
+async def test_a_start_frame_during_a_run_delivers_the_old_runs_end_before_the_new_run():
+    cookie = await cookie_for(OWNER)
+    old = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    communicator = await connect("chat", cookie)
+    seen = [await communicator.receive_json_from(), await communicator.receive_json_from()]
+    assert [f["event"] for f in seen] == ["start", "delta"]  # "thinking "
+    await communicator.send_json_to({"type": "start", "prompt": "2"})
+    new = (await rows_of("chat", 2))[1]
+    frames = seen + await frames_until_done_of(communicator, str(new.id))
+    # The old run's end reaches the socket, then the whole new run: in order,
+    # each run's frames contiguous, no id twice, one done each.
+    assert by_run(frames) == {
+        old.id.hex: ["start", "delta", "done"],
+        new.id.hex: ["start", "delta", "done"],
+    }
+    order = [f["id"].partition(":")[0] for f in frames]
+    assert order == [old.id.hex] * 3 + [new.id.hex] * (len(frames) - 3)
+    assert frames[2]["data"] == {"status": "stopped"}
+    assert frames[3]["data"] == {"run": str(new.id), "prompt": "2"}
+    assert text(frames[3:]) == "w0 w1 "
+    assert frames[-1]["data"] == {"status": "done"}
+    assert len({f["id"] for f in frames}) == len(frames)
+    assert await communicator.receive_nothing(timeout=0.1)
+    await communicator.disconnect()
+
+
+async def test_rapid_start_frames_deliver_every_runs_end_in_order():
+    cookie = await cookie_for(OWNER)
+    first = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    communicator = await connect("chat", cookie)
+    assert (await communicator.receive_json_from())["event"] == "start"
+    for prompt in ("x second", "3"):
+        await communicator.send_json_to({"type": "start", "prompt": prompt})
+    rows = await rows_of("chat", 3)
+    assert rows[0].pk == first.pk
+    frames = await frames_until_done_of(communicator, str(rows[2].id))
+    order = [f["id"].partition(":")[0] for f in frames]
+    assert order == sorted(order, key=[r.id.hex for r in rows].index)  # run after run
+    dones = [f for f in frames if f["event"] == "done"]
+    assert [d["data"]["status"] for d in dones] == ["stopped", "stopped", "done"]
+    assert [d["id"].partition(":")[0] for d in dones] == [r.id.hex for r in rows]
+    assert len({f["id"] for f in frames}) == len(frames)
+    await communicator.disconnect()
+
+
 async def test_a_stop_frame_stops_the_run_and_its_done_event_follows():
     cookie = await cookie_for(OWNER)
     run = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
