@@ -188,9 +188,13 @@ async def _cancel(pump: asyncio.Task[None]) -> None:
 def _decode(text_data: str | None) -> dict[str, Any]:
     if text_data is None:
         raise InvalidInput("Send JSON text frames, not binary ones.")
-    limit = int(get_config()["MAX_PROMPT_CHARS"] or 0)
-    if limit and len(text_data) > 2 * limit + 1024:
-        raise InvalidInput("The frame is too large.")
+    limit = get_config()["MAX_PROMPT_CHARS"]
+    if limit is not None and len(text_data) > _frame_limit(limit):
+        # Refused before parsing; still say which limit applies.
+        raise InvalidInput(
+            f"The frame is too large ({len(text_data)} characters); "
+            f"a prompt may have at most {limit} characters."
+        )
     try:
         frame = json.loads(text_data)
     except ValueError:
@@ -198,6 +202,16 @@ def _decode(text_data: str | None) -> dict[str, Any]:
     if not isinstance(frame, dict):
         raise InvalidInput('A frame is a JSON object with a "type".')
     return frame
+
+
+def _frame_limit(prompt_limit: int) -> int:
+    """The largest frame worth parsing: a prompt of ``prompt_limit`` characters
+    each escaped as JSON at its longest (``\\ud83d\\ude00``, 12 characters for
+    one astral character, as ``json.dumps`` writes it by default), plus room
+    for the rest of the frame. So a valid prompt is never refused for its
+    encoding, and a prompt over the limit up to about 12 times the limit gets
+    `validate_prompt`'s own message; only larger frames are refused unread."""
+    return 12 * prompt_limit + 1024
 
 
 async def _owner(scope: dict[str, Any]) -> str:

@@ -315,6 +315,54 @@ async def test_bad_frames_get_an_error_event_the_socket_stays_open_and_nothing_c
     await communicator.disconnect()
 
 
+async def test_an_over_long_prompt_gets_the_prompt_limit_message_as_over_http(config):
+    config(MAX_PROMPT_CHARS=100)
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="1", owner=OWNER)
+    communicator = await connect("chat", cookie)
+    await frames_until_done(communicator)
+    # Far past twice the limit (what used to trip a bare "frame is too large").
+    for prompt in ("x" * 101, "x" * 2_000, "é" * 300):
+        await communicator.send_json_to({"type": "start", "prompt": prompt})
+        reply = await communicator.receive_json_from(timeout=5)
+        message = f"The prompt is too long ({len(prompt)} characters; the limit is 100)."
+        assert reply == {"event": "error", "data": {"error": message}}
+    assert await Run.objects.acount() == 1
+    await communicator.disconnect()
+
+
+async def test_a_prompt_within_the_limit_is_accepted_however_json_escapes_it(config):
+    config(MAX_PROMPT_CHARS=1_000)
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="1", owner=OWNER)
+    communicator = await connect("chat", cookie)
+    await frames_until_done(communicator)
+    prompt = "2 " + "\U0001f600" * 998  # json.dumps writes each as 12 characters
+    await communicator.send_json_to({"type": "start", "prompt": prompt})
+    frames = await frames_until_done(communicator)
+    assert frames[0]["event"] == "start" and frames[0]["data"]["prompt"] == prompt
+    assert text(frames) == "w0 w1 "
+    await communicator.disconnect()
+
+
+async def test_an_absurd_frame_is_refused_unread_naming_the_prompt_limit(config):
+    config(MAX_PROMPT_CHARS=100)
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="1", owner=OWNER)
+    communicator = await connect("chat", cookie)
+    await frames_until_done(communicator)
+    frame = json.dumps({"type": "start", "prompt": "x" * 5_000})
+    await communicator.send_to(text_data=frame)
+    reply = await communicator.receive_json_from(timeout=5)
+    assert reply["event"] == "error"
+    assert reply["data"]["error"] == (
+        f"The frame is too large ({len(frame)} characters); "
+        "a prompt may have at most 100 characters."
+    )
+    assert await Run.objects.acount() == 1
+    await communicator.disconnect()
+
+
 async def test_closing_the_socket_drops_the_subscriber_and_the_run_goes_on(config):
     config(EVICT_AFTER=0.1)
     cookie = await cookie_for(OWNER)
