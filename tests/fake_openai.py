@@ -1,0 +1,147 @@
+"""A fake OpenAI-compatible endpoint for the tests: a real HTTP server on
+127.0.0.1 (in the test's event loop) that answers ``POST /v1/chat/completions``
+with scripted ``chat.completion.chunk`` objects as Server-Sent Events, records
+what it was sent, and notices when a client hangs up mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def chunk(finish_reason: str | None = None, **delta: Any) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` whose first choice carries ``delta``."""
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "fake-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def text_chunks(*pieces: str) -> list[dict[str, Any]]:
+    """A whole answer as the usual stream: the role, the pieces, the finish."""
+    return [
+        chunk(role="assistant", content=""),
+        *(chunk(content=piece) for piece in pieces),
+        chunk(finish_reason="stop"),
+    ]
+
+
+@dataclass
+class Reply:
+    """What the fake answers one request with."""
+
+    #: Payloads sent as ``data:`` lines, in order (see `chunk`).
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: Not 200: answer with this status and `error` as a JSON body instead.
+    status: int = 200
+    error: dict[str, Any] | None = None
+    #: After the events, keep the stream open until the client hangs up.
+    hold: bool = False
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+class FakeOpenAI:
+    """``async with FakeOpenAI() as fake``; queue replies in ``fake.replies``."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.requests: list[Request] = []
+        #: Set when a client hung up on a held stream.
+        self.disconnected = asyncio.Event()
+        self.open_connections = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def __aenter__(self) -> FakeOpenAI:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        self.open_connections += 1
+        try:
+            await self._answer(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away: nothing to answer
+        finally:
+            self.open_connections -= 1
+            self._writers.discard(writer)
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        request_line, *header_lines = head.split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in header_lines if line)
+        }
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.requests.append(Request(method, path, headers, json.loads(raw) if raw else None))
+
+        if (method, path) != ("POST", "/v1/chat/completions"):
+            reply = Reply(status=404, error={"message": f"No route {path}", "type": "not_found"})
+        else:
+            reply = self.replies.pop(0) if self.replies else Reply(text_chunks("Hello"))
+        if reply.status != 200:
+            body = json.dumps({"error": reply.error or {"message": "failed"}}).encode()
+            writer.write(
+                f"HTTP/1.1 {reply.status} Error\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            return
+
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        for payload in reply.events:
+            _write_chunk(writer, f"data: {json.dumps(payload)}\n\n".encode())
+            await writer.drain()
+        if reply.hold:
+            # Nothing more comes; the client's only move is to hang up (EOF).
+            while await reader.read(1024):
+                pass
+            self.disconnected.set()
+            return
+        _write_chunk(writer, b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
