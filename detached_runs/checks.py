@@ -3,12 +3,17 @@ not as a traceback at the first request."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .conf import DEFAULTS, LIMITS, NUMBERS, OPTIONAL_NUMBERS, get_config
+
+#: Keys read by the optional agents of `detached_runs.agents`, not by the app.
+AGENT_KEYS = frozenset({"OPENAI"})
 
 
 def _import(value: Any) -> tuple[Any, str | None]:
@@ -20,6 +25,20 @@ def _import(value: Any) -> tuple[Any, str | None]:
         return None, str(exc)
 
 
+def _openai_agent_problem(agent: Any) -> str | None:
+    """What is missing or wrong in the settings of the OpenAI agent, if AGENT is
+    one. Its module is loaded by then, if it is one (importing AGENT loaded it);
+    otherwise it is not imported here, as its package is optional."""
+    module = sys.modules.get("detached_runs.agents.openai")
+    if module is None or not isinstance(agent, module.OpenAIAgent):
+        return None
+    try:
+        agent.config()
+    except ImproperlyConfigured as exc:
+        return str(exc)
+    return None
+
+
 @register(Tags.compatibility)
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     from .backends.base import BaseBackend
@@ -27,12 +46,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     config = get_config()
     errors: list[CheckMessage] = []
 
-    unknown = sorted(set(config) - set(DEFAULTS))
+    unknown = sorted(set(config) - set(DEFAULTS) - AGENT_KEYS)
     if unknown:
         errors.append(
             Warning(
                 f"DETACHED_RUNS has unknown keys: {', '.join(unknown)}.",
-                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                hint=f"Known keys: {', '.join(sorted({*DEFAULTS, *AGENT_KEYS}))}.",
                 id="detached_runs.W002",
             )
         )
@@ -68,6 +87,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     hint="Point it at an async generator function: "
                     "agent(ctx) -> AsyncIterator[str | dict].",
                     id="detached_runs.E002",
+                )
+            )
+        elif (problem := _openai_agent_problem(agent)) is not None:
+            errors.append(
+                Error(
+                    problem,
+                    hint="See 'OpenAI-compatible agent' in the README of detached_runs.",
+                    id="detached_runs.E006",
                 )
             )
 
