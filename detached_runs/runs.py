@@ -199,7 +199,7 @@ class _Recorder:
                     output=output, last_event_id=last_id, updated_at=timezone.now()
                 )
             except DatabaseError:
-                logger.warning("Checkpoint of run %s failed; will retry", run.id, exc_info=True)
+                logger.warning("Checkpoint of run %s failed; will retry", run.id.hex, exc_info=True)
                 continue
             saved_id, beat = last_id, time.monotonic()
 
@@ -228,13 +228,13 @@ class _Recorder:
                     logger.error(
                         "Could not save run %s (%s, %d characters); its output stays in memory "
                         "until eviction",
-                        self.run.id,
+                        self.run.id.hex,
                         end.status,
                         len(end.output),
                         exc_info=True,
                     )
                     return
-                logger.warning("Saving run %s failed; retrying in %ss", self.run.id, delay)
+                logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
                 await asyncio.sleep(delay)
 
 
@@ -444,7 +444,7 @@ class RunService:
             )
             if not self._signals_installed:
                 self._signals_installed = install_signal_handlers(self.shutdown)
-        logger.info("Run %s of session %s started", run.id, session_key)
+        logger.info("Run %s of session %s started", run.id.hex, session_key)
         return run
 
     def subscribe(
@@ -559,7 +559,7 @@ class RunService:
         if updated:
             logger.warning(
                 "Run %s of session %s was orphaned (worker %s): marked interrupted",
-                fresh.id,
+                fresh.id.hex,
                 fresh.session_key,
                 fresh.worker,
             )

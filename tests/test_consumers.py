@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -256,6 +257,20 @@ async def test_a_stop_frame_stops_the_run_and_its_done_event_follows():
     row = await Run.objects.aget(pk=run.pk)
     assert row.status == "stopped" and row.output == "thinking "
     await communicator.disconnect()
+
+
+async def test_a_runs_log_lines_name_it_one_way_so_one_grep_finds_them(caplog):
+    caplog.set_level(logging.INFO, logger="detached_runs")
+    cookie = await cookie_for(OWNER)
+    run = await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    communicator = await connect("chat", cookie)
+    await communicator.receive_json_from()  # start
+    await communicator.send_json_to({"type": "stop"})
+    await frames_until_done(communicator)
+    await communicator.disconnect()
+    story = [r.getMessage() for r in caplog.records if run.id.hex in r.getMessage()]
+    assert [m.split(": ")[0].rsplit(" ", 1)[-1] for m in story] == ["started", "stopping", "ended"]
+    assert not [r for r in caplog.records if str(run.id) in r.getMessage()]
 
 
 async def test_a_resume_frame_gets_only_what_follows_its_id():
