@@ -1,5 +1,12 @@
-"""The demo's agent: no network, a canned answer streamed word by word at a
-realistic pace (``DEMO_AGENT_DELAY`` seconds per word, default 0.06)."""
+"""The demo's offline agent: no network, a canned answer streamed word by word
+at a realistic pace (``DEMO_AGENT_DELAY`` seconds per word, default 0.06).
+
+With a model named in the environment (``OPENAI_MODEL``, plus ``OPENAI_BASE_URL``
+and/or ``OPENAI_API_KEY``) the demo's settings use the app's own
+`detached_runs.agents.openai.agent` instead, e.g. against a local Ollama::
+
+    OPENAI_BASE_URL=http://127.0.0.1:11434/v1 OPENAI_MODEL=qwen3:4b ./dev demo
+"""
 
 from __future__ import annotations
 

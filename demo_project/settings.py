@@ -1,4 +1,6 @@
-"""Settings of the demo site: SQLite, anonymous visitors allowed, the offline agent."""
+"""Settings of the demo site: SQLite, anonymous visitors allowed, and the offline
+agent, or a real model when an OpenAI-compatible endpoint is configured in the
+environment (``OPENAI_MODEL`` plus ``OPENAI_BASE_URL`` and/or ``OPENAI_API_KEY``)."""
 
 from __future__ import annotations
 
@@ -79,10 +81,30 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 STATIC_URL = "static/"
 
-DETACHED_RUNS = {
+
+#: What the demo tells a real model (only used with an OpenAI-compatible endpoint).
+DEMO_SYSTEM_PROMPT = (
+    "You are the assistant in the demo of detached_runs, a Django app that keeps "
+    "answers streaming on the server when the browser tab closes. Answer helpfully "
+    "and concisely, in plain text."
+)
+
+
+def _model_configured() -> bool:
+    """A real model only when one is named: a stray OPENAI_API_KEY in the shell
+    leaves the demo offline."""
+    endpoint = os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY")
+    return bool(endpoint and os.environ.get("OPENAI_MODEL"))
+
+
+DETACHED_RUNS: dict[str, object] = {
     "AGENT": "demo_project.agents.demo_agent",
     "ALLOW_ANONYMOUS": True,
 }
+if _model_configured():
+    # The agent reads OPENAI_BASE_URL, OPENAI_API_KEY and OPENAI_MODEL itself.
+    DETACHED_RUNS["AGENT"] = "detached_runs.agents.openai.agent"
+    DETACHED_RUNS["OPENAI"] = {"SYSTEM_PROMPT": DEMO_SYSTEM_PROMPT}
 
 LOGGING = {
     "version": 1,
