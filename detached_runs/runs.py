@@ -20,6 +20,7 @@ ownership check, and a run it starts belongs to nobody in particular.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import DatabaseError
+from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -53,6 +55,7 @@ from .exceptions import (
 from .lifecycle import install_signal_handlers
 from .models import Run
 from .owners import may_access, owner_key
+from .signals import run_finished, run_started
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +222,16 @@ class _Recorder:
             "finished_at": now,
             "updated_at": now,
         }
+        ended = 0
         for delay in (*SAVE_RETRY_DELAYS, None):
             try:
-                await Run.objects.filter(pk=self.run.pk).aupdate(**fields)
-                return
+                ended = await Run.objects.filter(pk=self.run.pk, status=RUNNING).aupdate(**fields)
+                if not ended:
+                    # Another process found the run orphaned, ended its row and
+                    # announced it: this save still has the last word, but the
+                    # run is not announced twice.
+                    await Run.objects.filter(pk=self.run.pk).aupdate(**fields)
+                break
             except DatabaseError:
                 if delay is None:
                     logger.error(
@@ -236,6 +245,11 @@ class _Recorder:
                     return
                 logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
                 await asyncio.sleep(delay)
+        if ended:
+            run = copy.copy(self.run)  # the caller of start() keeps its own
+            for name, value in fields.items():
+                setattr(run, name, value)
+            await self.service._announce(run_finished, run, status=end.status, output=end.output)
 
 
 def _normalise(item: Any) -> Item | None:
@@ -375,6 +389,7 @@ class RunService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._signals_installed = False
+        self._announcing: set[asyncio.Task[None]] = set()
 
     @property
     def backend(self) -> BaseBackend:
@@ -427,6 +442,9 @@ class RunService:
                 worker=worker_id(),
                 user_id=await _user_pk(owner, requester),
             )
+            # Before the backend starts it, so receivers see the run before its
+            # agent does and always before run_finished.
+            await self._announce(run_started, run)
             recorder = _Recorder(self, backend, run, agent)
             await backend.start(
                 session_key,
@@ -556,6 +574,7 @@ class RunService:
         updated = await Run.objects.filter(
             pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at
         ).aupdate(status=Run.Status.INTERRUPTED, finished_at=timezone.now(), last_event_id=terminal)
+        resolved = await Run.objects.aget(pk=fresh.pk)
         if updated:
             logger.warning(
                 "Run %s of session %s was orphaned (worker %s): marked interrupted",
@@ -563,15 +582,35 @@ class RunService:
                 fresh.session_key,
                 fresh.worker,
             )
-        return await Run.objects.aget(pk=fresh.pk)
+            await self._announce(
+                run_finished, resolved, status=resolved.status, output=resolved.output
+            )
+        return resolved
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop every run in flight and wait for their saves (graceful shutdown)."""
-        if self._backend is None and self._fixed is None:
-            return
         if timeout is None:
             timeout = float(get_config()["SHUTDOWN_TIMEOUT"])
-        await self.backend.shutdown(timeout)
+        if self._backend is not None or self._fixed is not None:
+            await self.backend.shutdown(timeout)
+        if self._announcing:
+            await asyncio.wait(self._announcing, timeout=timeout)
+
+    async def _announce(self, signal: Signal, run: Run, **kwargs: Any) -> None:
+        """Send ``signal`` (`detached_runs.signals`) about ``run`` to its receivers.
+
+        A receiver that raises is logged and changes nothing else. The sending
+        is shielded: a caller cancelled meanwhile (a client that went away)
+        does not cut the receivers short, since nobody sends it again.
+        """
+        if not signal.has_listeners(Run):
+            return
+        task = asyncio.create_task(
+            _send_robust(signal, run, **kwargs), name=f"detached_runs:signal:{run.id.hex}"
+        )
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+        await asyncio.shield(task)
 
     # -- internals ---------------------------------------------------------
 
@@ -580,12 +619,15 @@ class RunService:
         from a shared log) is saved with that output: its worker never will."""
         if state.status != INTERRUPTED or "uuid" not in state.meta:
             return
-        await Run.objects.filter(pk=state.meta["uuid"], status=RUNNING).aupdate(
+        updated = await Run.objects.filter(pk=state.meta["uuid"], status=RUNNING).aupdate(
             status=INTERRUPTED,
             output=state.output,
             last_event_id=state.last_id,
             finished_at=timezone.now(),
         )
+        row = await Run.objects.filter(pk=state.meta["uuid"]).afirst() if updated else None
+        if row is not None:
+            await self._announce(run_finished, row, status=row.status, output=row.output)
 
     async def _latest_row(self, session_key: str) -> Run | None:
         return await Run.objects.filter(session_key=session_key).order_by("-started_at").afirst()
@@ -596,6 +638,19 @@ class RunService:
 
     def _start_lock(self, session_key: str) -> _StartLock:
         return _StartLock(self._start_locks, session_key)
+
+
+async def _send_robust(signal: Signal, run: Run, **kwargs: Any) -> None:
+    name = "run_started" if signal is run_started else "run_finished"
+    for receiver, result in await signal.asend_robust(sender=Run, run=run, **kwargs):
+        if isinstance(result, Exception):
+            logger.error(
+                "Receiver %r of %s failed for run %s",
+                receiver,
+                name,
+                run.id.hex,
+                exc_info=(type(result), result, result.__traceback__),
+            )
 
 
 async def _user_pk(owner: Any, requester: str | None) -> Any:
