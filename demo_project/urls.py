@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 
 from . import views
@@ -11,3 +12,8 @@ urlpatterns = [
     path("history/<str:session_key>/", views.history, name="history"),
     path("", views.chat, name="chat"),
 ]
+
+# The chat page's script (detached_runs/static/) under daphne or uvicorn, where no
+# runserver serves static files: only with DEBUG, like runserver; collectstatic and
+# a web server in production.
+urlpatterns += staticfiles_urlpatterns()
