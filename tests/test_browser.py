@@ -1,0 +1,470 @@
+"""The demo chat in a real browser: headless Chromium driven by Playwright against
+a real daphne serving the demo site and `detached-runs.js`. Streaming, reload and
+close mid-answer, Stop, two tabs, no reconnect loop after the end, over SSE and
+over a WebSocket.
+
+Skipped when Playwright or /usr/bin/chromium is missing, unless
+``DETACHED_RUNS_REQUIRE_BROWSER=1`` (CI), which makes that an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from demo_project.agents import ANSWER
+
+from .conftest import Server, start_server, stop_server
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _missing() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+if (_reason := _missing()) is not None:
+    if os.environ.get("DETACHED_RUNS_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"DETACHED_RUNS_REQUIRE_BROWSER=1, but {_reason}", pytrace=False)
+    pytest.skip(f"browser tests need Playwright and Chromium: {_reason}", allow_module_level=True)
+
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    BrowserContext,
+    Page,
+    Playwright,
+    Request,
+    expect,
+    sync_playwright,
+)
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+#: Seconds per word of the demo agent: its 154 words take about 0.9 s.
+AGENT_DELAY = "0.005"
+TIMEOUT = 15_000  # ms, for whatever waits on a whole answer
+
+#: Records every EventSource and WebSocket the page opens, to check they end closed.
+RECORD_CONNECTIONS = """
+window.__connections = [];
+for (const name of ["EventSource", "WebSocket"]) {
+  const Original = window[name];
+  window[name] = class extends Original {
+    constructor(...args) { super(...args); window.__connections.push(this); }
+  };
+}
+"""
+
+
+def canned(prompt: str, turns: int = 0) -> str:
+    """The demo agent's whole answer, as the page shows it."""
+    text = ANSWER.format(prompt=prompt, turns=turns, turn_word="turn" if turns == 1 else "turns")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+
+def serve_demo(database: Path, agent_delay: str) -> Server:
+    """Migrate a fresh SQLite database and serve the demo site on it under daphne."""
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="demo_project.settings",
+        DJANGO_DEBUG="1",  # the demo serves its static files itself only with DEBUG
+        DEMO_SQLITE=str(database),
+        DEMO_AGENT_DELAY=agent_delay,
+    )
+    env.pop("DATABASE_URL", None)
+    env.pop("OPENAI_MODEL", None)  # the offline agent, whose answer the tests know
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+        capture_output=True,
+    )
+    return start_server(env, app="demo_project.asgi:application")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: Any) -> Iterator[Server]:
+    server = serve_demo(tmp_path_factory.mktemp("browser") / "demo.sqlite3", AGENT_DELAY)
+    yield server
+    stop_server(server)
+    assert "Traceback" not in server.output()
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def chromium(playwright: Playwright) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+    yield browser
+    browser.close()
+
+
+@pytest.fixture(params=["sse", "ws"])
+def transport(request: Any) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def context(chromium: Browser, demo: Server, transport: str) -> Iterator[BrowserContext]:
+    """One visitor: own cookies (so own Django session), own localStorage."""
+    context = chromium.new_context(base_url=f"http://127.0.0.1:{demo.port}")
+    context.set_default_timeout(TIMEOUT)
+    context.add_init_script(f"localStorage.setItem('detached_runs.transport', '{transport}');")
+    context.add_init_script(RECORD_CONNECTIONS)
+    yield context
+    context.close()
+
+
+class Chat:
+    """The chat page in one tab."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.events_requests: list[str] = []
+        page.on("request", self._count)
+
+    def _count(self, request: Request) -> None:
+        if "/events/" in request.url:
+            self.events_requests.append(request.url)
+
+    @classmethod
+    def open(cls, context: BrowserContext) -> Chat:
+        chat = cls(context.new_page())
+        chat.page.goto("/")
+        chat.ready()
+        return chat
+
+    def ready(self) -> None:
+        expect(self.page.locator("#sessions li").first).to_be_visible()
+        expect(self.page.locator("#send")).to_be_enabled()
+
+    def send(self, prompt: str) -> None:
+        self.page.fill("#prompt", prompt)
+        self.page.click("#send")
+
+    @property
+    def answers(self) -> Any:
+        return self.page.locator(".answer")
+
+    def answer(self, index: int = -1) -> str:
+        return str(self.answers.nth(index).text_content())
+
+    def wait_mid_answer(self, full: str) -> str:
+        """Wait until the last answer is partly there; return what is there."""
+        self.page.wait_for_function(
+            """([low, high]) => {
+                 const all = document.querySelectorAll(".answer");
+                 const text = all.length ? all[all.length - 1].textContent : "";
+                 return text.length >= low && text.length < high;
+               }""",
+            arg=[60, len(full) // 2],
+        )
+        return self.answer()
+
+    def wait_answer(self, full: str, index: int = -1) -> None:
+        # wait_for_function checks at every frame; expect() backs off to once a second.
+        with contextlib.suppress(PlaywrightTimeoutError):
+            self.page.wait_for_function(
+                """([index, full]) => {
+                     const all = [...document.querySelectorAll(".answer")];
+                     return all.at(index)?.textContent === full;
+                   }""",
+                arg=[index, full],
+            )
+        assert self.answer(index) == full  # exactly: no repeated or missing word
+
+    def session_key(self) -> str:
+        return str(
+            self.page.evaluate("JSON.parse(localStorage.getItem('detached_runs.sessions'))[0].key")
+        )
+
+    def connections(self) -> list[dict[str, Any]]:
+        return list(
+            self.page.evaluate(
+                """window.__connections.map((c) => ({
+                     kind: c instanceof WebSocket ? "WebSocket" : "EventSource", url: c.url,
+                     closed: c.readyState === (c instanceof WebSocket ? 3 : 2) }))"""
+            )
+        )
+
+
+def start_over_http(context: BrowserContext, key: str, prompt: str) -> None:
+    """Start a run as the page would, with the context's cookies and CSRF token."""
+    token = next(c["value"] for c in context.cookies() if c["name"] == "csrftoken")
+    reply = context.request.post(
+        f"/runs/{key}/", data={"prompt": prompt}, headers={"X-CSRFToken": token}
+    )
+    assert reply.status == 202, reply.text()
+
+
+def wait_until_finished(context: BrowserContext, key: str) -> dict[str, Any]:
+    """Poll the status endpoint (with the context's cookies) until the run ended."""
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while time.monotonic() < deadline:
+        run: dict[str, Any] = context.request.get(f"/runs/{key}/").json()["run"]
+        if run["status"] != "running":
+            return run
+        time.sleep(0.05)
+    raise AssertionError(f"session {key} is still running")
+
+
+# -- the chat page -----------------------------------------------------------------
+
+
+def test_a_prompt_streams_its_answer_word_by_word(context):
+    chat = Chat.open(context)
+    full = canned("Hello there")
+    chat.send("Hello there")
+    partial = chat.wait_mid_answer(full)
+    assert full.startswith(partial)  # seen while streaming, not all at once
+    expect(chat.page.locator("#stop")).to_be_enabled()
+    chat.wait_answer(full)
+    expect(chat.page.locator("#stop")).to_be_disabled()
+    expect(chat.page.locator(".badge")).to_have_count(0)
+    expect(chat.page.locator("#sessions li button").first).to_have_text("Hello there")
+
+
+def test_a_reload_mid_answer_continues_without_repeated_or_missing_words(context, transport):
+    chat = Chat.open(context)
+    full = canned("Reload me")
+    chat.send("Reload me")
+    chat.wait_mid_answer(full)
+    chat.page.reload()
+    chat.wait_answer(full)
+    expect(chat.answers).to_have_count(1)
+    # The reloaded page found the run still going and followed it.
+    if transport == "sse":
+        assert len(chat.events_requests) == 2
+    else:
+        assert len(chat.connections()) == 1
+
+
+def test_closing_the_tab_mid_answer_then_coming_back_shows_the_finished_answer(context):
+    chat = Chat.open(context)
+    full = canned("Close the tab")
+    chat.send("Close the tab")
+    chat.wait_mid_answer(full)
+    key = chat.session_key()
+    chat.page.close()
+    run = wait_until_finished(context, key)  # the run went on without the tab
+    assert run["status"] == "done" and run["output"] == full
+    again = Chat.open(context)
+    again.wait_answer(full)
+    assert again.events_requests == []  # a finished answer comes from the history
+
+
+def test_stop_keeps_the_partial_answer_marked_stopped(context):
+    chat = Chat.open(context)
+    full = canned("Stop me")
+    chat.send("Stop me")
+    chat.wait_mid_answer(full)
+    chat.page.click("#stop")
+    expect(chat.page.locator(".badge.stopped")).to_have_text("stopped")
+    expect(chat.page.locator("#stop")).to_be_disabled()
+    partial = chat.answer()
+    assert 0 < len(partial) < len(full) and full.startswith(partial)
+    chat.page.reload()  # what was shown is what was saved
+    chat.ready()
+    expect(chat.answers.last).to_have_text(partial)
+    assert chat.answer() == partial
+    expect(chat.page.locator(".badge.stopped")).to_have_text("stopped")
+
+
+def test_two_tabs_on_one_session_show_the_same_text(context):
+    first = Chat.open(context)
+    full = canned("Two tabs")
+    first.send("Two tabs")
+    first.wait_mid_answer(full)
+    second = Chat.open(context)  # same visitor: the same sessions, the first one shown
+    assert second.session_key() == first.session_key()
+    second.wait_answer(full)
+    first.wait_answer(full)
+
+
+def test_the_browser_stops_connecting_after_the_end(context, transport):
+    chat = Chat.open(context)
+    full = canned("Then silence")
+    chat.send("Then silence")
+    chat.wait_answer(full)
+    expect(chat.page.locator("#stop")).to_be_disabled()
+    opened = chat.connections()
+    # Absence can only be shown by waiting: the WebSocket's first retry would
+    # come after 250 ms, EventSource's after about 3 s (but see "closed" below).
+    chat.page.wait_for_timeout(400)
+    assert chat.connections() == opened
+    assert all(c["closed"] for c in opened)  # closed: nothing can reconnect
+    if transport == "sse":
+        assert len(chat.events_requests) == 1
+    else:
+        # A new session: the first socket is refused (4404), the run starts over
+        # HTTP, a second socket follows it.
+        assert [c["kind"] for c in opened] == ["WebSocket", "WebSocket"]
+        assert chat.events_requests == []
+
+
+def test_sending_while_an_answer_streams_saves_the_first_as_stopped(context):
+    chat = Chat.open(context)
+    first = canned("First")
+    chat.send("First")
+    chat.wait_mid_answer(first)
+    chat.send("Second")
+    chat.wait_answer(canned("Second", turns=1))
+    expect(chat.answers).to_have_count(2)
+    expect(chat.page.locator(".badge")).to_have_count(1)
+    expect(chat.page.locator(".turn").first.locator(".badge.stopped")).to_have_text("stopped")
+    shown = chat.answer(0)
+    assert 0 < len(shown) < len(first) and first.startswith(shown)
+    turns = context.request.get(f"/history/{chat.session_key()}/").json()["turns"]
+    assert [(t["output"], t["status"]) for t in turns] == [
+        (shown, "stopped"),
+        (canned("Second", turns=1), "done"),
+    ]
+
+
+@pytest.mark.parametrize("transport", ["sse"])
+def test_a_double_click_on_send_starts_one_run(context):
+    chat = Chat.open(context)
+    chat.page.fill("#prompt", "Only once")
+    chat.page.dblclick("#send")
+    chat.wait_answer(canned("Only once"))
+    expect(chat.answers).to_have_count(1)
+    expect(chat.page.locator(".badge")).to_have_count(0)
+    turns = context.request.get(f"/history/{chat.session_key()}/").json()["turns"]
+    assert [t["status"] for t in turns] == ["done"]
+
+
+@pytest.mark.parametrize("transport", ["sse"])
+def test_switching_chats_quickly_shows_only_the_last_one_chosen(context):
+    chat = Chat.open(context)
+    chats = {uuid.uuid4().hex[:12]: prompt for prompt in ("In chat A", "In chat B")}
+    for key, prompt in chats.items():
+        start_over_http(context, key, prompt)
+    for key in chats:
+        wait_until_finished(context, key)
+    listed = [{"key": key, "title": prompt} for key, prompt in chats.items()]
+    chat.page.evaluate(
+        "(list) => localStorage.setItem('detached_runs.sessions', JSON.stringify(list))", listed
+    )
+    chat.page.reload()
+    chat.ready()
+    # Hold both histories back, then let chat B's through before chat A's.
+    held: list[Any] = []
+    chat.page.route("**/history/*/", lambda route: held.append(route))
+    buttons = chat.page.locator("#sessions li button")
+    buttons.filter(has_text="In chat A").click()
+    buttons.filter(has_text="In chat B").click()
+    deadline = time.monotonic() + 5
+    while len(held) < 2 and time.monotonic() < deadline:
+        chat.page.wait_for_timeout(20)  # lets Playwright hand over the held requests
+    assert len(held) == 2
+    held[1].continue_()
+    expect(chat.page.locator(".prompt")).to_have_text(["In chat B"])
+    with chat.page.expect_response("**/history/*/"):
+        held[0].continue_()  # chat A's history arrives last, for a chat no longer chosen
+    expect(chat.page.locator(".prompt")).to_have_text(["In chat B"])
+    expect(buttons.filter(has_text="In chat B")).to_have_attribute("aria-current", "true")
+
+
+# -- the module on its own -------------------------------------------------------
+
+MODULE_SCRIPT = """async ([transport, key]) => {
+  const { DetachedRuns, RunError } = await import("/static/detached_runs/detached-runs.js");
+  const client = new DetachedRuns({ transport, events: ["status"] });
+  const failure = async (promise) => {
+    try { await promise; return null; }
+    catch (e) { return [e instanceof RunError, e.status, e.message]; }
+  };
+  const badKey = await failure(client.start("not a key!", "Hello"));
+  const missing = await failure((async () => {
+    for await (const _ of client.follow("nosuchsession")) { /* nothing comes */ }
+  })());
+  const seen = { starts: [], names: [], done: null };
+  const run = await client.start(key, "Iterate", {
+    onStart: (data) => seen.starts.push(data.prompt),
+    onEvent: (name, data) => seen.names.push(name),
+    onDone: (status) => { seen.done = status; },
+  });
+  const events = [];
+  for await (const event of run) { events.push(event); }
+  const empty = await failure(client.start(key, "   "));
+  return {
+    badKey, missing, empty, seen, status: run.status, lastEventId: run.lastEventId,
+    kinds: [...new Set(events.map((e) => e.event))],
+    text: events.filter((e) => e.event === "delta").map((e) => e.data.text).join(""),
+  };
+}"""
+
+
+def test_the_module_iterates_a_run_and_reports_json_errors(context, transport):
+    chat = Chat.open(context)
+    result = chat.page.evaluate(MODULE_SCRIPT, [transport, "module-" + transport])
+    assert result["text"] == canned("Iterate")
+    assert result["kinds"] == ["start", "status", "delta", "done"]
+    assert result["seen"] == {"starts": ["Iterate"], "names": ["status"], "done": "done"}
+    assert result["status"] == "done" and result["lastEventId"]
+    assert result["badKey"][:2] == [True, 400]
+    assert result["missing"] == [True, 404, "No such session."]
+    assert result["empty"][:2] == [True, 400] and "prompt" in result["empty"][2].lower()
+    assert all(c["closed"] for c in chat.connections())
+
+
+@pytest.mark.parametrize("transport", ["sse"])
+def test_following_after_the_end_gets_204_and_does_not_reconnect(context):
+    chat = Chat.open(context)
+    chat.send("Done already")
+    chat.wait_answer(canned("Done already"))
+    status = chat.page.evaluate(
+        """async (key) => {
+             const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+             const client = new DetachedRuns();
+             const run = client.follow(key);
+             for await (const _ of run) {}
+             return new Promise((resolve) => client.follow(key, {
+               onDone: (status) => resolve(status), onError: (e) => resolve(e.message),
+             }, { after: run.lastEventId }));
+           }""",
+        chat.session_key(),
+    )
+    assert status == "done"
+    # The page's stream, the replay above, the resume that got 204, and the
+    # one plain request that asked why EventSource gave up: then nothing.
+    chat.page.wait_for_timeout(400)
+    assert len(chat.events_requests) == 4
+    assert all(c["closed"] for c in chat.connections())
+
+
+@pytest.mark.parametrize("transport", ["ws"])
+def test_a_dropped_websocket_resumes_in_the_same_turn(context):
+    chat = Chat.open(context)
+    full = canned("Drop the socket")
+    chat.send("Drop the socket")
+    chat.wait_mid_answer(full)
+    # Close the socket under the page's feet: to the module that is a drop.
+    chat.page.evaluate("window.__connections.at(-1).close()")
+    chat.wait_answer(full)
+    expect(chat.answers).to_have_count(1)
+    urls = [c["url"] for c in chat.connections()]
+    assert "?after=" in urls[-1]
