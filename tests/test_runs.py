@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -264,3 +265,23 @@ async def test_a_permission_hook_can_let_a_team_share_sessions(config):
     with pytest.raises(RunNotFound):
         await runs.stop("team", owner="user:3")
     assert await runs.stop("team", owner="user:2") is True
+
+
+async def test_runs_started_by_requests_share_one_database_thread_after_the_requests_end():
+    """Django's ASGI handler gives each request its own thread for sync code
+    (asgiref's ThreadSensitiveContext). A run outlives its request; if it
+    inherited that context, each run would hold a thread and a connection."""
+    from asgiref.sync import ThreadSensitiveContext
+
+    threads: set[int] = set()
+
+    async def recording(ctx: Any) -> AsyncIterator[str]:
+        threads.add(await sync_to_async(threading.get_ident)())
+        yield "x"
+
+    for index in range(5):
+        async with ThreadSensitiveContext():  # one request each
+            await runs.start(f"chat{index}", prompt="x", agent=recording)
+    for index in range(5):
+        await finished(f"chat{index}")
+    assert len(threads) == 1

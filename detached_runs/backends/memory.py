@@ -24,6 +24,7 @@ How it keeps DESIGN.md's promises:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from bisect import bisect_right
@@ -312,9 +313,16 @@ class MemoryBackend(BaseBackend):
                 run.previous = previous
                 self._request_stop(previous)
         self._sessions[session_key] = run
+        # A context of its own: the run outlives the request that starts it, and
+        # under Django's ASGI handler the request's context carries asgiref's
+        # per-request database thread. Inherited, every run would keep (or
+        # re-create) a thread and a database connection of its own once that
+        # request ends; with a fresh context its database work shares the one
+        # thread of sync_to_async.
         task = asyncio.create_task(
             self._drive(run, source, finalize, timeout),
             name=f"detached_runs:{session_key}:{run_id}",
+            context=contextvars.Context(),
         )
         run.task = task
         self._tasks.add(task)
