@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -156,25 +157,34 @@ def _stale_after() -> timedelta:
 class _Recorder:
     """The service's side of one run: feeds the agent to the backend, saves the row."""
 
-    def __init__(self, service: RunService, backend: BaseBackend, run: Run, agent: Agent) -> None:
+    def __init__(
+        self,
+        service: RunService,
+        backend: BaseBackend,
+        run: Run,
+        agent: Agent,
+        history: tuple[Turn, ...] | None = None,
+    ) -> None:
         self.service = service
         self.backend = backend
         self.run = run
         self.agent = agent
-        self.checkpoints: asyncio.Task[None] | None = None
+        self.history = history
+        # What the last checkpoint saved, and when.
+        self.saved_id, self.beat = "", time.monotonic()
 
     async def source(self) -> AsyncIterator[Item]:
         run = self.run
-        history = await self.service.history(run)
+        history = self.history
+        if history is None:
+            history = await self.service.history(run)
         ctx = AgentContext(run.session_key, run.prompt, history, run.owner, str(run.id))
         stream = self.agent(ctx)
         if not hasattr(stream, "__anext__"):
             if asyncio.iscoroutine(stream):
                 stream.close()
             raise AgentError("The agent must return an async iterator (an async generator).")
-        self.checkpoints = asyncio.create_task(
-            self._checkpoint_loop(), name=f"detached_runs:checkpoint:{run.id}"
-        )
+        self.service._checkpoints.add(self)
         try:
             async for item in stream:
                 normalised = _normalise(item)
@@ -185,34 +195,19 @@ class _Recorder:
             if aclose is not None:
                 await aclose()
 
-    async def _checkpoint_loop(self) -> None:
-        run, config = self.run, get_config()
-        every = float(config["CHECKPOINT_EVERY"])
-        saved_id, beat = "", time.monotonic()
-        while True:
-            await asyncio.sleep(every)
-            snapshot = self.backend.output(run.session_key, run.id.hex)
-            if snapshot is None:
-                continue
-            output, last_id = snapshot
-            if last_id == saved_id and time.monotonic() - beat < _heartbeat_every():
-                continue
-            try:
-                await Run.objects.filter(pk=run.pk, status=RUNNING).aupdate(
-                    output=output, last_event_id=last_id, updated_at=timezone.now()
-                )
-            except DatabaseError:
-                logger.warning("Checkpoint of run %s failed; will retry", run.id.hex, exc_info=True)
-                continue
-            saved_id, beat = last_id, time.monotonic()
+    def checkpoint(self) -> tuple[str, str] | None:
+        """``(output, last id)`` if the row is due a checkpoint (new text, or a
+        heartbeat to show its process is alive), else None."""
+        snapshot = self.backend.output(self.run.session_key, self.run.id.hex)
+        if snapshot is None:
+            return None
+        if snapshot[1] == self.saved_id and time.monotonic() - self.beat < _heartbeat_every():
+            return None
+        return snapshot
 
     async def finalize(self, end: RunEnd) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.cancel()
-            try:
-                await self.checkpoints
-            except asyncio.CancelledError:
-                pass
+        # A checkpoint written after this save finds the row no longer running.
+        self.service._checkpoints.discard(self)
         now = timezone.now()
         fields = {
             "status": end.status,
@@ -250,6 +245,65 @@ class _Recorder:
             for name, value in fields.items():
                 setattr(run, name, value)
             await self.service._announce(run_finished, run, status=end.status, output=end.output)
+
+
+class _Checkpoints:
+    """Checkpoints of every run this service drives, written together: one
+    task and one trip to the database per ``CHECKPOINT_EVERY``, however many
+    runs are in flight (a task and a transaction per run would cost a thousand
+    commits a second at a thousand runs)."""
+
+    def __init__(self) -> None:
+        self._recorders: set[_Recorder] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, recorder: _Recorder) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.get_loop() is not loop:
+            # A new event loop (tests run one each): what the old one held is gone.
+            self._recorders, self._task = set(), None
+        self._recorders.add(recorder)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop(), name="detached_runs:checkpoints")
+
+    def discard(self, recorder: _Recorder) -> None:
+        self._recorders.discard(recorder)
+        if not self._recorders and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _loop(self) -> None:
+        every = float(get_config()["CHECKPOINT_EVERY"])
+        while True:
+            await asyncio.sleep(every)
+            due = {r: snap for r in self._recorders if (snap := r.checkpoint()) is not None}
+            if not due:
+                continue
+            try:
+                await sync_to_async(_write_checkpoints)(
+                    [(r.run.pk, output, last_id) for r, (output, last_id) in due.items()]
+                )
+            except DatabaseError:
+                logger.warning(
+                    "Checkpoint of run %s failed; will retry",
+                    ", ".join(r.run.id.hex for r in due),
+                    exc_info=True,
+                )
+                continue
+            now = time.monotonic()
+            for recorder, (_output, last_id) in due.items():
+                recorder.saved_id, recorder.beat = last_id, now
+
+
+def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> None:
+    """One transaction for all (sync, on the database thread). Only rows still
+    ``running`` are touched, so a checkpoint never undoes a final save."""
+    now = timezone.now()
+    with transaction.atomic():
+        for pk, output, last_id in rows:
+            Run.objects.filter(pk=pk, status=RUNNING).update(
+                output=output, last_event_id=last_id, updated_at=now
+            )
 
 
 def _normalise(item: Any) -> Item | None:
@@ -390,6 +444,7 @@ class RunService:
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._signals_installed = False
         self._announcing: set[asyncio.Task[None]] = set()
+        self._checkpoints = _Checkpoints()
 
     @property
     def backend(self) -> BaseBackend:
@@ -423,10 +478,9 @@ class RunService:
         backend = self.backend
         async with self._start_lock(session_key):
             current = await backend.get(session_key)
-            current_owner = (
-                current.meta.get("owner", "") if current else await self._db_owner(session_key)
-            )
-            if current_owner is not None and not may_access(requester, current_owner, session_key):
+            if current is not None and not may_access(
+                requester, current.meta.get("owner", ""), session_key
+            ):
                 raise RunNotFound("No such session.")
             limit = get_config()["MAX_ACTIVE_RUNS_PER_OWNER"]
             if limit is not None and requester:
@@ -435,17 +489,26 @@ class RunService:
                     active -= current.meta.get("owner") == requester  # it is replaced
                 if active >= limit:
                     raise TooManyRuns(f"You have {active} runs in flight; the limit is {limit}.")
-            run = await Run.objects.acreate(
-                session_key=session_key,
-                prompt=prompt,
-                owner=requester or "",
-                worker=worker_id(),
-                user_id=await _user_pk(owner, requester),
+            # One trip to the database thread for the owner check, the user
+            # and the row. With no run in flight the agent's history is final
+            # already, so it comes along; otherwise the agent reads it once the
+            # run it replaces is saved.
+            run, history = await sync_to_async(_open_row)(
+                session_key,
+                prompt,
+                requester,
+                owner.pk if getattr(owner, "is_authenticated", False) else None,
+                check_owner=current is None,
+                history=(
+                    int(get_config()["HISTORY_LIMIT"])
+                    if current is None or current.status != RUNNING
+                    else None
+                ),
             )
             # Before the backend starts it, so receivers see the run before its
             # agent does and always before run_finished.
             await self._announce(run_started, run)
-            recorder = _Recorder(self, backend, run, agent)
+            recorder = _Recorder(self, backend, run, agent, history)
             await backend.start(
                 session_key,
                 run.id.hex,
@@ -632,10 +695,6 @@ class RunService:
     async def _latest_row(self, session_key: str) -> Run | None:
         return await Run.objects.filter(session_key=session_key).order_by("-started_at").afirst()
 
-    async def _db_owner(self, session_key: str) -> str | None:
-        row = await self._latest_row(session_key)
-        return None if row is None else row.owner
-
     def _start_lock(self, session_key: str) -> _StartLock:
         return _StartLock(self._start_locks, session_key)
 
@@ -653,19 +712,50 @@ async def _send_robust(signal: Signal, run: Run, **kwargs: Any) -> None:
             )
 
 
-async def _user_pk(owner: Any, requester: str | None) -> Any:
-    """The user a run belongs to, for the admin's link (owner keys "user:<pk>")."""
-    if getattr(owner, "is_authenticated", False):
-        return owner.pk
-    if requester and requester.startswith("user:"):
-        pk = requester.removeprefix("user:")
+def _open_row(
+    session_key: str,
+    prompt: str,
+    requester: str | None,
+    user_pk: Any,
+    *,
+    check_owner: bool,
+    history: int | None,
+) -> tuple[Run, tuple[Turn, ...] | None]:
+    """Create a run's row (sync, on the database thread). With ``check_owner``,
+    a session whose latest row belongs to someone else raises `RunNotFound`.
+    With ``history`` (a limit), also return the session's earlier turns."""
+    rows: list[Run] = []
+    wanted = max(history or 0, 1 if check_owner else 0)
+    if wanted:
+        rows = list(
+            Run.objects.filter(session_key=session_key)
+            .order_by("-started_at")
+            .only("owner", "prompt", "output", "status")[:wanted]
+        )
+    if check_owner and rows and not may_access(requester, rows[0].owner, session_key):
+        raise RunNotFound("No such session.")
+    if user_pk is None and requester and requester.startswith("user:"):
+        # The user a run belongs to, for the admin's link (owner keys "user:<pk>").
         try:
-            return (
-                await get_user_model().objects.filter(pk=pk).values_list("pk", flat=True).afirst()
+            user_pk = (
+                get_user_model()
+                .objects.filter(pk=requester.removeprefix("user:"))
+                .values_list("pk", flat=True)
+                .first()
             )
         except (ValueError, TypeError, ValidationError):
-            return None
-    return None
+            user_pk = None
+    run = Run.objects.create(
+        session_key=session_key,
+        prompt=prompt,
+        owner=requester or "",
+        worker=worker_id(),
+        user_id=user_pk,
+    )
+    turns = None
+    if history is not None:
+        turns = tuple(Turn(r.prompt, r.output, r.status) for r in reversed(rows[:history]))
+    return run, turns
 
 
 class _StartLock:
