@@ -23,7 +23,14 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.environ.get("BENCH_DB", "/tmp/detached_runs_bench.sqlite3"),
-        "OPTIONS": {"timeout": 30},
+        # What a Django site on SQLite under load wants: WAL lets readers run
+        # beside the writer, IMMEDIATE takes the write lock up front instead of
+        # failing an upgrade, NORMAL syncs at checkpoints, not every commit.
+        "OPTIONS": {
+            "timeout": 30,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+        },
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
