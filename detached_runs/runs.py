@@ -31,12 +31,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connections, router, transaction
+from django.db.models import Field
 from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -283,7 +284,7 @@ class _Checkpoints:
                 await sync_to_async(_write_checkpoints)(
                     [(r.run.pk, output, last_id) for r, (output, last_id) in due.items()]
                 )
-            except DatabaseError:
+            except Exception:  # one task serves every run: it must go on
                 logger.warning(
                     "Checkpoint of run %s failed; will retry",
                     ", ".join(r.run.id.hex for r in due),
@@ -295,15 +296,33 @@ class _Checkpoints:
                 recorder.saved_id, recorder.beat = last_id, now
 
 
+_CHECKPOINTED = ("id", "output", "last_event_id", "updated_at", "status")
+
+
 def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> None:
-    """One transaction for all (sync, on the database thread). Only rows still
-    ``running`` are touched, so a checkpoint never undoes a final save."""
-    now = timezone.now()
-    with transaction.atomic():
-        for pk, output, last_id in rows:
-            Run.objects.filter(pk=pk, status=RUNNING).update(
-                output=output, last_event_id=last_id, updated_at=now
-            )
+    """One statement for all (sync, on the database thread). Only rows still
+    ``running`` are touched, so a checkpoint never undoes a final save.
+
+    The ORM's ``update()`` builds a query per row, which at a thousand rows a
+    second costs more than the writes; one prepared ``executemany`` does not.
+    """
+    db = router.db_for_write(Run)
+    conn = connections[db]
+    meta = Run._meta
+    fields = {name: cast("Field[Any, Any]", meta.get_field(name)) for name in _CHECKPOINTED}
+    column = {name: conn.ops.quote_name(f.column or name) for name, f in fields.items()}
+    sql = (
+        f"UPDATE {conn.ops.quote_name(meta.db_table)} SET {column['output']} = %s, "
+        f"{column['last_event_id']} = %s, {column['updated_at']} = %s "
+        f"WHERE {column['id']} = %s AND {column['status']} = %s"
+    )
+    now = fields["updated_at"].get_db_prep_value(timezone.now(), conn)
+    params = [
+        (output, last_id, now, fields["id"].get_db_prep_value(pk, conn), RUNNING)
+        for pk, output, last_id in rows
+    ]
+    with transaction.atomic(using=db), conn.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 def _normalise(item: Any) -> Item | None:
