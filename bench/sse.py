@@ -332,7 +332,10 @@ async def _fan_out(port: int, paths: list[str], headers: dict[str, str], gate: s
     began = time.perf_counter()
     await open_gate(port, gate)
     await asyncio.gather(*(f.finished for f in followers))
-    return time.perf_counter() - began
+    elapsed = time.perf_counter() - began
+    counts = {f.tokens for f in followers}
+    assert len(counts) == 1, f"followers saw different numbers of tokens: {sorted(counts)[:5]}"
+    return elapsed
 
 
 async def burst(port: int, subscribers: int, tokens: int = 2000) -> Figure:

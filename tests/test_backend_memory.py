@@ -455,3 +455,44 @@ async def test_count_running_counts_only_runs_in_flight_of_that_owner(backend, s
     assert await backend.count_running("someone else") == 0
     await backend.shutdown(1)
     assert await backend.count_running("o") == 0
+
+
+async def test_a_burst_reaches_a_waiting_subscriber_in_a_few_batches_not_one_per_turn(
+    backend, saves
+):
+    gate = asyncio.Event()
+
+    async def burst() -> AsyncIterator[str]:
+        await gate.wait()
+        for index in range(2000):
+            if index % 20 == 0:
+                await asyncio.sleep(0)  # a turn of the loop, as an agent reading a socket
+            yield f"t{index} "
+
+    await start(backend, burst(), saves)
+    subscription = await backend.subscribe("s")
+    assert [e.event for e in await subscription.next_batch()] == ["start"]
+    gate.set()
+    batches = []
+    while not subscription.ended:
+        batches.append(await subscription.next_batch())
+    text = "".join(e.data["text"] for batch in batches for e in batch if e.event == "delta")
+    assert text == "".join(f"t{i} " for i in range(2000))
+    assert len(batches) <= 5  # one per turn would be 100
+
+
+async def test_a_paced_token_wakes_its_subscriber_on_the_next_turn(backend, saves):
+    gate = Gate()
+    await start(backend, gate.agent(), saves)
+    subscription = await backend.subscribe("s")
+    while not any(e.event == "delta" for e in await subscription.next_batch()):
+        pass  # start, then "first "
+    waiting = asyncio.ensure_future(subscription.next_batch())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    gate.go.set()
+    for _ in range(5):  # a few turns of the loop, no lingering for a pause
+        await asyncio.sleep(0)
+    assert waiting.done()
+    assert next(e.data.get("text") for e in await waiting) == "after "
+    await wait_finished(backend)

@@ -57,6 +57,10 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
+#: How long subscribers may be kept waiting while a producer appends on every
+#: turn of the loop, so that they take a burst in one write (seconds).
+COALESCE_FOR = 0.01
+
 # Phases of a run's task.
 _WAITING, _RUNNING, _FINISHING, _FINISHED = range(4)
 
@@ -75,6 +79,7 @@ class _Text:
 class _Run:
     __slots__ = (
         "_cache",
+        "_flush",
         "ended_at",
         "ends",
         "entries",
@@ -114,6 +119,7 @@ class _Run:
         self.previous: _Run | None = None
         self.finished = asyncio.Event()
         self.waiters: list[asyncio.Future[None]] = []
+        self._flush: asyncio.Handle | None = None
         self.subscribers = 0
         self.evict_handle: asyncio.TimerHandle | None = None
         self.ended_at: float | None = None  # loop time
@@ -152,6 +158,21 @@ class _Run:
         return item
 
     def _wake(self) -> None:
+        # Subscribers are not woken at once but from the loop, and not while
+        # the producer is still appending on every turn of the loop (a burst):
+        # then they would each write a sliver per turn. They wake when it
+        # pauses (a paced agent waits for its model: one turn of latency) or
+        # after COALESCE_FOR at most, and take what piled up as one write.
+        if self.waiters and self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_soon(self._flush_waiters, self.position, loop.time())
+
+    def _flush_waiters(self, seen: Position, since: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self.position != seen and loop.time() - since < COALESCE_FOR:
+            self._flush = loop.call_soon(self._flush_waiters, self.position, since)
+            return
+        self._flush = None
         waiters, self.waiters = self.waiters, []
         for future in waiters:
             _set_if_pending(future)
