@@ -180,13 +180,16 @@ def stop_server(server: Server) -> None:
         server.process.wait()
 
 
-@pytest.fixture(scope="session")
-def server(django_db_setup: Any, django_db_blocker: Any) -> Any:
+@pytest.fixture(scope="session", params=["daphne", "uvicorn"])
+def server(request: Any, django_db_setup: Any, django_db_blocker: Any) -> Any:
+    """The test project under a real ASGI server: every end-to-end test runs
+    under daphne (Twisted) and under uvicorn (asyncio, with its own flow
+    control and lifespan)."""
     with django_db_blocker.unblock():
         env = server_env(
             TEST_AGENT_DELAY="0.02", TEST_KEEPALIVE="0.3", TEST_EVICT_AFTER="1", LOG="DEBUG"
         )
-    running = start_server(env)
+    running = start_server(env, kind=request.param)
     yield running
     stop_server(running)
 
