@@ -347,11 +347,14 @@ export class Run {
       } else if (close.code >= 4000 && close.code < 5000) {
         const message = close.reason || REFUSALS[close.code] || `Refused (${close.code}).`;
         this._fail(new RunError(message, close.code - 4000));
-      } else if (this._pending) {
+      } else if (this._pending?.sent) {
         // Sending the prompt again could start it twice: let the caller decide.
         this._fail(new RunError("The connection closed before the run started.", 0));
+      } else if (this._pending && this._retries >= 3) {
+        this._fail(new RunError("The server cannot be reached.", 0));
       } else {
-        this.callbacks.onReconnecting?.();
+        // Nothing was sent yet, or we follow a run: connecting again is safe.
+        if (!this._pending) { this.callbacks.onReconnecting?.(); }
         const delay = Math.min(5000, 250 * 2 ** this._retries++);
         this._timer = setTimeout(() => this._openSocket(this.lastEventId), delay);
       }
