@@ -41,4 +41,5 @@ DETACHED_RUNS = {
     "MAX_ACTIVE_RUNS_PER_OWNER": None,
     "HANDLE_SIGNALS": False,
     "EVICT_AFTER": 600,
+    "CHECKPOINT_EVERY": float(os.environ.get("BENCH_CHECKPOINT_EVERY", "1")),
 }

@@ -358,12 +358,14 @@ async def _paced(
     stamps: list[tuple[float, float]] = []
     followers = await bounded((partial(follow, port, p, headers, stamps) for p in paths), 50)
     await asyncio.gather(*(f.started for f in followers))
-    began = time.monotonic()
+    began, cpu = time.monotonic(), time.process_time()
     await open_gate(port, gate)
     await asyncio.wait_for(
         asyncio.gather(*(f.finished for f in followers)),
         seconds * 4 + 30,
     )
+    # The load client must cost little: say what share of a core it used.
+    client_cpu = (time.process_time() - cpu) / (time.monotonic() - began)
     # The steady part of the run: after the first second, before the last.
     window = [lat for at, lat in stamps if began + 1 <= at < began + seconds - 1]
     window.sort()
@@ -371,6 +373,7 @@ async def _paced(
         "delivered": len(window) / (seconds - 2),
         "p50 ms": window[len(window) // 2] * 1000,
         "p99 ms": window[int(len(window) * 0.99)] * 1000,
+        "client cpu": client_cpu,
     }
 
 
