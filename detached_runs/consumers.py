@@ -43,6 +43,27 @@ logger = logging.getLogger(__name__)
 CLOSE_INTERNAL = 1011
 
 
+def _disconnected() -> tuple[type[BaseException], ...]:
+    """What a server raises from ``send`` on a socket the client has closed."""
+    kinds: list[type[BaseException]] = [ConnectionError]
+    try:  # daphne (autobahn)
+        from autobahn.exception import Disconnected
+
+        kinds.append(Disconnected)
+    except ImportError:
+        pass
+    try:  # uvicorn
+        from uvicorn.protocols.utils import ClientDisconnected
+
+        kinds.append(ClientDisconnected)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+_DISCONNECTED = _disconnected()
+
+
 class RunConsumer(AsyncWebsocketConsumer):
     session_key: str
     owner: str
@@ -154,6 +175,10 @@ class RunConsumer(AsyncWebsocketConsumer):
                     await self.send(text_data=event.frame)
         except asyncio.CancelledError:
             raise
+        except _DISCONNECTED:
+            # The browser went away between two frames: a normal end for a
+            # subscriber (the run goes on); the disconnect handler follows.
+            logger.debug("WebSocket of session %s closed while forwarding", self.session_key)
         except Exception:
             logger.exception("Forwarding session %s to a WebSocket failed", self.session_key)
         finally:

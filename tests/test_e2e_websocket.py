@@ -70,3 +70,20 @@ async def test_a_stranger_is_closed_with_4404(server):
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(socket.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+
+
+async def test_a_browser_that_drops_its_socket_mid_answer_is_a_quiet_normal_end(server):
+    key = uuid.uuid4().hex[:12]
+    browser = Browser(server.port)
+    await asyncio.to_thread(browser.request, "POST", f"/runs/{key}/", {"prompt": "60"})
+    url = f"ws://127.0.0.1:{server.port}/ws/runs/{key}/"
+    headers = {"Cookie": cookie_header(browser)}
+    origin = Origin(f"http://127.0.0.1:{server.port}")
+    for _ in range(20):
+        socket = await websockets.connect(url, additional_headers=headers, origin=origin)
+        await socket.recv()
+        socket.transport.abort()  # gone mid-answer, no closing handshake
+    events = await asyncio.to_thread(lambda: browser.stream(f"/runs/{key}/events/").rest())
+    assert events[-1].data == {"status": "done"}  # the run went on
+    log = server.output()
+    assert "Traceback" not in log and "Forwarding session" not in log
