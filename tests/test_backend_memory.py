@@ -198,6 +198,30 @@ async def test_next_batch_returns_empty_after_the_keepalive_timeout(backend, sav
     assert text_of(await subscription.next_batch(timeout=1)) == "after "
 
 
+async def test_keepalive_counts_from_the_last_batch_not_from_each_wait(backend, saves):
+    """Tokens more often than the keep-alive interval: no keep-alive at all;
+    then silence: one keep-alive, an interval after the last token."""
+
+    async def then_silence() -> AsyncIterator[str]:
+        async for word in paced([f"w{i} " for i in range(20)], 0.01):
+            yield word
+        await asyncio.sleep(3600)
+
+    await start(backend, then_silence(), saves)
+    subscription = await backend.subscribe("s")
+    loop = asyncio.get_running_loop()
+    batches, last_text = [], loop.time()
+    while True:
+        batch = await subscription.next_batch(timeout=0.15)
+        if batch == []:
+            break
+        batches.append(batch)
+        last_text = loop.time()
+    assert text_of([e for b in batches for e in b]) == "".join(f"w{i} " for i in range(20))
+    assert loop.time() - last_text >= 0.15
+    await backend.stop("s")
+
+
 # -- subscribe binds at once -------------------------------------------------
 
 

@@ -254,6 +254,13 @@ class MemorySubscription(Subscription):
         self._run = run
         self._cursor = cursor
         self._closed = False
+        # Keep-alive: one timer per quiet spell, not one per wait (a wait per
+        # token would cost a timer per token); see _keepalive_due.
+        self._waiting: asyncio.Future[None] | None = None
+        self._quiet_since: float | None = None
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self.run_id = run.id
         self.meta = run.meta
         run.subscribers += 1
@@ -275,23 +282,47 @@ class MemorySubscription(Subscription):
             if batch:
                 # A read runs to the end of the log, so the cursor goes there.
                 self._cursor = run.position
+                self._quiet_since = None
                 return batch
             loop = asyncio.get_running_loop()
             future: asyncio.Future[None] = loop.create_future()
             run.waiters.append(future)
-            timer = loop.call_later(timeout, _set_if_pending, future) if timeout else None
+            if timeout:
+                self._timeout = timeout
+                if self._quiet_since is None:
+                    self._quiet_since = loop.time()
+                if self._timer is None:
+                    self._timer = loop.call_at(self._quiet_since + timeout, self._keepalive_due)
+            self._waiting = future
             try:
                 await future
             finally:
-                if timer is not None:
-                    timer.cancel()
-            if timer is not None and not run.read(self._cursor) and not self.ended:
-                return []
+                self._waiting = None
+            if self._timed_out:
+                self._timed_out = False
+                if not run.read(self._cursor) and not self.ended:
+                    self._quiet_since = None
+                    return []
+
+    def _keepalive_due(self) -> None:
+        self._timer = None
+        if self._waiting is None or self._quiet_since is None:
+            return  # not waiting now: the next wait arms the timer again
+        loop = asyncio.get_running_loop()
+        due = self._quiet_since + self._timeout
+        if loop.time() < due:  # it went quiet again since the timer was set
+            self._timer = loop.call_at(due, self._keepalive_due)
+            return
+        self._timed_out = True
+        _set_if_pending(self._waiting)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._run.subscribers -= 1
         if self._run.subscribers == 0:
             self._backend._in_loop(self._backend._released, self._run)
