@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo_project.settings")
@@ -28,3 +29,8 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+# A long-running server, once set up: what was loaded so far (Django, the
+# project, their modules) moves out of the garbage collector's sight, so its
+# full collections scan only live requests and runs (see README, Deploying).
+gc.freeze()
