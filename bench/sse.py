@@ -680,8 +680,6 @@ async def main(args: argparse.Namespace) -> None:
     _raise_fd_limit()
     only = args.only.split(",") if args.only else list(SCENARIOS)
     results: dict[str, list[Figure]] = {}
-    plain = [s for s in only if s not in ("memory", "stalled")]
-    traced = [s for s in only if s in ("memory", "stalled")]
     jobs: dict[str, Callable[[int], Awaitable[Figure]]] = {
         "burst": lambda port: burst(port, args.subscribers),
         "capacity": lambda port: capacity(port, args.runs),
@@ -691,16 +689,16 @@ async def main(args: argparse.Namespace) -> None:
         "stalled": stalled,
         "start": lambda port: start(port, seconds=args.start_seconds),
     }
-    for group, is_traced in ((plain, False), (traced, True)):
-        if not group:
-            continue
-        process, port = start_daphne(traced=is_traced)
+    for name in only:
+        # A server of its own for each scenario: runs another scenario left in
+        # the registry (EVICT_AFTER) would otherwise weigh on its heap and its
+        # garbage collector. The memory scenarios run under PYTHONTRACEMALLOC.
+        process, port = start_daphne(traced=name in ("memory", "stalled"))
         try:
-            for name in group:
-                results[name] = []
-                for _ in range(args.repeat):
-                    results[name].append(await jobs[name](port))
-                    print(f"  {name}: {results[name][-1]}", file=sys.stderr)
+            results[name] = []
+            for _ in range(args.repeat):
+                results[name].append(await jobs[name](port))
+                print(f"  {name}: {results[name][-1]}", file=sys.stderr)
         finally:
             process.terminate()
             process.wait(10)
