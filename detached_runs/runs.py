@@ -240,6 +240,7 @@ class _Recorder:
                     )
                     return
                 logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
+                await sync_to_async(_drop_connections)()
                 await asyncio.sleep(delay)
         if ended:
             run = copy.copy(self.run)  # the caller of start() keeps its own
@@ -290,10 +291,23 @@ class _Checkpoints:
                     ", ".join(r.run.id.hex for r in due),
                     exc_info=True,
                 )
+                await sync_to_async(_drop_connections)()
                 continue
             now = time.monotonic()
             for recorder, (_output, last_id) in due.items():
                 recorder.saved_id, recorder.beat = last_id, now
+
+
+def _drop_connections() -> None:
+    """Close this thread's database connections after a failed write, so the
+    retry opens a fresh one. The runs' writes go through asgiref's one shared
+    thread, which no request ends, so Django never recycles its connection:
+    without this, a database restart would fail every later save for good."""
+    for conn in connections.all(initialized_only=True):
+        try:
+            conn.close()
+        except DatabaseError:
+            pass  # broken already; the next query reconnects
 
 
 _CHECKPOINTED = ("id", "output", "last_event_id", "updated_at", "status")

@@ -141,3 +141,23 @@ def stall(port: int, path: str, browser: Browser) -> Iterator[socket.socket]:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookies}\r\n\r\n".encode())
         opened.append(sock)
     return iter(opened)
+
+
+async def test_after_the_database_dropped_the_connection_the_save_reconnects(monkeypatch):
+    """A database restart leaves the runs' thread with a dead connection that
+    no request end would recycle: the retry must open a new one."""
+    monkeypatch.setattr("detached_runs.runs.SAVE_RETRY_DELAYS", (0.01, 0.01))
+    run = await runs.start("chat", prompt="x", agent=hang)
+    await asyncio.sleep(0.1)
+
+    def drop() -> None:
+        connection.ensure_connection()
+        connection.connection.close()  # under Django's back, as a restart does
+
+    await sync_to_async(drop)()
+    subscription = await runs.subscribe("chat")
+    await runs.stop("chat")
+    events = [e async for e in subscription]  # done comes after the save
+    assert events[-1].data == {"status": "stopped"}
+    row = await Run.objects.aget(pk=run.pk)
+    assert (row.status, row.output) == ("stopped", "before the hang ")
