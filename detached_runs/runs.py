@@ -648,8 +648,7 @@ class RunService:
         limit = int(get_config()["HISTORY_LIMIT"])
         rows = Run.objects.filter(session_key=run.session_key, started_at__lte=run.started_at)
         rows = rows.exclude(pk=run.pk).order_by("-started_at")[:limit]
-        turns = [Turn(r.prompt, r.output, r.status) async for r in rows]
-        return tuple(reversed(turns))
+        return _turns([r async for r in rows])
 
     async def resolve(self, row: Run) -> Run:
         """Re-read a row. A ``running`` row that no live process holds is marked
@@ -787,8 +786,13 @@ def _open_row(
     )
     turns = None
     if history is not None:
-        turns = tuple(Turn(r.prompt, r.output, r.status) for r in reversed(rows[:history]))
+        turns = _turns(rows[:history])
     return run, turns
+
+
+def _turns(rows: list[Run]) -> tuple[Turn, ...]:
+    """A session's rows, newest first, as the agent's history: oldest first."""
+    return tuple(Turn(r.prompt, r.output, r.status) for r in reversed(rows))
 
 
 class _StartLock:
