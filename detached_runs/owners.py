@@ -15,6 +15,7 @@ from django.http import HttpRequest
 from django.utils.module_loading import import_string
 
 from .conf import get_config
+from .db import run_sync
 
 ANON_SESSION_KEY = "_detached_runs_owner"
 
@@ -49,17 +50,23 @@ async def request_owner(request: HttpRequest, *, create: bool = False) -> str | 
     """The owner key of an HTTP request, or None if it can own nothing.
 
     With ``create`` an anonymous visitor gets an owner id stored in their
-    session (the session middleware then sets the cookie).
+    session (the session middleware then sets the cookie). The user and the
+    session are read on the app's database thread (`detached_runs.db`), which
+    keeps its connection, not on the request's own, which would open one.
     """
-    user = await request.auser()
-    if user.is_authenticated:
+    return await run_sync(_request_owner, request, create)
+
+
+def _request_owner(request: HttpRequest, create: bool) -> str | None:
+    user = getattr(request, "user", None)  # AuthenticationMiddleware's lazy user
+    if user is not None and user.is_authenticated:
         return owner_key(user)
     if not get_config()["ALLOW_ANONYMOUS"] or not hasattr(request, "session"):
         return None
-    anon = await request.session.aget(ANON_SESSION_KEY)
+    anon: str | None = request.session.get(ANON_SESSION_KEY)
     if anon is None and create:
         anon = f"anon:{secrets.token_hex(16)}"
-        await request.session.aset(ANON_SESSION_KEY, anon)
+        request.session[ANON_SESSION_KEY] = anon
     return anon
 
 

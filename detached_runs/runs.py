@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import DatabaseError, connections, router, transaction
@@ -45,6 +44,7 @@ from django.utils.module_loading import import_string
 from .backends import load_backend
 from .backends.base import INTERRUPTED, RUNNING, BaseBackend, Item, RunEnd, RunState, Subscription
 from .conf import get_config
+from .db import drop_connections, run_sync
 from .events import DELTA, DONE, ORIGIN, RESERVED, START, Event, Position, make_id, parse_id
 from .exceptions import (
     AgentError,
@@ -240,7 +240,7 @@ class _Recorder:
                     )
                     return
                 logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
-                await sync_to_async(_drop_connections)()
+                await run_sync(drop_connections)
                 await asyncio.sleep(delay)
         if ended:
             run = copy.copy(self.run)  # the caller of start() keeps its own
@@ -282,8 +282,9 @@ class _Checkpoints:
             if not due:
                 continue
             try:
-                await sync_to_async(_write_checkpoints)(
-                    [(r.run.pk, output, last_id) for r, (output, last_id) in due.items()]
+                await run_sync(
+                    _write_checkpoints,
+                    [(r.run.pk, output, last_id) for r, (output, last_id) in due.items()],
                 )
             except Exception:  # one task serves every run: it must go on
                 logger.warning(
@@ -291,23 +292,11 @@ class _Checkpoints:
                     ", ".join(r.run.id.hex for r in due),
                     exc_info=True,
                 )
-                await sync_to_async(_drop_connections)()
+                await run_sync(drop_connections)
                 continue
             now = time.monotonic()
             for recorder, (_output, last_id) in due.items():
                 recorder.saved_id, recorder.beat = last_id, now
-
-
-def _drop_connections() -> None:
-    """Close this thread's database connections after a failed write, so the
-    retry opens a fresh one. The runs' writes go through asgiref's one shared
-    thread, which no request ends, so Django never recycles its connection:
-    without this, a database restart would fail every later save for good."""
-    for conn in connections.all(initialized_only=True):
-        try:
-            conn.close()
-        except DatabaseError:
-            pass  # broken already; the next query reconnects
 
 
 _CHECKPOINTED = ("id", "output", "last_event_id", "updated_at", "status")
@@ -526,7 +515,8 @@ class RunService:
             # and the row. With no run in flight the agent's history is final
             # already, so it comes along; otherwise the agent reads it once the
             # run it replaces is saved.
-            run, history = await sync_to_async(_open_row)(
+            run, history = await run_sync(
+                _open_row,
                 session_key,
                 prompt,
                 requester,
@@ -662,20 +652,13 @@ class RunService:
         pid is gone is orphaned at once (a restart after ``kill -9``); any other
         row once its heartbeat is older than three beats plus 5 s.
         """
-        fresh = await Run.objects.filter(pk=row.pk).afirst() or row
-        if fresh.status != RUNNING or not _orphaned(fresh):
-            return fresh
-        terminal = make_id(fresh.id.hex, terminal_position(fresh))
-        updated = await Run.objects.filter(
-            pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at
-        ).aupdate(status=Run.Status.INTERRUPTED, finished_at=timezone.now(), last_event_id=terminal)
-        resolved = await Run.objects.aget(pk=fresh.pk)
+        resolved, updated = await run_sync(_resolve_row, row)
         if updated:
             logger.warning(
                 "Run %s of session %s was orphaned (worker %s): marked interrupted",
-                fresh.id.hex,
-                fresh.session_key,
-                fresh.worker,
+                resolved.id.hex,
+                resolved.session_key,
+                resolved.worker,
             )
             await self._announce(
                 run_finished, resolved, status=resolved.status, output=resolved.output
@@ -725,7 +708,7 @@ class RunService:
             await self._announce(run_finished, row, status=row.status, output=row.output)
 
     async def _latest_row(self, session_key: str) -> Run | None:
-        return await Run.objects.filter(session_key=session_key).order_by("-started_at").afirst()
+        return await run_sync(_latest_row, session_key)
 
     def _start_lock(self, session_key: str) -> _StartLock:
         return _StartLock(self._start_locks, session_key)
@@ -788,6 +771,23 @@ def _open_row(
     if history is not None:
         turns = _turns(rows[:history])
     return run, turns
+
+
+def _latest_row(session_key: str) -> Run | None:
+    return Run.objects.filter(session_key=session_key).order_by("-started_at").first()
+
+
+def _resolve_row(row: Run) -> tuple[Run, bool]:
+    """`RunService.resolve`'s reads and write (sync, on the database thread):
+    the fresh row, and whether this call marked it interrupted."""
+    fresh = Run.objects.filter(pk=row.pk).first() or row
+    if fresh.status != RUNNING or not _orphaned(fresh):
+        return fresh, False
+    terminal = make_id(fresh.id.hex, terminal_position(fresh))
+    updated = Run.objects.filter(pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at).update(
+        status=Run.Status.INTERRUPTED, finished_at=timezone.now(), last_event_id=terminal
+    )
+    return Run.objects.get(pk=fresh.pk), bool(updated)
 
 
 def _turns(rows: list[Run]) -> tuple[Turn, ...]:

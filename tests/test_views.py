@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.testing import HttpCommunicator
 from django.contrib.auth import get_user_model
+from django.core.asgi import get_asgi_application
 from django.db import OperationalError, connection
+from django.db.backends.signals import connection_created
 from django.test import AsyncClient, Client
 
 from detached_runs import runs
@@ -134,6 +138,58 @@ async def test_a_database_that_refuses_the_start_is_503_and_nothing_runs(client)
         await sync_to_async(lambda: connection.execute_wrappers.remove(refuse))()
     assert reply.status_code == 503 and "database" in reply.json()["error"]
     assert len(get_service().backend) == 0  # type: ignore[arg-type]
+
+
+async def asgi_get(path: str, cookies: dict[str, str]) -> dict[str, Any]:
+    """A GET through Django's own ASGI handler, which (unlike AsyncClient's)
+    gives each request a thread of its own, as under daphne or uvicorn."""
+    cookie = "; ".join(f"{k}={v}" for k, v in cookies.items()).encode()
+    communicator = HttpCommunicator(
+        get_asgi_application(), "GET", path, headers=[(b"cookie", cookie)]
+    )
+    return await communicator.get_response(timeout=5)
+
+
+async def test_requests_query_on_the_apps_database_thread_without_connecting(client, config):
+    """A query on the request's own thread would open a database connection
+    for that request and close it at its end: most of a resume's first byte."""
+    config(AGENT=forever)
+    assert (await post(client, "/runs/chat/", {"prompt": "x"})).status_code == 202
+    cookies = {"sessionid": client.cookies["sessionid"].value}
+    opened: list[str] = []
+
+    def count(sender: Any, connection: Any, **kwargs: Any) -> None:
+        opened.append(threading.current_thread().name)
+
+    connection_created.connect(count)
+    try:
+        for path in ("/runs/chat/", "/runs/unknown/", "/runs/chat/"):
+            reply = await asgi_get(path, cookies)  # the owner lookup, a row read
+            assert reply["status"] == (404 if "unknown" in path else 200)
+    finally:
+        connection_created.disconnect(count)
+    assert opened == []
+    await runs.stop("chat")
+
+
+async def test_after_the_database_dropped_the_connection_requests_reconnect(client, config):
+    """The app's database thread keeps its connection, so nothing recycles it
+    when the database restarts: one request may fail, the next must not."""
+    config(AGENT=forever)
+    assert (await post(client, "/runs/chat/", {"prompt": "x"})).status_code == 202
+    subscription = await runs.subscribe("chat")
+    await runs.stop("chat")
+    assert [e async for e in subscription][-1].data == {"status": "stopped"}  # saved
+
+    def drop() -> None:
+        connection.ensure_connection()
+        connection.connection.close()  # under Django's back, as a restart does
+
+    await sync_to_async(drop)()
+    first = await client.get("/runs/chat/")
+    assert first.status_code in (200, 503)
+    second = await client.get("/runs/chat/")
+    assert second.status_code == 200 and second.json()["run"]["status"] == "stopped"
 
 
 async def test_an_unset_agent_is_a_clean_500_not_a_traceback(client, config):
