@@ -418,22 +418,31 @@ def _text(events: list[dict[str, object]]) -> str:
     return "".join(e["data"]["text"] for e in events if e.get("event") == "delta")  # type: ignore[index]
 
 
-async def resume(port: int) -> Figure:
-    """Read part of a paced run, drop the connection, resume with Last-Event-ID."""
-    app, ceiling, exact = [], [], True
-    for _ in range(5):
+async def resume(port: int, samples: int = 8) -> Figure:
+    """Read part of a paced run, drop the connection, come back 100 ms later
+    (a reload) with Last-Event-ID: the first byte of the response, the first
+    event (the text missed meanwhile, all in one), and whether the text is
+    exact. The ceiling's is the first event of a fresh bare stream."""
+    first_byte, first_event, ceiling, exact = [], [], [], True
+    for _ in range(samples):
         client = Client(port)
         key = _key()
         await client.start(key, "200 100")
-        partial = await client.events(key, read_for=0.6)
+        partial = await client.events(key, read_for=0.5)
         seen = [e for e in partial.events() if "id" in e]
+        await asyncio.sleep(0.1)  # the run goes on: ten tokens to catch up on
         rest = await client.events(key, str(seen[-1]["id"]))
-        app.append(rest.first_event)
+        first_byte.append(rest.first_byte)
+        first_event.append(rest.first_event)
         exact &= _text(seen) + _text(rest.events()) == "".join(f"tok{i} " for i in range(200))
         reply = await request(port, "GET", ceiling_path("200 100"), until=b"data: ")
         ceiling.append(reply.first_event)
     return Figure(
-        {"ms": statistics.median(app) * 1000, "exact": float(exact)},
+        {
+            "first byte ms": statistics.median(first_byte) * 1000,
+            "ms": statistics.median(first_event) * 1000,
+            "exact": float(exact),
+        },
         {"ms": statistics.median(ceiling) * 1000},
     )
 
@@ -620,15 +629,16 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
         )
     if "resume" in results:
         f = results["resume"]
-        ms, c_ms = _median(f, "app", "ms"), _median(f, "ceiling", "ms")
+        byte, ms = _median(f, "app", "first byte ms"), _median(f, "app", "ms")
+        c_ms = _median(f, "ceiling", "ms")
         exact = all(x.app["exact"] for x in f)
         row(
-            "resume: Last-Event-ID mid-run",
-            f"first event {ms:.2f} ms, exact text: {exact}",
-            f"{c_ms:.2f} ms",
+            "resume: Last-Event-ID, 100 ms after a drop",
+            f"first byte {byte:.2f} ms, first event {ms:.2f} ms, exact text: {exact}",
+            f"first event {c_ms:.2f} ms",
             f"{c_ms / ms:.0%}",
             "first byte < 5 ms, exact",
-            exact and ms < 5,
+            exact and byte < 5 and ms < 5,
         )
     if "memory" in results:
         f = results["memory"]
