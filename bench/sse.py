@@ -278,6 +278,12 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
 
 
+#: The ASGI server the scenarios run on (``--server``): daphne, the stack the
+#: goals are set for, or uvicorn, to see which limits are the server's.
+SERVER = "daphne"
+SERVER_PID = 0
+
+
 def start_daphne(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -288,17 +294,13 @@ def start_daphne(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     subprocess.run(
         [sys.executable, "-m", "django", "migrate", "-v0"], env=env, check=True, cwd=ROOT
     )
+    if SERVER == "uvicorn":
+        command = ["uvicorn", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--no-access-log", "--lifespan", "off", "bench.asgi:application"]
+    else:
+        command = ["daphne", "-b", "127.0.0.1", "-p", str(port), "bench.asgi:application"]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "bench.asgi:application",
-        ],
+        [sys.executable, "-m", *command],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -352,14 +354,30 @@ async def burst(port: int, subscribers: int, tokens: int = 2000) -> Figure:
     return Figure({"tokens/s": rate / app}, {"tokens/s": rate / ceiling})
 
 
+def _server_cpu() -> float:
+    """CPU seconds (user and system) the server process has used so far."""
+    fields = Path(f"/proc/{SERVER_PID}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _paced(
-    port: int, paths: list[str], headers: dict[str, str], gate: str, seconds: float
+    port: int,
+    paths: list[str],
+    headers: dict[str, str],
+    gate: str,
+    seconds: float,
+    rate: float,
 ) -> dict[str, float]:
     stamps: list[tuple[float, float]] = []
     followers = await bounded((partial(follow, port, p, headers, stamps) for p in paths), 50)
     await asyncio.gather(*(f.started for f in followers))
     began, cpu = time.monotonic(), time.process_time()
     await open_gate(port, gate)
+    # The server's CPU over the steady part, per token demanded.
+    await asyncio.sleep(1)
+    server_cpu, steady = _server_cpu(), time.monotonic()
+    await asyncio.sleep(seconds - 2)
+    server_cpu, steady = _server_cpu() - server_cpu, time.monotonic() - steady
     await asyncio.wait_for(
         asyncio.gather(*(f.finished for f in followers)),
         seconds * 4 + 30,
@@ -374,6 +392,8 @@ async def _paced(
         "p50 ms": window[len(window) // 2] * 1000,
         "p99 ms": window[int(len(window) * 0.99)] * 1000,
         "client cpu": client_cpu,
+        "server cores": server_cpu / steady,
+        "us/token": server_cpu / steady / (len(paths) * rate) * 1e6,
     }
 
 
@@ -385,10 +405,12 @@ async def capacity(port: int, runs: int, tokens: int = 300, rate: float = 30) ->
     spec = f"{tokens} {rate} stamp gate={gate}"
     await bounded((partial(client.start, k, spec) for k in keys), 20)
     seconds = tokens / rate
-    app = await _paced(port, [f"/runs/{k}/events/" for k in keys], client.cookie(), gate, seconds)
+    app = await _paced(
+        port, [f"/runs/{k}/events/" for k in keys], client.cookie(), gate, seconds, rate
+    )
     gate = _key()
     ceiling = await _paced(
-        port, [ceiling_path(f"{tokens} {rate} stamp gate={gate}")] * runs, {}, gate, seconds
+        port, [ceiling_path(f"{tokens} {rate} stamp gate={gate}")] * runs, {}, gate, seconds, rate
     )
     demanded = runs * rate
     for figure in (app, ceiling):
@@ -607,10 +629,13 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
         p50, p99 = _median(f, "app", "p50 ms"), _median(f, "app", "p99 ms")
         c_delivered = _median(f, "ceiling", "delivered")
         c_p99 = _median(f, "ceiling", "p99 ms")
+        cost, c_cost = _median(f, "app", "us/token"), _median(f, "ceiling", "us/token")
+        cores, c_cores = _median(f, "app", "server cores"), _median(f, "ceiling", "server cores")
         row(
             f"capacity: {args.runs:,} runs x 300 tokens at 30/s",
-            f"{delivered:.0%} delivered, p50 {p50:.1f} ms, p99 {p99:.1f} ms",
-            f"{c_delivered:.0%}, p99 {c_p99:.1f} ms",
+            f"{delivered:.0%} delivered, p50 {p50:.1f} ms, p99 {p99:.1f} ms;"
+            f" server {cost:.0f} us/token ({cores:.2f} cores)",
+            f"{c_delivered:.0%}, p99 {c_p99:.1f} ms; {c_cost:.0f} us/token ({c_cores:.2f} cores)",
             f"{delivered / c_delivered:.0%}",
             ">= 90% delivered, p99 < 100 ms",
             delivered >= 0.9 and p99 < 100,
@@ -687,6 +712,8 @@ SCENARIOS = ("burst", "capacity", "replay", "resume", "memory", "stalled", "star
 
 
 async def main(args: argparse.Namespace) -> None:
+    global SERVER, SERVER_PID
+    SERVER = args.server
     _raise_fd_limit()
     only = args.only.split(",") if args.only else list(SCENARIOS)
     results: dict[str, list[Figure]] = {}
@@ -704,6 +731,7 @@ async def main(args: argparse.Namespace) -> None:
         # the registry (EVICT_AFTER) would otherwise weigh on its heap and its
         # garbage collector. The memory scenarios run under PYTHONTRACEMALLOC.
         process, port = start_daphne(traced=name in ("memory", "stalled"))
+        SERVER_PID = process.pid
         try:
             results[name] = []
             for _ in range(args.repeat):
@@ -723,6 +751,9 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--start-seconds", type=float, default=10)
     parser.add_argument("--quick", action="store_true", help="small loads, one repetition")
+    parser.add_argument(
+        "--server", choices=("daphne", "uvicorn"), default="daphne", help="the ASGI server"
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.subscribers, args.runs, args.start_seconds = 1, 100, 200, 3
