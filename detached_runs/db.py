@@ -1,7 +1,7 @@
 """The thread detached_runs talks to the database on.
 
 Every query of the app runs on asgiref's one shared sync thread (the thread
-``sync_to_async`` uses outside a request), never on a request's own thread.
+``sync_to_async`` uses outside a request), not on a request's own thread.
 
 Why: Django's ASGI handler gives each request a thread of its own, so a query
 made on it opens a database connection for that request alone and closes it
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
 P = ParamSpec("P")
@@ -39,13 +39,17 @@ T = TypeVar("T")
 async def run_sync(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Call the sync ``func`` on the database thread and return its result.
 
-    It runs in a fresh context, so that asgiref hands it to its shared thread
-    even from inside a request (whose context would send it to the request's
-    own thread). Cancelling the caller cancels the wait, not the call.
+    It runs in a copy of the caller's context without the request's
+    ``ThreadSensitiveContext``, so that asgiref hands it to its shared thread
+    rather than the request's own. Everything else asgiref routes as usual: a
+    call from under ``async_to_sync`` runs on the sync thread waiting there
+    (which may be the shared thread itself: sending it anywhere else would
+    deadlock). Cancelling the caller cancels the wait, not the call.
     """
+    context = contextvars.copy_context()
+    context.run(SyncToAsync.thread_sensitive_context.set, None)  # type: ignore[arg-type]
     call = sync_to_async(functools.partial(_guarded, func, *args, **kwargs))
-    task = asyncio.get_running_loop().create_task(call(), context=contextvars.Context())
-    return await task
+    return await asyncio.get_running_loop().create_task(call(), context=context)
 
 
 def _guarded(func: Callable[..., T], /, *args: object, **kwargs: object) -> T:

@@ -71,16 +71,21 @@ def _request_owner(request: HttpRequest, create: bool) -> str | None:
 
 
 async def scope_owner(scope: dict[str, Any], *, create: bool = False) -> str | None:
-    """The same for a Channels scope (behind ``AuthMiddlewareStack``)."""
+    """The same for a Channels scope (behind ``AuthMiddlewareStack``), read on
+    the same database thread."""
+    return await run_sync(_scope_owner, scope, create)
+
+
+def _scope_owner(scope: dict[str, Any], create: bool) -> str | None:
     user = scope.get("user")
     if user is not None and getattr(user, "is_authenticated", False):
         return owner_key(user)
     session = scope.get("session")
     if not get_config()["ALLOW_ANONYMOUS"] or session is None:
         return None
-    anon = await session.aget(ANON_SESSION_KEY)
+    anon: str | None = session.get(ANON_SESSION_KEY)
     if anon is None and create:
         anon = f"anon:{secrets.token_hex(16)}"
-        await session.aset(ANON_SESSION_KEY, anon)
-        await session.asave()
+        session[ANON_SESSION_KEY] = anon
+        session.save()
     return anon

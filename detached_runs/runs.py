@@ -221,12 +221,7 @@ class _Recorder:
         ended = 0
         for delay in (*SAVE_RETRY_DELAYS, None):
             try:
-                ended = await Run.objects.filter(pk=self.run.pk, status=RUNNING).aupdate(**fields)
-                if not ended:
-                    # Another process found the run orphaned, ended its row and
-                    # announced it: this save still has the last word, but the
-                    # run is not announced twice.
-                    await Run.objects.filter(pk=self.run.pk).aupdate(**fields)
+                ended = await run_sync(_save_end, self.run.pk, fields)
                 break
             except DatabaseError:
                 if delay is None:
@@ -240,7 +235,6 @@ class _Recorder:
                     )
                     return
                 logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
-                await run_sync(drop_connections)
                 await asyncio.sleep(delay)
         if ended:
             run = copy.copy(self.run)  # the caller of start() keeps its own
@@ -597,7 +591,7 @@ class RunService:
 
     async def stop_run(self, run_id: uuid.UUID | str) -> bool:
         """Stop one run by id, whatever its session (the admin's action)."""
-        row = await Run.objects.filter(pk=run_id).afirst()
+        row = await run_sync(Run.objects.filter(pk=run_id).first)
         if row is None:
             return False
         return await self.backend.stop(row.session_key, row.id.hex)
@@ -638,7 +632,7 @@ class RunService:
         limit = int(get_config()["HISTORY_LIMIT"])
         rows = Run.objects.filter(session_key=run.session_key, started_at__lte=run.started_at)
         rows = rows.exclude(pk=run.pk).order_by("-started_at")[:limit]
-        return _turns([r async for r in rows])
+        return _turns(await run_sync(list, rows))
 
     async def resolve(self, row: Run) -> Run:
         """Re-read a row. A ``running`` row that no live process holds is marked
@@ -697,13 +691,7 @@ class RunService:
         from a shared log) is saved with that output: its worker never will."""
         if state.status != INTERRUPTED or "uuid" not in state.meta:
             return
-        updated = await Run.objects.filter(pk=state.meta["uuid"], status=RUNNING).aupdate(
-            status=INTERRUPTED,
-            output=state.output,
-            last_event_id=state.last_id,
-            finished_at=timezone.now(),
-        )
-        row = await Run.objects.filter(pk=state.meta["uuid"]).afirst() if updated else None
+        row = await run_sync(_save_reaped, state.meta["uuid"], state.output, state.last_id)
         if row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
 
@@ -771,6 +759,25 @@ def _open_row(
     if history is not None:
         turns = _turns(rows[:history])
     return run, turns
+
+
+def _save_end(pk: uuid.UUID, fields: dict[str, Any]) -> int:
+    """A run's final save (sync, on the database thread); 1 if it ended the row."""
+    ended = Run.objects.filter(pk=pk, status=RUNNING).update(**fields)
+    if not ended:
+        # Another process found the run orphaned, ended its row and announced
+        # it: this save still has the last word, but the run is not announced
+        # twice.
+        Run.objects.filter(pk=pk).update(**fields)
+    return ended
+
+
+def _save_reaped(pk: str, output: str, last_id: str) -> Run | None:
+    """`RunService._reconcile`'s write: the row, if this call ended it."""
+    updated = Run.objects.filter(pk=pk, status=RUNNING).update(
+        status=INTERRUPTED, output=output, last_event_id=last_id, finished_at=timezone.now()
+    )
+    return Run.objects.filter(pk=pk).first() if updated else None
 
 
 def _latest_row(session_key: str) -> Run | None:
