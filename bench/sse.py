@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import functools
 import json
 import os
 import re
 import resource
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -284,11 +288,22 @@ SERVER = "daphne"
 SERVER_PID = 0
 
 
+@functools.cache
+def _scratch() -> str:
+    path = tempfile.mkdtemp(prefix="detached_runs_bench-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def start_daphne(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, DJANGO_SETTINGS_MODULE="bench.settings", PYTHONPATH=str(ROOT))
+    if "BENCH_DB" not in os.environ and "BENCH_DATABASE_URL" not in os.environ:
+        # A new SQLite file for each server: what earlier runs left in a
+        # shared one would weigh on the next invocation's inserts and checkpoints.
+        env["BENCH_DB"] = str(Path(_scratch()) / f"bench-{port}.sqlite3")
     if traced:
         env["PYTHONTRACEMALLOC"] = "1"
     subprocess.run(
