@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from detached_runs.backends.memory import MemoryBackend
+from detached_runs.backends.memory import WAKE_AT_ONCE_UP_TO, MemoryBackend
 from detached_runs.events import Position, parse_id
 from detached_runs.exceptions import BadEventId, RunNotFound, TooManySubscribers
 
@@ -481,7 +481,7 @@ async def test_count_running_counts_only_runs_in_flight_of_that_owner(backend, s
     assert await backend.count_running("o") == 0
 
 
-async def test_a_burst_reaches_a_waiting_subscriber_in_a_few_batches_not_one_per_turn(
+async def test_a_burst_reaches_many_waiting_subscribers_in_a_few_batches_not_one_per_turn(
     backend, saves
 ):
     gate = asyncio.Event()
@@ -494,15 +494,52 @@ async def test_a_burst_reaches_a_waiting_subscriber_in_a_few_batches_not_one_per
             yield f"t{index} "
 
     await start(backend, burst(), saves)
-    subscription = await backend.subscribe("s")
-    assert [e.event for e in await subscription.next_batch()] == ["start"]
+    many = WAKE_AT_ONCE_UP_TO + 2
+    subscriptions = [await backend.subscribe("s") for _ in range(many)]
+    for subscription in subscriptions:
+        assert [e.event for e in await subscription.next_batch()] == ["start"]
+
+    async def read(subscription: Any) -> list[list[Any]]:
+        batches = []
+        while not subscription.ended:
+            batches.append(await subscription.next_batch())
+        return batches
+
+    readers = [asyncio.ensure_future(read(s)) for s in subscriptions]
+    await asyncio.sleep(0)  # every reader waits
     gate.set()
-    batches = []
-    while not subscription.ended:
-        batches.append(await subscription.next_batch())
-    text = "".join(e.data["text"] for batch in batches for e in batch if e.event == "delta")
-    assert text == "".join(f"t{i} " for i in range(2000))
-    assert len(batches) <= 5  # one per turn would be 100
+    for batches in await asyncio.gather(*readers):
+        text = "".join(e.data["text"] for batch in batches for e in batch if e.event == "delta")
+        assert text == "".join(f"t{i} " for i in range(2000))
+        assert len(batches) <= 5  # one per turn would be 100
+
+
+async def test_a_few_subscribers_get_a_paced_token_on_the_very_next_turn(backend, saves):
+    """A chat's one or two subscribers are woken at the append itself, not a
+    turn later (on a busy loop, every turn adds to the token's latency)."""
+    go = asyncio.Event()
+    woken_after_one_turn: list[bool] = []
+    waiting: list[asyncio.Future[Any]] = []
+
+    async def agent() -> AsyncIterator[str]:
+        yield "first "
+        await go.wait()
+        yield "after "
+        await asyncio.sleep(0)  # one turn of the loop
+        woken_after_one_turn.append(all(w.done() for w in waiting))
+
+    await start(backend, agent(), saves)
+    subscriptions = [await backend.subscribe("s") for _ in range(2)]
+    for subscription in subscriptions:
+        while not any(e.event == "delta" for e in await subscription.next_batch()):
+            pass  # start, then "first "
+    waiting.extend(asyncio.ensure_future(s.next_batch()) for s in subscriptions)
+    await asyncio.sleep(0)  # both wait
+    go.set()
+    await wait_finished(backend)
+    assert woken_after_one_turn == [True]
+    for future in waiting:
+        assert next(e.data.get("text") for e in await future) == "after "
 
 
 async def test_a_paced_token_wakes_its_subscriber_on_the_next_turn(backend, saves):

@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 #: How long subscribers may be kept waiting while a producer appends on every
 #: turn of the loop, so that they take a burst in one write (seconds).
 COALESCE_FOR = 0.01
+#: Up to this many subscribers waiting on a run are woken at each append.
+WAKE_AT_ONCE_UP_TO = 8
 
 # Phases of a run's task.
 _WAITING, _RUNNING, _FINISHING, _FINISHED = range(4)
@@ -158,12 +160,19 @@ class _Run:
         return item
 
     def _wake(self) -> None:
-        # Subscribers are not woken at once but from the loop, and not while
-        # the producer is still appending on every turn of the loop (a burst):
-        # then they would each write a sliver per turn. They wake when it
-        # pauses (a paced agent waits for its model: one turn of latency) or
-        # after COALESCE_FOR at most, and take what piled up as one write.
-        if self.waiters and self._flush is None:
+        # Subscribers are woken from the loop: their tasks run on its next
+        # turn, after whatever else the producer appends in this one. A few
+        # (a chat's tab or two) are woken at each append, so a paced agent's
+        # token goes out on the next turn. Many are not woken on every turn
+        # while the producer appends on every turn (a burst): each would
+        # write a sliver per turn, and the turns, busy with their writes,
+        # would hold the producer back. They wake when it pauses for a turn,
+        # or after COALESCE_FOR at most, and take what piled up as one write.
+        if not self.waiters or self._flush is not None:
+            return
+        if len(self.waiters) <= WAKE_AT_ONCE_UP_TO:
+            self._wake_waiters()
+        else:
             loop = asyncio.get_running_loop()
             self._flush = loop.call_soon(self._flush_waiters, self.position, loop.time())
 
@@ -173,6 +182,9 @@ class _Run:
             self._flush = loop.call_soon(self._flush_waiters, self.position, since)
             return
         self._flush = None
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         waiters, self.waiters = self.waiters, []
         for future in waiters:
             _set_if_pending(future)
