@@ -135,6 +135,20 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def die_with_the_tests() -> None:
+    """Run in a server's child process before it starts: Linux sends it SIGTERM
+    when the test run that started it dies, so a run killed on a timeout
+    (which skips every teardown) leaves no server behind."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: teardown still stops the servers of a run that ends
+
+
 def start_server(
     env: dict[str, str], app: str = "tests.asgi:application", kind: str = "daphne"
 ) -> Server:
@@ -155,6 +169,7 @@ def start_server(
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_the_tests,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

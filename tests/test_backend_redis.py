@@ -244,6 +244,8 @@ class OwnRedis:
         self.process: Any = None
 
     async def start(self) -> None:
+        from .conftest import die_with_the_tests
+
         self.process = await asyncio.create_subprocess_exec(
             "redis-server",
             "--port",
@@ -255,6 +257,7 @@ class OwnRedis:
             "--appendonly",
             "no",
             stdout=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_the_tests,
         )
         for _ in range(200):
             try:
