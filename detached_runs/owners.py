@@ -58,16 +58,11 @@ async def request_owner(request: HttpRequest, *, create: bool = False) -> str | 
 
 
 def _request_owner(request: HttpRequest, create: bool) -> str | None:
-    user = getattr(request, "user", None)  # AuthenticationMiddleware's lazy user
-    if user is not None and user.is_authenticated:
-        return owner_key(user)
-    if not get_config()["ALLOW_ANONYMOUS"] or not hasattr(request, "session"):
-        return None
-    anon: str | None = request.session.get(ANON_SESSION_KEY)
-    if anon is None and create:
-        anon = f"anon:{secrets.token_hex(16)}"
-        request.session[ANON_SESSION_KEY] = anon
-    return anon
+    # AuthenticationMiddleware's lazy user; the session middleware saves a new id.
+    owner, _created = _owner_of(
+        getattr(request, "user", None), getattr(request, "session", None), create
+    )
+    return owner
 
 
 async def scope_owner(scope: dict[str, Any], *, create: bool = False) -> str | None:
@@ -77,15 +72,24 @@ async def scope_owner(scope: dict[str, Any], *, create: bool = False) -> str | N
 
 
 def _scope_owner(scope: dict[str, Any], create: bool) -> str | None:
-    user = scope.get("user")
+    session: Any = scope.get("session")
+    owner, created = _owner_of(scope.get("user"), session, create)
+    if created:
+        session.save()  # no middleware saves it after a WebSocket handshake
+    return owner
+
+
+def _owner_of(user: Any, session: Any, create: bool) -> tuple[str | None, bool]:
+    """(The owner key of ``user`` or, if anonymous, the id in ``session``; whether
+    that id was just created and stored in the session, which is then unsaved).
+    Sync: reading the session may query the database."""
     if user is not None and getattr(user, "is_authenticated", False):
-        return owner_key(user)
-    session = scope.get("session")
+        return owner_key(user), False
     if not get_config()["ALLOW_ANONYMOUS"] or session is None:
-        return None
+        return None, False
     anon: str | None = session.get(ANON_SESSION_KEY)
-    if anon is None and create:
-        anon = f"anon:{secrets.token_hex(16)}"
-        session[ANON_SESSION_KEY] = anon
-        session.save()
-    return anon
+    if anon is not None or not create:
+        return anon, False
+    anon = f"anon:{secrets.token_hex(16)}"
+    session[ANON_SESSION_KEY] = anon
+    return anon, True
