@@ -44,7 +44,7 @@ from django.utils.module_loading import import_string
 from .backends import load_backend
 from .backends.base import INTERRUPTED, RUNNING, BaseBackend, Item, RunEnd, RunState, Subscription
 from .conf import get_config
-from .db import drop_connections, run_sync
+from .db import run_sync
 from .events import DELTA, DONE, ORIGIN, RESERVED, START, Event, Position, make_id, parse_id
 from .exceptions import (
     AgentError,
@@ -286,7 +286,6 @@ class _Checkpoints:
                     ", ".join(r.run.id.hex for r in due),
                     exc_info=True,
                 )
-                await run_sync(drop_connections)
                 continue
             now = time.monotonic()
             for recorder, (_output, last_id) in due.items():
