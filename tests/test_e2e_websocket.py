@@ -33,13 +33,19 @@ def text(frames: list[dict[str, Any]]) -> str:
     return "".join(f["data"]["text"] for f in frames if f["event"] == "delta")
 
 
-async def test_follow_stop_and_resume_over_a_real_websocket(server):
+async def start_run(server: Any, prompt: str) -> tuple[Browser, str, str, dict[str, str], Origin]:
+    """Start a run as a browser: it, the session key, the socket's URL, and the
+    headers and origin that browser connects with."""
     key = uuid.uuid4().hex[:12]
     browser = Browser(server.port)
-    await asyncio.to_thread(browser.request, "POST", f"/runs/{key}/", {"prompt": "40"})
+    await asyncio.to_thread(browser.request, "POST", f"/runs/{key}/", {"prompt": prompt})
     url = f"ws://127.0.0.1:{server.port}/ws/runs/{key}/"
     headers = {"Cookie": cookie_header(browser)}
-    origin = Origin(f"http://127.0.0.1:{server.port}")
+    return browser, key, url, headers, Origin(f"http://127.0.0.1:{server.port}")
+
+
+async def test_follow_stop_and_resume_over_a_real_websocket(server):
+    _browser, _key, url, headers, origin = await start_run(server, "40")
 
     async with websockets.connect(url, additional_headers=headers, origin=origin) as socket:
         first = [json.loads(await socket.recv()) for _ in range(6)]
@@ -62,23 +68,15 @@ async def test_follow_stop_and_resume_over_a_real_websocket(server):
 
 
 async def test_a_stranger_is_closed_with_4404(server):
-    key = uuid.uuid4().hex[:12]
-    owner = Browser(server.port)
-    await asyncio.to_thread(owner.request, "POST", f"/runs/{key}/", {"prompt": "5"})
-    url = f"ws://127.0.0.1:{server.port}/ws/runs/{key}/"
-    async with websockets.connect(url, origin=Origin(f"http://127.0.0.1:{server.port}")) as socket:
+    _owner, _key, url, _headers, origin = await start_run(server, "5")
+    async with websockets.connect(url, origin=origin) as socket:  # without the owner's cookie
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(socket.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
 
 
 async def test_a_browser_that_drops_its_socket_mid_answer_is_a_quiet_normal_end(server):
-    key = uuid.uuid4().hex[:12]
-    browser = Browser(server.port)
-    await asyncio.to_thread(browser.request, "POST", f"/runs/{key}/", {"prompt": "60"})
-    url = f"ws://127.0.0.1:{server.port}/ws/runs/{key}/"
-    headers = {"Cookie": cookie_header(browser)}
-    origin = Origin(f"http://127.0.0.1:{server.port}")
+    browser, key, url, headers, origin = await start_run(server, "60")
     for _ in range(20):
         socket = await websockets.connect(url, additional_headers=headers, origin=origin)
         await socket.recv()
