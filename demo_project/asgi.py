@@ -32,5 +32,8 @@ application = ProtocolTypeRouter(
 
 # A long-running server, once set up: what was loaded so far (Django, the
 # project, their modules) moves out of the garbage collector's sight, so its
-# full collections scan only live requests and runs (see README, Deploying).
+# full collections scan only live requests and runs; and the youngest objects
+# are collected less often, so a streamed token's short-lived objects die
+# before a collection promotes them (see README, Deploying).
 gc.freeze()
+gc.set_threshold(10_000, 10, 10)
