@@ -507,15 +507,20 @@ async def _stalled_sockets(
     return out
 
 
-async def _settled(port: int) -> int:
-    """Traced memory once it stops moving (writes drain into the transports)."""
-    last = -1
-    for _ in range(50):
+async def _settled(port: int, quiet: float = 1.5) -> int:
+    """Traced memory once it has not moved for ``quiet`` seconds: writes have
+    drained into the transports, and the server has let go of closed
+    connections (daphne does so once a second; caught before that, the
+    figure swung by some 85 KB either way)."""
+    last, since = -1, time.monotonic()
+    deadline = since + 15
+    while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         now = (await memory(port))["traced"]
-        if now == last:
-            return now
-        last = now
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
     return last
 
 
