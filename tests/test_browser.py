@@ -460,6 +460,56 @@ def test_following_after_the_end_gets_204_and_does_not_reconnect(context):
 
 
 @pytest.mark.parametrize("transport", ["ws"])
+def test_following_a_websocket_after_the_end_ends_with_the_runs_status(context):
+    # After the terminal id a socket gets nothing and stays open for the next
+    # start; the module asks the events URL first and ends on its 204.
+    chat = Chat.open(context)
+    chat.send("Done already")
+    chat.wait_answer(canned("Done already"))
+    sockets = len(chat.connections())
+    result = chat.page.evaluate(
+        """async (key) => {
+             const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+             const client = new DetachedRuns({ transport: "ws" });
+             const run = client.follow(key);
+             for await (const _ of run) {}
+             const again = client.follow(key, {}, { after: run.lastEventId });
+             const events = [];
+             for await (const event of again) { events.push([event.event, event.data]); }
+             return { events, status: again.status, last: again.lastEventId === run.lastEventId };
+           }""",
+        chat.session_key(),
+    )
+    assert result == {"events": [["done", {"status": "done"}]], "status": "done", "last": True}
+    # The replay's socket, and none for the follow after the end.
+    assert len(chat.connections()) == sockets + 1
+    assert all(c["closed"] for c in chat.connections())
+
+
+@pytest.mark.parametrize("transport", ["ws"])
+def test_a_following_websocket_after_a_mid_run_id_gets_the_rest(context):
+    chat = Chat.open(context)
+    chat.send("Resume me")
+    chat.wait_answer(canned("Resume me"))
+    result = chat.page.evaluate(
+        """async (key) => {
+             const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+             const client = new DetachedRuns({ transport: "ws" });
+             const events = [];
+             for await (const event of client.follow(key)) { events.push(event); }
+             const cut = events.findIndex((e) => e.event === "delta");
+             const rest = [];
+             for await (const event of client.follow(key, {}, { after: events[cut].id })) {
+               rest.push(event.id);
+             }
+             return { rest, expected: events.slice(cut + 1).map((e) => e.id) };
+           }""",
+        chat.session_key(),
+    )
+    assert result["rest"] and result["rest"] == result["expected"]
+
+
+@pytest.mark.parametrize("transport", ["ws"])
 def test_a_dropped_websocket_resumes_in_the_same_turn(context):
     chat = Chat.open(context)
     full = canned("Drop the socket")

@@ -172,7 +172,9 @@ export class Run {
     /** Settles when a WebSocket start was accepted (or refused). @type {Promise<void>} */
     this.started = new Promise((resolve, reject) => { this._settle = { resolve, reject }; });
     if (prompt === null) { this._settle.resolve(); }
-    if (transport === "ws") { this._openSocket(after); } else { this._openEvents(after); }
+    if (transport === "sse") { this._openEvents(after); }
+    else if (after) { this._resumeSocket(); }
+    else { this._openSocket(null); }
   }
 
   /** Stop the run on the server; its `done` ("stopped") follows. */
@@ -279,8 +281,13 @@ export class Run {
     };
   }
 
-  /** Ask the events URL again with a plain request to learn why EventSource gave up. */
-  async _explain() {
+  /**
+   * A plain GET of the events URL after `lastEventId`, for its status only
+   * (a stream's body is never read). Null, after failing the run, when the
+   * server cannot be reached.
+   * @returns {Promise<Response | null>}
+   */
+  async _probe() {
     const query = this.lastEventId ? `?after=${encodeURIComponent(this.lastEventId)}` : "";
     const abort = new AbortController();
     let response;
@@ -289,20 +296,33 @@ export class Run {
       response = await fetch(url, { credentials: "same-origin", signal: abort.signal });
     } catch {
       this._fail(new RunError("The server cannot be reached.", 0));
-      return;
+      return null;
     }
-    if (response.ok) { abort.abort(); } // never read a stream opened only for its status
-    if (this.closed) { return; }
+    if (response.ok) { abort.abort(); }
+    return this.closed ? null : response;
+  }
+
+  /**
+   * The probe answered 204: we hold the terminal event's id but not the event
+   * (it was on its way when the connection dropped, or the caller passed it as
+   * `after`). The run's status says how it ended.
+   */
+  async _ended() {
+    try {
+      const { run } = await this.client.request(this.client.url(this.key));
+      const data = run.error ? { status: run.status, error: run.error } : { status: run.status };
+      this._receive(null, "done", data);
+    } catch (error) {
+      this._fail(/** @type {RunError} */ (error));
+    }
+  }
+
+  /** Ask the events URL again with a plain request to learn why EventSource gave up. */
+  async _explain() {
+    const response = await this._probe();
+    if (!response) { return; }
     if (response.status === 204) {
-      // We hold the terminal event's id but missed the event (it was on its way
-      // when the connection dropped): the run's status says how it ended.
-      try {
-        const { run } = await this.client.request(this.client.url(this.key));
-        const data = run.error ? { status: run.status, error: run.error } : { status: run.status };
-        this._receive(null, "done", data);
-      } catch (error) {
-        this._fail(/** @type {RunError} */ (error));
-      }
+      await this._ended();
     } else if (response.ok && this._retries++ < 3) {
       this._timer = setTimeout(() => this._openEvents(this.lastEventId), 500 * this._retries);
     } else {
@@ -312,6 +332,23 @@ export class Run {
   }
 
   // -- WebSocket ------------------------------------------------------------
+
+  /**
+   * Follow over a WebSocket after a given id. After a run's last event the
+   * socket gets nothing and stays open for the session's next start, so the
+   * follow would never end: ask the events URL first, which answers 204 then.
+   */
+  async _resumeSocket() {
+    const response = await this._probe();
+    if (!response) { return; }
+    if (response.status === 204) {
+      await this._ended();
+    } else if (response.ok) {
+      this._openSocket(this.lastEventId);
+    } else {
+      this._fail(await errorOf(response));
+    }
+  }
 
   /** @param {string | null} after */
   _openSocket(after) {
