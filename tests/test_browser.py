@@ -434,11 +434,17 @@ def test_the_module_iterates_a_run_and_reports_json_errors(context, transport):
     assert all(c["closed"] for c in chat.connections())
 
 
+def finished_chat(context: BrowserContext, prompt: str) -> Chat:
+    """A tab whose chat has one finished run."""
+    chat = Chat.open(context)
+    chat.send(prompt)
+    chat.wait_answer(canned(prompt))
+    return chat
+
+
 @pytest.mark.parametrize("transport", ["sse"])
 def test_following_after_the_end_gets_204_and_does_not_reconnect(context):
-    chat = Chat.open(context)
-    chat.send("Done already")
-    chat.wait_answer(canned("Done already"))
+    chat = finished_chat(context, "Done already")
     status = chat.page.evaluate(
         """async (key) => {
              const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
@@ -463,9 +469,7 @@ def test_following_after_the_end_gets_204_and_does_not_reconnect(context):
 def test_following_a_websocket_after_the_end_ends_with_the_runs_status(context):
     # After the terminal id a socket gets nothing and stays open for the next
     # start; the module asks the events URL first and ends on its 204.
-    chat = Chat.open(context)
-    chat.send("Done already")
-    chat.wait_answer(canned("Done already"))
+    chat = finished_chat(context, "Done already")
     sockets = len(chat.connections())
     result = chat.page.evaluate(
         """async (key) => {
@@ -488,9 +492,7 @@ def test_following_a_websocket_after_the_end_ends_with_the_runs_status(context):
 
 @pytest.mark.parametrize("transport", ["ws"])
 def test_a_following_websocket_after_a_mid_run_id_gets_the_rest(context):
-    chat = Chat.open(context)
-    chat.send("Resume me")
-    chat.wait_answer(canned("Resume me"))
+    chat = finished_chat(context, "Resume me")
     result = chat.page.evaluate(
         """async (key) => {
              const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
