@@ -283,8 +283,8 @@ export class Run {
 
   /**
    * A plain GET of the events URL after `lastEventId`, for its status only
-   * (a stream's body is never read). Null, after failing the run, when the
-   * server cannot be reached.
+   * (a stream's body is never read). Null if the run was closed meanwhile,
+   * or when the server cannot be reached (the run has then failed).
    * @returns {Promise<Response | null>}
    */
   async _probe() {
