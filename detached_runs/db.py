@@ -67,10 +67,15 @@ def _check_connections() -> None:
     for conn in connections.all(initialized_only=True):
         if conn.connection is None:
             continue
-        broken = conn.errors_occurred and not conn.is_usable()
+        if conn.errors_occurred:
+            # Checked once, as Django does at a request's end: a connection
+            # that still answers is trusted again, not re-checked every call.
+            if not conn.is_usable():
+                conn.close()
+                continue
+            conn.errors_occurred = False
         max_age = conn.settings_dict.get("CONN_MAX_AGE")
-        expired = bool(max_age) and conn.close_at is not None and time.monotonic() >= conn.close_at
-        if broken or expired:
+        if max_age and conn.close_at is not None and time.monotonic() >= conn.close_at:
             conn.close()
 
 

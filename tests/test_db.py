@@ -52,6 +52,36 @@ async def test_the_thread_keeps_its_connection_and_recycles_it_past_a_positive_m
         await run_sync(restore)
 
 
+async def test_a_connection_that_had_an_error_is_checked_once_then_trusted_again():
+    await run_sync(opened_here)
+    checks: list[bool] = []
+
+    def had_an_error() -> None:
+        connection.errors_occurred = True  # as after an error the caller handled
+        usable = connection.is_usable
+
+        def counted() -> bool:
+            checks.append(usable())
+            return checks[-1]
+
+        connection.is_usable = counted  # type: ignore[method-assign]
+
+    def state() -> tuple[bool, bool]:
+        return connection.errors_occurred, connection.connection is not None
+
+    await run_sync(had_an_error)
+    try:
+        assert await run_sync(state) == (False, True)  # checked, answered, kept
+        await run_sync(opened_here)
+        assert checks == [True]  # not again on the next call
+    finally:
+
+        def restore() -> None:
+            del connection.is_usable
+
+        await run_sync(restore)
+
+
 async def test_a_call_from_sync_code_on_the_shared_thread_runs_there_without_deadlock():
     """Sync code that asgiref runs on its shared thread (a sync signal
     receiver, an admin action under the test client) may call the async API
