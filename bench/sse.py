@@ -295,7 +295,7 @@ def _scratch() -> str:
     return path
 
 
-def start_daphne(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -750,7 +750,7 @@ async def main(args: argparse.Namespace) -> None:
         # A server of its own for each scenario: runs another scenario left in
         # the registry (EVICT_AFTER) would otherwise weigh on its heap and its
         # garbage collector. The memory scenarios run under PYTHONTRACEMALLOC.
-        process, port = start_daphne(traced=name in ("memory", "stalled"))
+        process, port = start_server(traced=name in ("memory", "stalled"))
         SERVER_PID = process.pid
         try:
             results[name] = []
