@@ -328,7 +328,7 @@ def start_server(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
             return process, port
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("daphne did not start")
+    raise RuntimeError(f"{SERVER} did not start")
 
 
 # -- the scenarios -------------------------------------------------------------
