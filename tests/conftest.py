@@ -142,6 +142,9 @@ def die_with_the_tests() -> None:
     import ctypes
     import signal
 
+    # A test run started in the background by a shell inherits SIGINT ignored,
+    # and so would the server; its own SIGINT handling is under test.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
