@@ -53,7 +53,11 @@ def _database() -> dict[str, object]:
     url = os.environ.get("DATABASE_URL")
     if not url:
         # A file, not :memory:, so a server process started by a test shares it.
-        name = os.environ.get("DETACHED_RUNS_TEST_DB", str(BASE_DIR / "tests" / "test.sqlite3"))
+        # One file per test run, so that runs side by side (two checkouts, or
+        # a developer's run beside CI's) do not share, and delete, one database.
+        name = os.environ.setdefault(
+            "DETACHED_RUNS_TEST_DB", str(BASE_DIR / "tests" / f"test-{os.getpid()}.sqlite3")
+        )
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": name,
