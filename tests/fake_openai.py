@@ -1,14 +1,29 @@
 """A fake OpenAI-compatible endpoint for the tests: a real HTTP server on
 127.0.0.1 (in the test's event loop) that answers ``POST /v1/chat/completions``
 with scripted ``chat.completion.chunk`` objects as Server-Sent Events, records
-what it was sent, and notices when a client hangs up mid-stream."""
+what it was sent, and notices when a client hangs up mid-stream. `Reply.ending`
+scripts how the answer ends, the orderly way or any of the ways a stream is
+cut short."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+#: How the fake ends an answer (`Reply.ending`):
+#:
+#: - ``"done"``: ``data: [DONE]``, then the end of the chunked body (the usual end);
+#: - ``"eof"``: the end of the chunked body without ``[DONE]``: a clean close;
+#: - ``"truncate"``: close the connection inside the chunked body (no last chunk);
+#: - ``"reset"``: a TCP reset after the events;
+#: - ``"hold"``: send nothing more, until the client hangs up (a stall, or a stop);
+#: - ``"drop"``: close the connection without a byte of an answer (no status line);
+#: - ``"silent"``: send not a byte, until the client hangs up (it times out).
+Ending = Literal["done", "eof", "truncate", "reset", "hold", "drop", "silent"]
 
 
 def chunk(finish_reason: str | None = None, **delta: Any) -> dict[str, Any]:
@@ -40,8 +55,8 @@ class Reply:
     #: Not 200: answer with this status and `error` as a JSON body instead.
     status: int = 200
     error: dict[str, Any] | None = None
-    #: After the events, keep the stream open until the client hangs up.
-    hold: bool = False
+    #: How the answer ends (see `Ending`).
+    ending: Ending = "done"
 
 
 @dataclass
@@ -115,6 +130,11 @@ class FakeOpenAI:
             reply = Reply(status=404, error={"message": f"No route {path}", "type": "not_found"})
         else:
             reply = self.replies.pop(0) if self.replies else Reply(text_chunks("Hello"))
+        if reply.ending == "drop":
+            return  # _handle closes the connection
+        if reply.ending == "silent":
+            await self._until_hung_up(reader)
+            return
         if reply.status != 200:
             body = json.dumps({"error": reply.error or {"message": "failed"}}).encode()
             writer.write(
@@ -132,15 +152,29 @@ class FakeOpenAI:
         for payload in reply.events:
             _write_chunk(writer, f"data: {json.dumps(payload)}\n\n".encode())
             await writer.drain()
-        if reply.hold:
-            # Nothing more comes; the client's only move is to hang up (EOF).
-            while await reader.read(1024):
-                pass
-            self.disconnected.set()
-            return
-        _write_chunk(writer, b"data: [DONE]\n\n")
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
+        if reply.ending == "hold":
+            await self._until_hung_up(reader)
+        elif reply.ending == "truncate":
+            writer.write(b"2a\r\ndata: {")  # a chunk cut short, and no last chunk
+            await writer.drain()
+        elif reply.ending == "reset":
+            # Let the client read what was sent (it runs in this event loop), then
+            # close with SO_LINGER 0: the kernel sends RST instead of FIN.
+            await asyncio.sleep(0.05)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            if reply.ending == "done":
+                _write_chunk(writer, b"data: [DONE]\n\n")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def _until_hung_up(self, reader: asyncio.StreamReader) -> None:
+        """Send nothing more; the client's only move is to hang up (EOF)."""
+        while await reader.read(1024):
+            pass
+        self.disconnected.set()
 
 
 def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -274,16 +274,131 @@ async def test_an_error_in_the_middle_of_the_stream_keeps_the_text_so_far(fake):
     assert row.output == "Partial "
 
 
+# -- how a stream ends ---------------------------------------------------------------
+#
+# Every way the endpoint's stream can end, each classified by the agent: the
+# model's finish_reason, or none (cut off), or the connection lost, stalled or
+# never made. The text streamed before an error is kept.
+
+CUT_OFF = "The model's answer was cut off."
+LOST = "The connection to the model endpoint was lost mid-answer."
+STALLED = "The model endpoint stopped sending mid-answer (timed out)."
+NO_CONNECTION = "Could not connect to the model endpoint."
+NO_ANSWER = "The model endpoint did not answer in time."
+
+
+def three_chunks(finish_reason: str | None = None) -> list[dict[str, Any]]:
+    """An answer in three chunks; with a finish_reason, the usual last chunk."""
+    events = [chunk(content=piece) for piece in ("One ", "two ", "three")]
+    return events + ([chunk(finish_reason=finish_reason)] if finish_reason else [])
+
+
+@pytest.mark.parametrize(
+    ("reason", "finish_events"),
+    [
+        ("stop", []),
+        ("tool_calls", []),
+        ("length", [{"reason": "length"}]),
+        ("content_filter", [{"reason": "content_filter"}]),
+        ("a_servers_own_reason", [{"reason": "a_servers_own_reason"}]),
+    ],
+)
+async def test_a_finish_reason_ends_the_run_as_done_and_says_why_if_the_answer_is_not_whole(
+    fake, reason, finish_events
+):
+    fake.replies.append(Reply(three_chunks(reason)))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake))
+    assert events[-1].data == {"status": "done"}
+    assert row.status == "done" and row.output == "One two three"
+    assert of_type(events, "finish") == finish_events
+    if finish_events:  # just before the done event, after the last text
+        assert events[-2].event == "finish"
+
+
+async def test_the_finish_reason_error_ends_the_run_as_error(fake):
+    # OpenRouter's finish_reason for a generation that failed mid-way.
+    fake.replies.append(Reply(three_chunks("error")))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake))
+    assert events[-1].data == {
+        "status": "error",
+        "error": "The model endpoint reported an error while answering.",
+    }
+    assert row.status == "error" and row.output == "One two three"
+
+
+@pytest.mark.parametrize("ending", ["eof", "done"])
+async def test_a_stream_that_ends_without_a_finish_reason_is_cut_off(fake, ending):
+    # A clean close of the body, with or without [DONE]: only the model's
+    # finish_reason says that the answer is whole.
+    fake.replies.append(Reply(three_chunks(), ending=ending))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake))
+    assert events[-1].data == {"status": "error", "error": CUT_OFF}
+    assert row.status == "error" and row.error == CUT_OFF
+    assert row.output == "One two three" and text_of(events) == "One two three"
+    assert of_type(events, "finish") == []
+
+
+async def test_a_cut_off_stream_yields_the_reasoning_but_not_a_half_written_tool_call(fake):
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather"}}
+    fake.replies.append(
+        Reply(
+            [
+                chunk(role="assistant", content=None, reasoning_content="Paris, then."),
+                chunk(tool_calls=[call]),
+                chunk(tool_calls=[{"index": 0, "function": {"arguments": '{"ci'}}]),
+            ],
+            ending="eof",
+        )
+    )
+    events, row = await run_to_end("chat", "Weather?", agent_for(fake))
+    assert of_type(events, "reasoning") == [{"text": "Paris, then."}]
+    assert of_type(events, "tool_call") == []
+    assert events[-1].data == {"status": "error", "error": CUT_OFF}
+    assert row.status == "error" and row.output == ""
+
+
+@pytest.mark.parametrize("ending", ["reset", "truncate"])
+async def test_a_connection_lost_mid_answer_says_so_and_keeps_the_text(fake, ending):
+    fake.replies.append(Reply(three_chunks(), ending=ending))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake))
+    assert events[-1].data == {"status": "error", "error": LOST}
+    assert row.status == "error" and row.output == "One two three"
+
+
+async def test_an_endpoint_that_stalls_mid_answer_times_out_and_keeps_the_text(fake):
+    fake.replies.append(Reply(three_chunks(), ending="hold"))
+    began = time.monotonic()
+    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=0.3))
+    assert time.monotonic() - began < 3
+    assert events[-1].data == {"status": "error", "error": STALLED}
+    assert row.status == "error" and row.output == "One two three"
+    await eventually(fake.disconnected.is_set, "the agent to hang up")
+
+
+@pytest.mark.parametrize("ending", ["reset", "truncate", "hold"])
+async def test_losing_the_connection_after_the_finish_reason_loses_nothing(fake, ending):
+    # The answer is whole; at most the usage chunk and [DONE] are lost.
+    fake.replies.append(Reply(three_chunks("stop"), ending=ending))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=0.3))
+    assert events[-1].data == {"status": "done"}
+    assert row.status == "done" and row.output == "One two three"
+
+
 async def test_a_refused_connection_ends_the_run_as_error():
     agent = OpenAIAgent(
         base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", api_key=KEY, max_retries=0
     )
     events, row = await run_to_end("chat", "Hello", agent)
-    assert events[-1].data == {
-        "status": "error",
-        "error": "Could not connect to the model endpoint.",
-    }
+    assert events[-1].data == {"status": "error", "error": NO_CONNECTION}
     assert row.status == "error"
+
+
+@pytest.mark.parametrize(("ending", "message"), [("drop", NO_CONNECTION), ("silent", NO_ANSWER)])
+async def test_an_endpoint_that_fails_before_any_byte_of_an_answer(fake, ending, message):
+    fake.replies.append(Reply(three_chunks("stop"), ending=ending))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=0.3))
+    assert events[-1].data == {"status": "error", "error": message}
+    assert row.status == "error" and row.output == ""
 
 
 # -- stop --------------------------------------------------------------------------
@@ -291,7 +406,7 @@ async def test_a_refused_connection_ends_the_run_as_error():
 
 async def test_stopping_mid_stream_hangs_up_on_the_endpoint_and_saves_the_partial_text(fake):
     fake.replies.append(
-        Reply([chunk(role="assistant", content="Half "), chunk(content="an answer")], hold=True)
+        Reply([chunk(role="assistant", content="Half "), chunk(content="an answer")], ending="hold")
     )
     await runs.start("chat", prompt="Tell me everything", agent=agent_for(fake))
 

@@ -20,6 +20,29 @@ or ``delta.reasoning``, merged over up to `REASONING_EVERY` seconds); and one
 "arguments"}}`` per complete tool call (``arguments`` is the JSON text the
 model wrote). It does not run tools. Errors of the endpoint end the run with an
 `AgentError` whose message names the problem but never the key.
+
+How the answer ends, all decided in `_ending` (the text streamed before an
+error is kept, as for any agent):
+
+- the model's ``finish_reason`` ``stop``, ``tool_calls`` (or the legacy
+  ``function_call``): the run is ``done``;
+- any other ``finish_reason`` (``length``: it hit ``max_tokens``;
+  ``content_filter``: the endpoint withheld the rest; a server's own reason):
+  ``done`` too, the model ended its answer, but not as a whole one: the last
+  event before ``done`` is ``{"event": "finish", "data": {"reason": ...}}``;
+- ``finish_reason`` ``error`` (OpenRouter's for a generation that failed):
+  `AgentError`, as an error object in the stream is;
+- no ``finish_reason`` when the stream ends, even if it ends cleanly and with
+  ``data: [DONE]``: the answer was cut short, `AgentError` `CUT_OFF`;
+- the connection lost after the endpoint answered (a reset, a body cut
+  short): `LOST`; nothing received for ``TIMEOUT`` seconds in the middle of the
+  answer: `STALLED`; either after the ``finish_reason`` loses nothing of the
+  answer, so the run is ``done``;
+- no answer at all (refused, dropped, or no response in time): the messages
+  of `_describe` ("Could not connect...", "...did not answer in time.").
+
+Reasoning still held when the answer ends in an error is yielded; a tool call
+whose ``finish_reason`` never came is not (its arguments may be half written).
 """
 
 from __future__ import annotations
@@ -80,6 +103,15 @@ REASONING_EVERY = 0.25
 #: client's own back-off, which honours ``Retry-After``).
 DEFAULT_MAX_RETRIES = 2
 _RESERVED_PARAMS = frozenset({"model", "messages", "stream"})
+#: Finish reasons of a whole answer; any other is told to clients as a
+#: ``finish`` event (``length``, ``content_filter``...).
+COMPLETE_REASONS = frozenset({"stop", "tool_calls", "function_call"})
+#: The run's error when the stream ended without the model's finish_reason.
+CUT_OFF = "The model's answer was cut off."
+#: ... when the connection broke after the endpoint began to answer.
+LOST = "The connection to the model endpoint was lost mid-answer."
+#: ... when the endpoint sent nothing for TIMEOUT seconds in the middle of the answer.
+STALLED = "The model endpoint stopped sending mid-answer (timed out)."
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +275,8 @@ class OpenAIAgent:
         if config.temperature is not None:
             params["temperature"] = config.temperature
         translator = _Translator()
+        answering = False  # the endpoint answered 200: its stream has begun
+        failure: openai.OpenAIError | None = None
         try:
             # Both context managers release the HTTP connection whatever ends
             # the run: the end of the answer, an error, or a stop (the run's
@@ -254,14 +288,20 @@ class OpenAIAgent:
                     stream=True,
                     **params,
                 )
+                answering = True
                 async with stream:
                     async for chunk in stream:
                         for item in translator.feed(chunk):
                             yield item
-            for item in translator.finish():
-                yield item
         except openai.OpenAIError as exc:
-            raise AgentError(_describe(exc, config)) from exc
+            failure = exc
+        error, finish = _ending(translator.finish_reason, failure, answering, config)
+        for item in translator.finish(complete=error is None):
+            yield item
+        if finish is not None:
+            yield finish
+        if error is not None:
+            raise AgentError(error) from failure
 
 
 #: The agent for ``DETACHED_RUNS["AGENT"] = "detached_runs.agents.openai.agent"``.
@@ -277,6 +317,8 @@ class _Translator:
         self._reasoning: list[str] = []
         self._reasoning_since = 0.0
         self._tool_calls: dict[int, dict[str, Any]] = {}
+        #: The first choice's finish_reason, once the model gave it.
+        self.finish_reason: str | None = None
 
     def feed(self, chunk: ChatCompletionChunk) -> list[str | dict[str, Any]]:
         items: list[str | dict[str, Any]] = []
@@ -305,12 +347,14 @@ class _Translator:
                 if isinstance(text, str) and text:
                     items.append(text)
             if choice.finish_reason:
+                self.finish_reason = self.finish_reason or str(choice.finish_reason)
                 items.extend(self._flush_tool_calls())
         return items
 
-    def finish(self) -> list[str | dict[str, Any]]:
-        """What is still held when the stream ends."""
-        return [*self._flush_reasoning(), *self._flush_tool_calls()]
+    def finish(self, complete: bool) -> list[str | dict[str, Any]]:
+        """What is still held when the stream ends: the reasoning, and the tool
+        calls only if the answer is `complete` (else they may be half written)."""
+        return [*self._flush_reasoning(), *(self._flush_tool_calls() if complete else ())]
 
     def _flush_reasoning(self) -> list[str | dict[str, Any]]:
         if not self._reasoning:
@@ -356,6 +400,39 @@ def _reasoning_of(delta: Any) -> str | None:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _ending(
+    finish_reason: str | None,
+    failure: openai.OpenAIError | None,
+    answering: bool,
+    config: OpenAIConfig,
+) -> tuple[str | None, dict[str, Any] | None]:
+    """How the stream ended, the one place that decides it: the run's error
+    message (None: the answer ended as the model meant it to) and the
+    ``finish`` event to yield (None: none to tell). See the module's docstring.
+
+    `finish_reason` is the model's (None: it never gave one), `failure` what the
+    client raised (None: the stream ended cleanly), `answering` whether the
+    endpoint had begun to answer (a 200 and its headers) when it failed.
+    """
+    # APITimeoutError is an APIConnectionError: both are the transport's trouble.
+    transport = isinstance(failure, openai.APIConnectionError)
+    if finish_reason is not None and (failure is None or transport):
+        # The model said it was done: a connection lost after that (before the
+        # usage chunk or [DONE]) loses nothing of the answer.
+        if finish_reason == "error":
+            return "The model endpoint reported an error while answering.", None
+        if finish_reason in COMPLETE_REASONS:
+            return None, None
+        return None, {"event": "finish", "data": {"reason": finish_reason}}
+    if failure is None:
+        return CUT_OFF, None
+    if answering and isinstance(failure, openai.APITimeoutError):
+        return STALLED, None
+    if answering and transport:
+        return LOST, None
+    return _describe(failure, config), None
 
 
 def _describe(exc: openai.OpenAIError, config: OpenAIConfig) -> str:
