@@ -28,14 +28,13 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError
 
 from . import runs
 from .backends.base import Subscription
 from .conf import get_config
-from .exceptions import DetachedRunsError, InvalidInput, NotAllowed
-from .owners import scope_owner
+from .exceptions import DetachedRunsError, InvalidInput, NotAllowed, RunNotFound, error_status
+from .owners import ANONYMOUS, scope_owner
+from .text import loads
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +82,20 @@ class RunConsumer(AsyncWebsocketConsumer):
         try:
             runs.validate_session_key(self.session_key)
             self.owner = await _owner(self.scope)
-            subscription = await runs.subscribe(self.session_key, after=after, owner=self.owner)
-        except DetachedRunsError as exc:
-            await self.close(code=4000 + exc.status_code, reason=str(exc)[:120])
-            return
-        except (DatabaseError, ImproperlyConfigured):
-            logger.exception("WebSocket connect to session %s failed", self.session_key)
-            await self.close(code=CLOSE_INTERNAL)
+            try:
+                subscription = await runs.subscribe(self.session_key, after=after, owner=self.owner)
+            except RunNotFound:
+                if not await runs.get_service().is_free(self.session_key):
+                    raise
+                # Nobody's yet: the socket waits, idle, for its start frame.
+                # (A POST tells a stranger as much: a taken key answers 404.)
+                return
+        except Exception as exc:  # noqa: BLE001 - mapped and logged in error_status
+            status, message = error_status(exc, "WebSocket connect")
+            if isinstance(exc, DetachedRunsError):
+                await self.close(code=4000 + status, reason=message[:120])
+            else:
+                await self.close(code=CLOSE_INTERNAL)
             return
         await self._follow(subscription)
 
@@ -116,18 +122,23 @@ class RunConsumer(AsyncWebsocketConsumer):
                 )
             else:
                 raise InvalidInput('Unknown frame type: use "start", "stop" or "resume".')
-        except DetachedRunsError as exc:
-            await self._error(str(exc))
-        except DatabaseError:
-            logger.exception("WebSocket frame on session %s failed", self.session_key)
-            await self._error("The database is unavailable; try again shortly.")
-        except ImproperlyConfigured:
-            logger.exception("detached_runs is misconfigured")
-            await self._error("The server is misconfigured.")
+        except Exception as exc:  # noqa: BLE001 - mapped and logged in error_status
+            # The socket stays open whatever the frame did: the client gets
+            # the same message an HTTP request would have.
+            await self._error(error_status(exc, f"a WebSocket frame on {self.session_key}")[1])
 
     async def _start(self, frame: dict[str, Any]) -> None:
         if "prompt" not in frame:
             raise InvalidInput('A "start" frame needs a "prompt".')
+        if self.owner == ANONYMOUS:
+            # An anonymous visitor's first run: it needs an id of its own.
+            owner = await scope_owner(self.scope, create=True)
+            if owner is None:
+                raise NotAllowed(
+                    "This browser has no session cookie to own a conversation with: "
+                    "load a page of the site first, or start the first run over HTTP."
+                )
+            self.owner = owner
         await runs.start(self.session_key, prompt=frame["prompt"], owner=self.owner)
         # Follow the new run from its start event, once the run followed so far
         # (stopped by this start) has sent the rest of its events and its done.
@@ -220,10 +231,7 @@ def _decode(text_data: str | None) -> dict[str, Any]:
             f"The frame is too large ({len(text_data)} characters); "
             f"a prompt may have at most {limit} characters."
         )
-    try:
-        frame = json.loads(text_data)
-    except ValueError:
-        raise InvalidInput("The frame is not valid JSON.") from None
+    frame = loads(text_data, name="frame")
     if not isinstance(frame, dict):
         raise InvalidInput('A frame is a JSON object with a "type".')
     return frame
@@ -245,4 +253,4 @@ async def _owner(scope: dict[str, Any]) -> str:
         return owner
     if not get_config()["ALLOW_ANONYMOUS"]:
         raise NotAllowed("Log in first.")
-    return "anon:"  # an anonymous visitor without an id yet owns nothing
+    return ANONYMOUS

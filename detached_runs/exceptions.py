@@ -4,6 +4,22 @@ with ``4000 + status_code``. Messages are safe to show a client."""
 
 from __future__ import annotations
 
+import logging
+
+from django.core.exceptions import (
+    BadRequest,
+    ImproperlyConfigured,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
+from django.db import DatabaseError, DataError
+from django.http.multipartparser import MultiPartParserError
+from django.http.request import UnreadablePostError
+
+logger = logging.getLogger(__name__)
+
 
 class DetachedRunsError(Exception):
     """Base class. ``str(exc)`` is a message a client may see."""
@@ -66,3 +82,41 @@ class AgentError(DetachedRunsError):
     to clients. Any other exception is logged and shown as a generic message."""
 
     status_code = 500
+
+
+def error_status(exc: BaseException, where: str) -> tuple[int, str]:
+    """The status and client-safe message for an exception raised while
+    handling a request (and the WebSocket consumer's frames).
+
+    * the app's own errors (`detached_runs.exceptions`): their status (4xx, 503);
+    * a request Django cannot parse (too large, too many fields, a broken
+      multipart body, a body the client stopped sending): 400;
+    * a database that refused the data itself (`DataError`): 400; any other
+      database error (unreachable, restarting, a dropped connection): 503;
+    * anything else (a bug, a misconfiguration): 500, logged with its
+      traceback, which never reaches the client.
+    """
+    if isinstance(exc, DetachedRunsError):
+        return exc.status_code, str(exc)
+    if isinstance(exc, RequestDataTooBig):
+        return 400, "The request body is too large."
+    if isinstance(exc, TooManyFieldsSent | TooManyFilesSent):
+        return 400, "The request has too many fields."
+    if isinstance(exc, SuspiciousOperation | BadRequest | MultiPartParserError):
+        logger.warning("Malformed request in %s: %s", where, exc)
+        return 400, "The request is malformed."
+    if isinstance(exc, UnreadablePostError):
+        return 400, "The request body could not be read."
+    if isinstance(exc, DataError):
+        logger.warning("The database refused data in %s", where, exc_info=True)
+        return 400, "The database cannot store this input."
+    if isinstance(exc, DatabaseError):
+        # Unreachable, restarting, a connection closed under Django's back
+        # (SQLite calls that a ProgrammingError): worth trying again.
+        logger.exception("Database error in %s", where)
+        return 503, "The database is unavailable; try again shortly."
+    if isinstance(exc, ImproperlyConfigured):
+        logger.exception("detached_runs is misconfigured")
+        return 500, "The server is misconfigured."
+    logger.exception("Unexpected error in %s", where)
+    return 500, "Internal error."

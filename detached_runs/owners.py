@@ -18,6 +18,9 @@ from .conf import get_config
 from .db import run_sync
 
 ANON_SESSION_KEY = "_detached_runs_owner"
+#: The requester of an anonymous visitor who has no id yet: it owns nothing,
+#: and the service never starts a run for it.
+ANONYMOUS = "anon:"
 
 
 def owner_key(owner: Any) -> str:
@@ -67,12 +70,17 @@ def _request_owner(request: HttpRequest, create: bool) -> str | None:
 
 async def scope_owner(scope: dict[str, Any], *, create: bool = False) -> str | None:
     """The same for a Channels scope (behind ``AuthMiddlewareStack``), read on
-    the same database thread."""
+    the same database thread. ``create`` stores a new anonymous id only in a
+    session the browser already has a cookie for (a socket cannot set one)."""
     return await run_sync(_scope_owner, scope, create)
 
 
 def _scope_owner(scope: dict[str, Any], create: bool) -> str | None:
     session: Any = scope.get("session")
+    if create and session is not None and session.session_key is None:
+        # No session cookie came with the handshake, and a socket cannot set
+        # one: an id stored now would be lost with the socket.
+        create = False
     owner, created = _owner_of(scope.get("user"), session, create)
     if created:
         session.save()  # no middleware saves it after a WebSocket handshake

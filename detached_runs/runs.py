@@ -51,13 +51,15 @@ from .exceptions import (
     BadEventId,
     BadPrompt,
     BadSessionKey,
+    NotAllowed,
     RunNotFound,
     TooManyRuns,
 )
 from .lifecycle import install_signal_handlers
 from .models import Run
-from .owners import may_access, owner_key
+from .owners import ANONYMOUS, may_access, owner_key
 from .signals import run_finished, run_started
+from .text import clean_json, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +98,12 @@ def validate_session_key(session_key: object) -> str:
 
 
 def validate_prompt(prompt: object) -> str:
+    """The prompt, cleaned (`detached_runs.text.clean_text`: NUL and lone
+    surrogates become U+FFFD); `BadPrompt` if it is not a string, is empty or
+    is longer than ``MAX_PROMPT_CHARS``."""
     if not isinstance(prompt, str):
         raise BadPrompt("The prompt must be a string.")
+    prompt = clean_text(prompt)
     if not prompt.strip():
         raise BadPrompt("The prompt is empty.")
     limit = get_config()["MAX_PROMPT_CHARS"]
@@ -322,9 +328,14 @@ def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> None:
 
 
 def _normalise(item: Any) -> Item | None:
-    """An agent's item as a log item, or None to skip it (empty text)."""
+    """An agent's item as a log item, or None to skip it (empty text).
+
+    The boundary of the agent's output: text and event data are cleaned here
+    (`detached_runs.text`), once, so that the log, clients and the saved row
+    can encode and store them on every database.
+    """
     if isinstance(item, str):
-        return item or None
+        return clean_text(item) or None
     if isinstance(item, dict):
         event, data = item.get("event"), item.get("data", {})
         if not isinstance(event, str) or not _EVENT_TYPE_RE.match(event) or event in RESERVED:
@@ -333,7 +344,11 @@ def _normalise(item: Any) -> Item | None:
             text = data.get("text") if isinstance(data, dict) else None
             if not isinstance(text, str):
                 raise AgentError("The agent yielded a delta without text.")
-            return text or None
+            return clean_text(text) or None
+        try:
+            data = clean_json(data)
+        except (TypeError, ValueError) as exc:
+            raise AgentError(f"The agent yielded a {event} event whose data is not JSON.") from exc
         if not isinstance(data, dict):
             data = {"value": data}
         return (event, data)
@@ -489,6 +504,10 @@ class RunService:
         validate_session_key(session_key)
         prompt = validate_prompt(prompt)
         requester = None if owner is None else owner_key(owner)
+        if requester == ANONYMOUS:
+            # Shared by every visitor without an id: a run it started would be
+            # everybody's.
+            raise NotAllowed("An anonymous visitor needs an owner id to start a run.")
         agent = load_agent(agent)
         backend = self.backend
         async with self._start_lock(session_key):
@@ -570,6 +589,14 @@ class RunService:
         if row is None or not may_access(requester, row.owner, session_key):
             raise RunNotFound("No such session.")
         return StoredSubscription(self, await self.resolve(row), parsed)
+
+    async def is_free(self, session_key: str) -> bool:
+        """Whether the session has no run at all (in the backend or the
+        database): nobody owns it yet, and its first start makes it the
+        starter's."""
+        if await self.backend.get(validate_session_key(session_key)) is not None:
+            return False
+        return await self._latest_row(session_key) is None
 
     async def stop(self, session_key: str, *, owner: Any = None) -> bool:
         """Stop the session's run in flight; False if there was none."""

@@ -8,14 +8,11 @@ middleware) so that a failure is JSON too and the check cannot be forgotten.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
-from django.db import DatabaseError
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -25,14 +22,16 @@ from django.http import (
 )
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import reverse
+from django.utils.cache import add_never_cache_headers
 from django.views.decorators.csrf import csrf_exempt
 
 from . import runs
 from .backends.base import Subscription
 from .conf import get_config
 from .events import KEEPALIVE_SSE, encode_sse
-from .exceptions import BadPrompt, DetachedRunsError, InvalidInput, NotAllowed, RunNotFound
-from .owners import request_owner
+from .exceptions import BadPrompt, NotAllowed, RunNotFound, error_status
+from .owners import ANONYMOUS, request_owner
+from .text import loads
 
 logger = logging.getLogger(__name__)
 
@@ -52,35 +51,45 @@ _csrf = _CsrfCheck(lambda request: HttpResponse())
 
 
 def api(*methods: str) -> Callable[[View], Any]:
-    """Allow ``methods``, check CSRF on unsafe ones, turn errors into JSON."""
+    """Allow ``methods``, check CSRF on unsafe ones, turn errors into JSON.
+
+    The one error boundary of the HTTP views: whatever a request makes them
+    raise, the client gets JSON ``{"error": ...}`` with a status that says
+    whose fault it is (`error_status`), never Django's HTML page or a
+    traceback. Every answer is marked not to be cached (a cache middleware
+    would otherwise serve a run's status long after it changed).
+    """
 
     def decorate(view: View) -> Any:
         @functools.wraps(view)
         async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            response: HttpResponseBase
             if request.method not in methods:
                 response = error_response(405, f"Method {request.method} not allowed.")
                 response["Allow"] = ", ".join(methods)
-                return response
-            try:
-                if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
-                    rejected = _csrf.process_view(request, cast(Any, wrapper), args, kwargs)
-                    if rejected is not None:
-                        return rejected
-                return await view(request, *args, **kwargs)
-            except RequestDataTooBig:
-                return error_response(400, "The request body is too large.")
-            except DetachedRunsError as exc:
-                return error_response(exc.status_code, str(exc))
-            except DatabaseError:
-                logger.exception("Database error in %s", view.__name__)
-                return error_response(503, "The database is unavailable; try again shortly.")
-            except ImproperlyConfigured:
-                logger.exception("detached_runs is misconfigured")
-                return error_response(500, "The server is misconfigured.")
+            else:
+                try:
+                    response = await _checked(view, wrapper, request, *args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - mapped and logged in error_status
+                    response = error_response(*error_status(exc, view.__name__))
+            if not response.streaming:
+                add_never_cache_headers(response)
+            return response
 
         return csrf_exempt(wrapper)
 
     return decorate
+
+
+async def _checked(
+    view: View, wrapper: Any, request: HttpRequest, *args: Any, **kwargs: Any
+) -> HttpResponseBase:
+    if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
+        # Reads request.POST for the form field: its parse errors are the client's.
+        rejected = _csrf.process_view(request, wrapper, args, kwargs)
+        if rejected is not None:
+            return rejected
+    return await view(request, *args, **kwargs)
 
 
 async def _owner(request: HttpRequest, *, create: bool = False) -> str:
@@ -89,22 +98,16 @@ async def _owner(request: HttpRequest, *, create: bool = False) -> str:
         return owner
     if not get_config()["ALLOW_ANONYMOUS"]:
         raise NotAllowed("Log in first.")
-    return "anon:"  # an anonymous visitor without an id yet owns nothing
+    return ANONYMOUS
 
 
 def _prompt_of(request: HttpRequest) -> Any:
-    try:
-        if request.content_type == "application/json":
-            try:
-                payload = json.loads(request.body or b"null")
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidInput("The body is not valid JSON.") from None
-            if not isinstance(payload, dict) or "prompt" not in payload:
-                raise BadPrompt('Send a JSON object: {"prompt": "..."}.')
-            return payload["prompt"]
-        prompt = request.POST.get("prompt")
-    except RequestDataTooBig:
-        raise BadPrompt("The request body is too large.") from None
+    if request.content_type == "application/json":
+        payload = loads(request.body or b"null")
+        if not isinstance(payload, dict) or "prompt" not in payload:
+            raise BadPrompt('Send a JSON object: {"prompt": "..."}.')
+        return payload["prompt"]
+    prompt = request.POST.get("prompt")
     if prompt is None:
         raise BadPrompt('Send a "prompt" (JSON or form field).')
     return prompt
@@ -149,6 +152,10 @@ async def events(request: HttpRequest, session_key: str) -> HttpResponseBase:
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
+    # An empty list of codings: compression middleware (Django's GZipMiddleware
+    # and others) leaves a response that has one alone. Compressed, the events
+    # would wait in the compressor's buffer instead of reaching the browser.
+    response["Content-Encoding"] = ""
     return response
 
 

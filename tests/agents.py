@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,12 +15,29 @@ from detached_runs.exceptions import AgentError
 DELAY = float(os.environ.get("TEST_AGENT_DELAY", "0.01"))
 
 
+#: A prompt that starts with this is a script for `words`: what to yield.
+SCRIPT = "script:"
+
+
 def numbered(count: int) -> list[str]:
     return [f"w{i} " for i in range(count)]
 
 
+def script(items: list[Any]) -> str:
+    """A prompt that makes `words` yield ``items`` (strings and event dicts),
+    as they are: lone surrogates, NUL, NaN and all. The prompt itself is ASCII
+    (base64 of JSON with escapes), so it survives the prompt's own cleaning."""
+    return SCRIPT + base64.b64encode(json.dumps(items).encode()).decode()
+
+
 async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
-    """Yields ``w0 w1 ...``: as many words as the prompt's first number (default 20)."""
+    """Yields ``w0 w1 ...``: as many words as the prompt's first number (default 20);
+    for a `script` prompt, the script's items."""
+    if ctx.prompt.startswith(SCRIPT):
+        for item in json.loads(base64.b64decode(ctx.prompt.removeprefix(SCRIPT))):
+            await asyncio.sleep(DELAY)
+            yield item
+        return
     if ctx.prompt == "slow":
         await asyncio.sleep(0.5)
         yield "finally "

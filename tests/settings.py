@@ -22,12 +22,19 @@ INSTALLED_APPS = [
     "channels",
     "detached_runs",
 ]
+# Middleware that rewrites or caches responses, as real projects have it:
+# every test runs with it, so none of it may buffer, compress or cache a
+# stream or a run's status.
 MIDDLEWARE = [
+    "django.middleware.cache.UpdateCacheMiddleware",
+    "django.middleware.gzip.GZipMiddleware",
+    "django.middleware.http.ConditionalGetMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.cache.FetchFromCacheMiddleware",
 ]
 ROOT_URLCONF = "tests.urls"
 TEMPLATES = [

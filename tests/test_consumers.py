@@ -107,12 +107,55 @@ async def test_a_finished_run_replays_compactly():
 
 
 @pytest.mark.parametrize("owner", [None, "anon:someone-else"])
-async def test_an_unknown_or_foreign_session_closes_with_4404(owner):
+async def test_a_foreign_session_closes_with_4404(owner):
     await runs.start("taken", prompt="x", owner=OWNER, agent=forever)
     cookie = await cookie_for(owner) if owner else None
-    for key in ("taken", "never-started"):
-        communicator = await connect(key, cookie)
-        assert await closed_with(communicator) == 4404
+    communicator = await connect("taken", cookie)
+    assert await closed_with(communicator) == 4404
+
+
+@pytest.mark.parametrize("owner", [None, "anon:someone-else"])
+async def test_a_session_finished_and_saved_by_another_owner_closes_with_4404(owner):
+    await Run.objects.acreate(session_key="saved", owner=OWNER, prompt="x", status="done")
+    cookie = await cookie_for(owner) if owner else None
+    communicator = await connect("saved", cookie)
+    assert await closed_with(communicator) == 4404
+
+
+async def test_a_socket_for_a_new_session_waits_idle_and_its_start_frame_creates_it():
+    cookie = await cookie_for(OWNER)
+    communicator = await connect("brand-new", cookie)
+    assert await communicator.receive_nothing(timeout=0.2)  # open, idle: no close
+    await communicator.send_json_to({"type": "start", "prompt": "3"})
+    frames = await frames_until_done(communicator)
+    assert [f["event"] for f in frames][0] == "start"
+    assert text(frames) == "w0 w1 w2 "
+    row = await Run.objects.aget(session_key="brand-new")
+    assert (row.owner, row.status, row.output) == (OWNER, "done", "w0 w1 w2 ")
+    # Now it is this owner's: a stranger's socket is refused.
+    stranger = await connect("brand-new", await cookie_for("anon:someone-else"))
+    assert await closed_with(stranger) == 4404
+    await communicator.disconnect()
+
+
+async def test_an_idle_socket_answers_stop_and_resume_with_an_error_frame_and_stays_open():
+    communicator = await connect("brand-new", await cookie_for(OWNER))
+    for frame in ({"type": "stop"}, {"type": "resume", "after": None}):
+        await communicator.send_json_to(frame)
+        reply = await communicator.receive_json_from(timeout=5)
+        assert reply == {"event": "error", "data": {"error": "No such session."}}
+    assert await communicator.receive_nothing(timeout=0.1)
+    await communicator.disconnect()
+
+
+async def test_a_start_frame_on_a_session_taken_meanwhile_by_another_owner_is_an_error():
+    communicator = await connect("contested", await cookie_for(OWNER))
+    assert await communicator.receive_nothing(timeout=0.2)  # connected, idle
+    await runs.start("contested", prompt="x", owner="anon:someone-else", agent=forever)
+    await communicator.send_json_to({"type": "start", "prompt": "mine"})
+    reply = await communicator.receive_json_from(timeout=5)
+    assert reply == {"event": "error", "data": {"error": "No such session."}}
+    await communicator.disconnect()
 
 
 async def test_a_bad_session_key_closes_with_4400():

@@ -10,7 +10,10 @@ import pytest
 
 from detached_runs.models import Run
 
+from .agents import numbered, script
 from .http import Browser, text
+
+NAN, INF = float("nan"), float("inf")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -182,3 +185,114 @@ def test_bad_input_gets_its_status_and_the_run_goes_on_untouched(browser, key):
     assert text(seen) + text(rest) == WORDS_40
     assert rest[-1].data == {"status": "done"}
     assert Run.objects.filter(session_key=key).count() == 1
+
+
+# -- text the stack cannot encode or store, and malformed requests ------------------
+
+
+def saved_row(key: str) -> Run:
+    for _ in range(500):
+        row = Run.objects.filter(session_key=key).order_by("-started_at").first()
+        if row is not None and row.status != "running":
+            return row
+        time.sleep(0.02)
+    raise AssertionError("the run was not saved")
+
+
+def test_lone_surrogates_from_the_agent_become_u_fffd_and_the_run_completes(browser, key):
+    items = [
+        "before ",
+        "half \ud83d here ",
+        {"event": "note", "data": {"text": "x\udc00y", "\ud800key": ["\udfff"]}},
+        "after",
+    ]
+    assert browser.request("POST", f"/runs/{key}/", {"prompt": script(items)}).status == 202
+    events = browser.stream(f"/runs/{key}/events/").rest()
+    assert text(events) == "before half \ufffd here after"
+    note = next(e for e in events if e.event == "note")
+    assert note.data == {"text": "x\ufffdy", "\ufffdkey": ["\ufffd"]}
+    assert events[-1].data == {"status": "done"}
+    row = saved_row(key)
+    assert (row.status, row.output) == ("done", "before half \ufffd here after")
+
+
+def test_nul_and_non_finite_numbers_from_the_agent_are_stored_and_sent_as_json(browser, key):
+    items = ["n2\x00 ", *numbered(200), {"event": "score", "data": {"nan": NAN, "inf": [INF]}}]
+    assert browser.request("POST", f"/runs/{key}/", {"prompt": script(items)}).status == 202
+    stream = browser.stream(f"/runs/{key}/events/")
+    events = stream.rest()  # parsed by json.loads: it would accept NaN, so check the wire too
+    assert text(events) == "n2\ufffd " + "".join(numbered(200))
+    assert next(e for e in events if e.event == "score").data == {"nan": None, "inf": [None]}
+    assert events[-1].data == {"status": "done"}
+    assert saved_row(key).output == "n2\ufffd " + "".join(numbered(200))
+
+
+def test_a_prompt_with_a_lone_surrogate_or_nul_is_cleaned_the_same_way(browser, key):
+    reply = browser.request("POST", f"/runs/{key}/", {"prompt": "hello \ud83d there\x00!"})
+    assert reply.status == 202
+    events = browser.stream(f"/runs/{key}/events/").rest()
+    assert events[0].data["prompt"] == "hello \ufffd there\ufffd!"
+    assert saved_row(key).prompt == "hello \ufffd there\ufffd!"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than Python's parser goes
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"prompt": NaN}',  # Python's json takes it; JSON does not
+        b'{"prompt": "\xff\xfe"}',  # not UTF-8
+    ],
+    ids=["nested", "nested-prompt", "nan", "latin-1"],
+)
+def test_a_body_that_is_not_json_is_a_json_400_and_starts_nothing(browser, key, body):
+    reply = browser.request("POST", f"/runs/{key}/", body)
+    assert reply.status == 400
+    assert reply.json() == {"error": "The body is not valid JSON."}
+    assert browser.request("GET", f"/runs/{key}/").status == 404
+
+
+def test_a_form_or_query_with_too_many_fields_is_a_json_400(browser, key):
+    form = "&".join(f"f{i}=x" for i in range(1001)).encode() + b"&prompt=hi"
+    reply = browser.request(
+        "POST",
+        f"/runs/{key}/",
+        form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status == 400
+    assert reply.json() == {"error": "The request has too many fields."}
+    query = "&".join(f"q{i}=x" for i in range(1001))
+    reply = browser.request("GET", f"/runs/{key}/events/?{query}")
+    assert (reply.status, reply.json()) == (400, {"error": "The request has too many fields."})
+    assert browser.request("GET", f"/runs/{key}/").status == 404
+
+
+# -- middleware between the view and the browser -------------------------------------
+
+
+def test_events_stream_live_past_gzip_and_conditional_get_middleware(browser, key):
+    """The test project has GZipMiddleware and ConditionalGetMiddleware; a
+    browser always accepts gzip. Compressed, nothing would arrive before the
+    compressor's buffer filled: here the first words come before the run ends."""
+    browser.request("POST", f"/runs/{key}/", {"prompt": "40"})
+    stream = browser.stream(f"/runs/{key}/events/", {"Accept-Encoding": "gzip, deflate, br"})
+    assert stream.status == 200
+    assert stream.headers.get("Content-Encoding", "") == ""
+    first = stream.take(3)
+    assert [e.event for e in first] == ["start", "delta", "delta"]
+    assert browser.request("GET", f"/runs/{key}/").json()["run"]["status"] == "running"
+    stream.close()
+
+
+def test_a_cache_middleware_never_serves_a_stale_status(browser, key):
+    """The test project has Django's per-site cache (UpdateCacheMiddleware and
+    FetchFromCacheMiddleware): a status cached while running would be served
+    after the run ended."""
+    browser.request("POST", f"/runs/{key}/", {"prompt": "10"})
+    running = browser.request("GET", f"/runs/{key}/")
+    assert running.json()["run"]["status"] == "running"
+    assert "no-store" in running.headers["Cache-Control"]
+    assert "private" in running.headers["Cache-Control"]
+    saved_row(key)
+    assert browser.request("GET", f"/runs/{key}/").json()["run"]["status"] == "done"

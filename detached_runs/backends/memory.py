@@ -38,6 +38,7 @@ from ..exceptions import (
     RunNotFound,
     TooManySubscribers,
 )
+from ..text import clean_text
 from .base import (
     DONE as STATUS_DONE,
 )
@@ -611,5 +612,6 @@ async def _close(source: Source) -> None:
 
 def _safe_error(exc: BaseException) -> str:
     if isinstance(exc, AgentError):
-        return str(exc) or "The agent failed."
+        # The agent's own words: cleaned like its text, since they are saved too.
+        return clean_text(str(exc)) or "The agent failed."
     return "The agent failed."
