@@ -128,7 +128,7 @@ async def test_a_socket_for_a_new_session_waits_idle_and_its_start_frame_creates
     assert await communicator.receive_nothing(timeout=0.2)  # open, idle: no close
     await communicator.send_json_to({"type": "start", "prompt": "3"})
     frames = await frames_until_done(communicator)
-    assert [f["event"] for f in frames][0] == "start"
+    assert frames[0]["event"] == "start"
     assert text(frames) == "w0 w1 w2 "
     row = await Run.objects.aget(session_key="brand-new")
     assert (row.owner, row.status, row.output) == (OWNER, "done", "w0 w1 w2 ")
