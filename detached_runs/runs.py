@@ -35,7 +35,7 @@ from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.db import DatabaseError, connections, router, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connections, router, transaction
 from django.db.models import Field
 from django.dispatch import Signal
 from django.utils import timezone
@@ -224,24 +224,42 @@ class _Recorder:
             "finished_at": now,
             "updated_at": now,
         }
-        ended = 0
-        for delay in (*SAVE_RETRY_DELAYS, None):
+        ended, escaped = 0, False
+        delays = iter((*SAVE_RETRY_DELAYS, None))
+        while True:
             try:
                 ended = await run_sync(_save_end, self.run.pk, fields)
                 break
-            except DatabaseError:
-                if delay is None:
+            except (DataError, IntegrityError) as exc:
+                failure: DatabaseError = exc
+                if escaped:
+                    delay = None  # refused even as ASCII: trying again changes nothing
+                else:
+                    # The database refused the text itself (a column whose
+                    # character set cannot hold it): the answer reached clients,
+                    # so it is saved escaped rather than lost.
                     logger.error(
-                        "Could not save run %s (%s, %d characters); its output stays in memory "
-                        "until eviction",
+                        "The database refused the text of run %s; saving it escaped as ASCII",
                         self.run.id.hex,
-                        end.status,
-                        len(end.output),
                         exc_info=True,
                     )
-                    return
-                logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
-                await asyncio.sleep(delay)
+                    fields |= {"output": _escaped(end.output), "error": _escaped(end.error)}
+                    escaped = True
+                    continue
+            except DatabaseError as exc:
+                failure, delay = exc, next(delays)
+            if delay is None:
+                logger.error(
+                    "Could not save run %s (%s, %d characters); its output stays in memory "
+                    "until eviction",
+                    self.run.id.hex,
+                    end.status,
+                    len(end.output),
+                    exc_info=failure,
+                )
+                return
+            logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
+            await asyncio.sleep(delay)
         if ended:
             run = copy.copy(self.run)  # the caller of start() keeps its own
             for name, value in fields.items():
@@ -282,7 +300,7 @@ class _Checkpoints:
             if not due:
                 continue
             try:
-                await run_sync(
+                refused = await run_sync(
                     _write_checkpoints,
                     [(r.run.pk, output, last_id) for r, (output, last_id) in due.items()],
                 )
@@ -295,18 +313,31 @@ class _Checkpoints:
                 continue
             now = time.monotonic()
             for recorder, (_output, last_id) in due.items():
+                if recorder.run.pk in refused:
+                    # Its data, not the database: the others' rows were written.
+                    logger.warning(
+                        "The database refused the checkpoint of run %s; will retry",
+                        recorder.run.id.hex,
+                    )
+                    continue
                 recorder.saved_id, recorder.beat = last_id, now
 
 
 _CHECKPOINTED = ("id", "output", "last_event_id", "updated_at", "status")
 
 
-def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> None:
-    """One statement for all (sync, on the database thread). Only rows still
+def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> set[uuid.UUID]:
+    """One statement for all (sync, on the database thread); returns the keys
+    of the rows the database refused for their data. Only rows still
     ``running`` are touched, so a checkpoint never undoes a final save.
 
     The ORM's ``update()`` builds a query per row, which at a thousand rows a
     second costs more than the writes; one prepared ``executemany`` does not.
+    If the database refuses the data of one row (`DataError`,
+    `IntegrityError`), that sinks the whole statement: the rows are then
+    written one by one, each in its own transaction, so one bad row never
+    fails the checkpoints of every other run. Any other error (the database
+    is unavailable) is raised.
     """
     db = router.db_for_write(Run)
     conn = connections[db]
@@ -323,8 +354,26 @@ def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> None:
         (output, last_id, now, fields["id"].get_db_prep_value(pk, conn), RUNNING)
         for pk, output, last_id in rows
     ]
-    with transaction.atomic(using=db), conn.cursor() as cursor:
-        cursor.executemany(sql, params)
+    try:
+        with transaction.atomic(using=db), conn.cursor() as cursor:
+            cursor.executemany(sql, params)
+        return set()
+    except (DataError, IntegrityError):
+        pass
+    refused = set()
+    for (pk, _output, _last_id), row in zip(rows, params, strict=True):
+        try:
+            with transaction.atomic(using=db), conn.cursor() as cursor:
+                cursor.execute(sql, row)
+        except (DataError, IntegrityError):
+            refused.add(pk)
+    return refused
+
+
+def _escaped(text: str) -> str:
+    """``text`` as ASCII with backslash escapes: what a final save stores when
+    the database refuses the text itself, so that it is kept, if not pretty."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _normalise(item: Any) -> Item | None:

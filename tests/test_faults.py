@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import OperationalError, connection
+from django.db import DataError, OperationalError, connection
 
 from detached_runs import runs
 from detached_runs.models import Run
@@ -111,6 +111,74 @@ async def test_refused_checkpoints_are_retried_and_catch_up(caplog):
     assert counts["refused"] >= 1 and "Checkpoint of run" in caplog.text
     assert (await Run.objects.aget(pk=run.pk)).output == "before the hang "
     await runs.stop("chat")
+
+
+@asynccontextmanager
+async def refusing_data(matches: Any) -> AsyncIterator[dict[str, int]]:
+    """Make the database refuse, as it refuses a value its column cannot hold
+    (`DataError`), every UPDATE (a checkpoint or a save) whose parameters (any
+    row of an ``executemany``) hold a string for which ``matches(text)`` is true."""
+    counts = {"refused": 0}
+
+    def strings(params: Any, many: bool) -> list[str]:
+        rows = params if many else [params]
+        return [value for row in rows or [] for value in row if isinstance(value, str)]
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        updates = sql.lstrip().upper().startswith("UPDATE")
+        if updates and any(matches(value) for value in strings(params, many)):
+            counts["refused"] += 1
+            raise DataError("invalid byte sequence for encoding (injected)")
+        return execute(sql, params, many, context)
+
+    await sync_to_async(lambda: connection.execute_wrappers.append(wrapper))()
+    try:
+        yield counts
+    finally:
+        await sync_to_async(lambda: connection.execute_wrappers.remove(wrapper))()
+
+
+async def poisoned(ctx: Any) -> AsyncIterator[str]:
+    yield f"{ctx.prompt} "
+    await asyncio.sleep(3600)
+
+
+async def test_a_row_the_database_refuses_does_not_sink_the_other_runs_checkpoints(caplog):
+    caplog.set_level(logging.WARNING, logger="detached_runs")
+    async with refusing_data(lambda text: "poison" in text) as counts:
+        bad = await runs.start("bad", prompt="poison", agent=poisoned)
+        good = await runs.start("good", prompt="fine", agent=poisoned)
+        await asyncio.sleep(0.7)  # a few checkpoints of both runs, in one statement each
+        assert (await Run.objects.aget(pk=good.pk)).output == "fine "
+        assert (await Run.objects.aget(pk=bad.pk)).output == ""
+    assert counts["refused"] >= 2  # the batch, then the bad row alone
+    assert f"refused the checkpoint of run {bad.id.hex}" in caplog.text
+    assert good.id.hex not in caplog.text.replace(f"Run {good.id.hex} of session good", "")
+    await runs.stop("bad")
+    await runs.stop("good")
+
+
+async def test_a_final_save_refused_for_its_text_keeps_the_text_escaped(caplog):
+    """A column whose character set cannot hold the answer (MySQL's 3-byte
+    utf8, latin1) refuses it: what reached clients is saved as ASCII escapes
+    rather than lost, and the run is not left running."""
+    caplog.set_level(logging.WARNING, logger="detached_runs")
+    async with refusing_data(lambda text: not text.isascii()) as counts:
+        await runs.start("chat", prompt="h\u00e9llo", agent=words_of(["héllo ", "😀"]))
+        events = [e async for e in runs.subscribe("chat")]
+    assert events[-1].data == {"status": "done"}
+    assert counts["refused"] == 1  # once as it was, then no retries with back-off
+    row = await Run.objects.aget(session_key="chat")
+    assert (row.status, row.output) == ("done", "h\\xe9llo \\U0001f600")
+    assert "saving it escaped as ASCII" in caplog.text
+
+
+def words_of(items: list[str]) -> Any:
+    async def agent(ctx: Any) -> AsyncIterator[str]:
+        for item in items:
+            yield item
+
+    return agent
 
 
 @pytest.mark.e2e
