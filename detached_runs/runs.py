@@ -28,6 +28,7 @@ import secrets
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,7 +43,16 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from .backends import load_backend
-from .backends.base import INTERRUPTED, RUNNING, BaseBackend, Item, RunEnd, RunState, Subscription
+from .backends.base import (
+    INTERRUPTED,
+    READ_CHUNK,
+    RUNNING,
+    BaseBackend,
+    Item,
+    RunEnd,
+    RunState,
+    Subscription,
+)
 from .conf import get_config
 from .db import run_sync
 from .events import DELTA, DONE, ORIGIN, RESERVED, START, Event, Position, make_id, parse_id
@@ -404,13 +414,15 @@ def _normalise(item: Any) -> Item | None:
     raise AgentError("The agent yielded something that is neither text nor an event.")
 
 
-def terminal_position(row: Run) -> Position:
+def terminal_position(row: Run, size: int | None = None) -> Position:
     """Where a row's terminal event is (or will be) in its run's log.
 
     An ended row's ``last_event_id`` is its terminal event; a running row's is
     the last event its checkpoint covers, so the terminal comes right after.
+    ``size`` is the output's length in UTF-8 bytes, if the caller has it.
     """
-    size = len(row.output.encode())
+    if size is None:
+        size = len(row.output.encode())
     run, position = row.id.hex, Position(size, 1)
     if row.last_event_id:
         try:
@@ -422,6 +434,15 @@ def terminal_position(row: Run) -> Position:
     return position if row.status != RUNNING else Position(size, position.seq + 1)
 
 
+class _Output:
+    """A saved output's bytes, weakly referable (``bytes`` is not)."""
+
+    __slots__ = ("__weakref__", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class StoredSubscription(Subscription):
     """A run the backend no longer holds, served from its row: start, the output
     as one delta, the terminal event. A row still ``running`` elsewhere is
@@ -429,7 +450,7 @@ class StoredSubscription(Subscription):
 
     def __init__(self, service: RunService, row: Run, after: tuple[str, Position] | None) -> None:
         self._service = service
-        self._row = row
+        self._set_row(row)
         self.run_id = row.id.hex
         self.meta = {"owner": row.owner}
         self._cursor = ORIGIN
@@ -442,8 +463,16 @@ class StoredSubscription(Subscription):
                 self._cursor = Position(terminal.text, terminal.seq - 1)
         self._closed = False
 
+    def _set_row(self, row: Run) -> None:
+        # The output as UTF-8, one copy shared by every subscriber of the same
+        # saved state (the row keeps none): ten subscribers replaying a long
+        # answer hold it once, plus a piece each, not ten times.
+        self._output = self._service._shared_output(row)
+        row.output = ""
+        self._row = row
+
     def _terminal(self) -> Position:
-        return terminal_position(self._row)
+        return terminal_position(self._row, len(self._output.data))
 
     @property
     def ended(self) -> bool:
@@ -461,7 +490,7 @@ class StoredSubscription(Subscription):
                 return []
             await asyncio.sleep(step)
             waited += step
-            self._row = await self._service.resolve(self._row)
+            self._set_row(await self._service.resolve(self._row))
 
     def _read(self) -> list[Event]:
         row, cursor, terminal = self._row, self._cursor, self._terminal()
@@ -473,11 +502,18 @@ class StoredSubscription(Subscription):
                     make_id(self.run_id, start), START, {"run": str(row.id), "prompt": row.prompt}
                 )
             )
-        data = row.output.encode()
+        data = self._output.data
         if cursor.text < len(data):
-            text = data[cursor.text :].decode(errors="replace")
-            position = Position(len(data), terminal.seq - 1)
+            # In pieces of READ_CHUNK bytes, as the backends read their logs.
+            cut = min(len(data), cursor.text + READ_CHUNK)
+            while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+                cut -= 1
+            text = data[cursor.text : cut].decode(errors="replace")
+            position = Position(cut, terminal.seq - 1)
             events.append(Event(make_id(self.run_id, position), DELTA, {"text": text}))
+            if cut < len(data):
+                self._cursor = position
+                return events
         if row.status != RUNNING:
             body: dict[str, Any] = {"status": row.status}
             if row.error:
@@ -524,6 +560,9 @@ class RunService:
         self._signals_installed = False
         self._announcing: set[asyncio.Task[None]] = set()
         self._checkpoints = _Checkpoints()
+        self._outputs: weakref.WeakValueDictionary[tuple[Any, ...], _Output] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def backend(self) -> BaseBackend:
@@ -769,6 +808,15 @@ class RunService:
         row = await run_sync(_save_reaped, state.meta["uuid"], state.output, state.last_id)
         if row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
+
+    def _shared_output(self, row: Run) -> _Output:
+        """``row.output`` as UTF-8 bytes, shared by the stored subscriptions of
+        that run in that saved state for as long as any of them holds it."""
+        key = (row.pk, row.status, row.last_event_id, len(row.output))
+        output = self._outputs.get(key)
+        if output is None:
+            output = self._outputs[key] = _Output(row.output.encode())
+        return output
 
     async def _latest_row(self, session_key: str) -> Run | None:
         return await run_sync(_latest_row, session_key)

@@ -38,6 +38,13 @@ async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
             await asyncio.sleep(DELAY)
             yield item
         return
+    if ctx.prompt.startswith("big "):
+        # That many MiB of text, multibyte characters and all, as fast as it goes.
+        piece = "añ€😀 " * 4096  # 49,152 bytes
+        for _ in range(int(ctx.prompt.split()[1]) * 1024 * 1024 // len(piece.encode())):
+            await asyncio.sleep(0)
+            yield piece
+        return
     if ctx.prompt == "slow":
         await asyncio.sleep(0.5)
         yield "finally "

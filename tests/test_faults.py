@@ -198,11 +198,50 @@ def test_a_client_that_never_reads_holds_up_nobody(server):
     assert "Traceback" not in server.output()
 
 
-def stall(port: int, path: str, browser: Browser) -> Iterator[socket.socket]:
+def rss(server: Any) -> int:
+    """The server process's resident memory, in bytes."""
+    with open(f"/proc/{server.process.pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.e2e
+def test_stalled_replays_of_a_long_answer_hold_a_piece_each_not_a_copy(server):
+    """Ten subscribers that never read, replaying a finished 20 MiB answer.
+    uvicorn waits for a socket to drain before it takes the next write, so the
+    app holds one piece (READ_CHUNK) per subscriber; each used to hold the
+    whole answer, twice (text and encoding): +230 MB. daphne has no such
+    back-pressure: what a client does not read waits in daphne, up to the
+    whole answer, and is let go when the client goes; it used to stay."""
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    browser.request("POST", f"/runs/{key}/", {"prompt": "big 20"})
+    for _ in range(600):
+        if browser.request("GET", f"/runs/{key}/").json()["run"]["status"] == "done":
+            break
+        time.sleep(0.05)
+    grown = []
+    for _round in range(3):
+        before = rss(server)
+        stalled = list(stall(server.port, f"/runs/{key}/events/", browser, count=10))
+        time.sleep(1.5)  # as far as they get
+        grown.append(rss(server) - before)
+        for sock in stalled:
+            sock.close()
+        time.sleep(1.5)  # daphne lets go of closed connections within a second
+    print("grown per round (MB):", [round(g / 1e6, 1) for g in grown])
+    if "uvicorn" in server.process.args:
+        assert max(grown) < 40e6
+    else:
+        assert grown[2] < 40e6  # what the first rounds held was let go and reused
+    assert "Traceback" not in server.output()
+
+
+def stall(port: int, path: str, browser: Browser, count: int = 3) -> Iterator[socket.socket]:
     """Open SSE requests whose sockets have a tiny buffer and are never read."""
     cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
     opened = []
-    for _ in range(3):
+    for _ in range(count):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", port))

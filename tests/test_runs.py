@@ -14,6 +14,7 @@ from django.db import OperationalError, connection
 from django.utils import timezone
 
 from detached_runs import runs
+from detached_runs.backends.base import READ_CHUNK
 from detached_runs.exceptions import (
     BadEventId,
     BadPrompt,
@@ -285,3 +286,34 @@ async def test_runs_started_by_requests_share_one_database_thread_after_the_requ
     for index in range(5):
         await finished(f"chat{index}")
     assert len(threads) == 1
+
+
+async def long_answer(ctx: Any) -> AsyncIterator[str]:
+    for i in range(400):  # 400 x ~1 KiB of multibyte text: several READ_CHUNKs
+        yield f"{i}: añ€😀 " * 60
+
+
+@pytest.mark.parametrize("where", ["log", "database"])
+async def test_a_long_replay_goes_out_in_pieces_each_a_valid_resume_point(config, where):
+    """A subscriber reads at most READ_CHUNK bytes at a time, so one whose
+    client does not read holds a piece of the answer, not a copy of it; and
+    every piece ends where a reconnect can resume, mid-answer or not."""
+    config(EVICT_AFTER=0.05 if where == "database" else 60)
+    await runs.start("chat", prompt="x", agent=long_answer)
+    row = await finished("chat")
+    if where == "database":
+        await asyncio.sleep(0.15)  # evicted: served from the row
+    whole = row.output
+    assert len(whole.encode()) > 4 * READ_CHUNK
+    subscription = await runs.subscribe("chat")
+    batches = [batch async for batch in subscription.batches()]
+    deltas = [e for batch in batches for e in batch if e.event == "delta"]
+    assert len(deltas) >= 5
+    assert all(len(e.data["text"].encode()) <= READ_CHUNK for e in deltas)
+    assert text_of(deltas) == whole
+    seen = ""
+    for event in deltas:
+        seen += event.data["text"]
+        rest = [e async for e in runs.subscribe("chat", after=event.id)]
+        assert seen + text_of(rest) == whole
+        assert rest[-1].event == "done"

@@ -28,6 +28,11 @@ STOPPED = "stopped"
 INTERRUPTED = "interrupted"
 TERMINAL = frozenset({DONE, ERROR, STOPPED, INTERRUPTED})
 
+#: Bytes a subscriber reads from a run's log at most in one batch (one write
+#: to its client): a replay of a long answer goes out in pieces of this size,
+#: each read once the previous one was written.
+READ_CHUNK = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class RunEnd:

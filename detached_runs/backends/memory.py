@@ -45,6 +45,7 @@ from .base import (
 from .base import (
     ERROR,
     INTERRUPTED,
+    READ_CHUNK,
     RUNNING,
     STOPPED,
     BaseBackend,
@@ -127,9 +128,9 @@ class _Run:
         self.evict_handle: asyncio.TimerHandle | None = None
         self.ended_at: float | None = None  # loop time
         self.finished_at: float | None = None  # wall clock
-        # The last read: (after, position, events). Subscribers that are level
-        # share it, so a fan-out encodes each event once.
-        self._cache: tuple[Position, Position, list[Event]] | None = None
+        # The last read: (after, position, events, end). Subscribers that are
+        # level share it, so a fan-out encodes each event once.
+        self._cache: tuple[Position, Position, list[Event], Position] | None = None
 
     # -- writing -----------------------------------------------------------
 
@@ -221,26 +222,48 @@ class _Run:
                 if offset < len(entry.buf) and (entry.buf[offset] & 0xC0) == 0x80:
                     raise BadEventId("Unknown event id.")
 
-    def read(self, after: Position) -> list[Event]:
-        """Every event after ``after``, consecutive deltas merged into one."""
+    def read(self, after: Position, limit: int = READ_CHUNK) -> tuple[list[Event], Position]:
+        """The events after ``after``, consecutive deltas merged into one, up
+        to about ``limit`` bytes (of text, and of the other events' encoding:
+        always at least one event); and the position the last one ends at.
+
+        So a replay of a long answer goes out as pieces of at most ``limit``
+        bytes, each read once the previous one was written: a subscriber
+        whose client does not read holds one piece, not a copy of the answer.
+        A delta cut short ends at a character boundary, at a position that is
+        a valid resume point like any other delta's.
+        """
         if after >= self.position:
-            return []
+            return [], after
         cache = self._cache
         if cache is not None and cache[0] == after and cache[1] == self.position:
-            return cache[2]
+            return cache[2], cache[3]
         events: list[Event] = []
-        for entry in self.entries[bisect_right(self.ends, after) :]:
+        size, end = 0, after
+        first = bisect_right(self.ends, after)
+        for index in range(first, len(self.entries)):
+            if size >= limit:
+                break
+            entry = self.entries[index]
             if isinstance(entry, Event):
                 events.append(entry)
+                size += len(entry.sse)
+                end = self.ends[index]
                 continue
             begin = 0
             if after.seq == entry.seq and after.text > entry.start:
                 begin = after.text - entry.start
-            end = Position(entry.start + len(entry.buf), entry.seq)
-            text = bytes(entry.buf[begin:]).decode()
+            # At least 4 bytes, so that going back to a character boundary
+            # still leaves a whole character.
+            stop = min(len(entry.buf), begin + max(limit - size, 4))
+            while stop < len(entry.buf) and (entry.buf[stop] & 0xC0) == 0x80:
+                stop -= 1
+            end = Position(entry.start + stop, entry.seq)
+            text = bytes(entry.buf[begin:stop]).decode()
             events.append(Event(make_id(self.id, end), DELTA, {"text": text}))
-        self._cache = (after, self.position, events)
-        return events
+            size += stop - begin
+        self._cache = (after, self.position, events, end)
+        return events, end
 
     def output(self) -> str:
         return b"".join(e.buf for e in self.entries if isinstance(e, _Text)).decode()
@@ -291,10 +314,9 @@ class MemorySubscription(Subscription):
         while True:
             if self._closed or self.ended:
                 raise StopAsyncIteration
-            batch = run.read(self._cursor)
+            batch, end = run.read(self._cursor)
             if batch:
-                # A read runs to the end of the log, so the cursor goes there.
-                self._cursor = run.position
+                self._cursor = end
                 self._quiet_since = None
                 return batch
             loop = asyncio.get_running_loop()
@@ -313,7 +335,7 @@ class MemorySubscription(Subscription):
                 self._waiting = None
             if self._timed_out:
                 self._timed_out = False
-                if not run.read(self._cursor) and not self.ended:
+                if self._cursor >= run.position and not self.ended:
                     self._quiet_since = None
                     return []
 

@@ -260,7 +260,7 @@ class RedisBackend(MemoryBackend):
                         delay = min(delay * 2, 2.0)
                         continue
                     resync = False
-                events = run.read(flushed)
+                events, _end = run.read(flushed)
                 loop = asyncio.get_running_loop()
                 if not events:
                     if loop.time() - renewed > RENEW_EVERY:
