@@ -32,6 +32,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PROMPT_CHARS": 32_000,
     # None: no limit.
     "MAX_ACTIVE_RUNS_PER_OWNER": 5,
+    # Runs in flight of anonymous owners per client address (an IPv6 address
+    # counts as its /64): a new anonymous owner per request escapes the
+    # per-owner limit, not this one. Ten lets a household or an office behind
+    # one NAT chat at once (a visitor has one run in flight, two of them at
+    # the per-owner limit) and keeps one address from holding more than ten
+    # agents busy. None: no limit.
+    "MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS": 10,
     "MAX_SUBSCRIBERS_PER_RUN": 100,
     # Let visitors who are not logged in own sessions through their Django session.
     "ALLOW_ANONYMOUS": False,
@@ -51,6 +58,7 @@ OPTIONAL_NUMBERS = ("RUN_TIMEOUT",)
 LIMITS = (
     "MAX_PROMPT_CHARS",
     "MAX_ACTIVE_RUNS_PER_OWNER",
+    "MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS",
     "MAX_SUBSCRIBERS_PER_RUN",
     "HISTORY_LIMIT",
 )
