@@ -6,12 +6,21 @@
  *   const run = await client.start("chat-1", "Hello", { onDelta: (text) => out.append(text) });
  *   for await (const event of run) console.log(event.event, event.data);
  *
- * Over SSE the browser's own EventSource reconnects after a drop and sends
- * Last-Event-ID, so the server sends exactly what was missed. A WebSocket does
- * not come back by itself: this module reconnects it with the last id seen.
+ * A dropped connection, and an answer that may change if asked again (a proxy's
+ * 502, 503 or 504 while the server restarts, a 429 with a Retry-After), are
+ * retried with a bounded exponential back-off, resuming after the last event
+ * id seen, over both transports; only answers that cannot change (400, 403,
+ * 404...) end a stream at once. `transient()` is the one place that tells
+ * them apart, `Backoff` the one schedule.
  */
 
 /** One event of a run's log. @typedef {{ id: string | null, event: string, data: any }} RunEvent */
+
+/**
+ * A retry about to be made: the how-manieth of this outage, the wait before it
+ * (ms), and the failure that caused it.
+ * @typedef {{ attempt: number, delay: number, error: RunError }} Retrying
+ */
 
 /**
  * What a run reports. Every callback is optional.
@@ -22,9 +31,26 @@
  * @property {(name: string, data: any, event: RunEvent) => void} [onEvent] the agent's own events
  * @property {(status: string, data: { status: string, error?: string }) => void} [onDone]
  *   the terminal event: "done", "error", "stopped" or "interrupted"; the stream is closed
- * @property {(error: RunError) => void} [onError] a refusal (404, 403, 429...): the stream is
- *   closed; or, over a WebSocket, a frame the server rejected (the stream goes on)
- * @property {() => void} [onReconnecting] the connection dropped; it is being resumed
+ * @property {(error: RunError) => void} [onError] a refusal (404, 403, 429...), or transient
+ *   failures that outlasted the retries: the stream is closed; or, over a WebSocket, a frame
+ *   the server rejected (the stream goes on)
+ * @property {(retrying: Retrying) => void} [onReconnecting] the connection dropped or the
+ *   server answered with a transient failure; it is tried again after `retrying.delay` ms
+ *   (called before each retry, also of a `start`)
+ */
+
+/**
+ * How transient failures are retried: the n-th retry of an outage waits a random 50-100 %
+ * of `min(max, base * 2 ** (n - 1))` ms, or longer if the answer's Retry-After asks it.
+ * The module gives up (onError, or the `start` or `stop` promise rejects) once `attempts`
+ * retries in a row failed, or when the next retry would begin more than `maxElapsed` ms
+ * after the outage's first failure (a Retry-After beyond that too). An event received
+ * ends the outage.
+ * @typedef {object} RetryOptions
+ * @property {number} [base] ms, default 250
+ * @property {number} [max] ms, default 5000
+ * @property {number} [attempts] default Infinity: only `maxElapsed` bounds the retries
+ * @property {number} [maxElapsed] ms, default 60000
  */
 
 /**
@@ -35,18 +61,90 @@
  * @property {string[]} [events] the agent's own event types. EventSource delivers only the
  *   types it listens for, so name them here to get them over SSE (a WebSocket gets all).
  * @property {string} [csrfToken] default: the `csrftoken` cookie, read at each request
+ * @property {RetryOptions} [retry] the back-off of transient failures
  */
+
+/** @type {Required<RetryOptions>} */
+export const RETRY = Object.freeze({
+  base: 250, max: 5000, attempts: Infinity, maxElapsed: 60_000,
+});
+
+/**
+ * Whether an answer may change if the same request is made again. The one place
+ * that tells a passing failure from a final one, for every request and both transports:
+ *
+ * - 503, and 429 with a Retry-After: refused before anything was done (a proxy with
+ *   no server behind it, the database or Redis away, a rate limit that says when).
+ * - 502, 504 and no answer at all (status 0: a network error, a connection dropped
+ *   or refused, a WebSocket closed without a 4xxx code, a failed handshake):
+ *   transient too, but the request may have reached the server and been done, so
+ *   not for a request that must not be done twice (a start, `idempotent` false).
+ * - Anything else is final: 400, 403, 404, 405, 429 without Retry-After, 500.
+ *
+ * @param {number} status an HTTP status; 0 for no answer; a WebSocket's 4xxx close code - 4000
+ * @param {number | null} [retryAfter] the answer's Retry-After in ms, if it had one
+ * @param {boolean} [idempotent] false when doing the request twice would do its work twice
+ */
+export function transient(status, retryAfter = null, idempotent = true) {
+  if (status === 503 || (status === 429 && retryAfter !== null)) { return true; }
+  return idempotent && (status === 0 || status === 502 || status === 504);
+}
 
 /**
  * An error the server reported (`{"error": ...}`, a 4xxx close code), or a connection that failed.
  * `status`: the HTTP status (a close code minus 4000); 0 when there was no answer.
+ * `transient`: asking again may get another answer (see `transient()`); it is false
+ * for a start that may have started a run, which only the caller can decide to send again.
+ * `retryAfter`: the answer's Retry-After in ms, or null.
  */
 export class RunError extends Error {
-  /** @param {string} message safe to show a user @param {number} status */
-  constructor(message, status) {
+  /**
+   * @param {string} message safe to show a user @param {number} status
+   * @param {{ retryAfter?: number | null, idempotent?: boolean }} [details]
+   */
+  constructor(message, status, { retryAfter = null, idempotent = true } = {}) {
     super(message);
     this.name = "RunError";
     this.status = status;
+    this.retryAfter = retryAfter;
+    this.transient = transient(status, retryAfter, idempotent);
+  }
+}
+
+/**
+ * The one back-off schedule (see `RetryOptions`), kept per run or request: call
+ * `next()` after each failure, `reset()` once something got through.
+ */
+export class Backoff {
+  /** @param {Required<RetryOptions>} options */
+  constructor(options) {
+    this.options = options;
+    /** Retries made in this outage. */
+    this.attempt = 0;
+    /** When this outage's first failure came (ms). */
+    this.since = 0;
+  }
+
+  reset() { this.attempt = 0; }
+
+  /**
+   * The wait in ms before retrying after `error`, or null to give up: the error is
+   * final, or this outage has used up its retries.
+   * @param {RunError} error
+   */
+  next(error) {
+    if (!error.transient) { return null; }
+    const { base, max, attempts, maxElapsed } = this.options;
+    const now = Date.now();
+    if (this.attempt === 0) { this.since = now; }
+    const step = Math.min(max, base * 2 ** this.attempt);
+    let delay = step / 2 + (Math.random() * step) / 2;  // jitter: clients do not come back at once
+    if (error.retryAfter !== null) {
+      delay = Math.max(delay, error.retryAfter + Math.random() * base);
+    }
+    if (this.attempt >= attempts || now + delay - this.since > maxElapsed) { return null; }
+    this.attempt += 1;
+    return delay;
   }
 }
 
@@ -60,12 +158,38 @@ function cookie(name) {
   return pair ? decodeURIComponent(pair.slice(name.length + 1)) : "";
 }
 
-/** @param {Response} response @returns {Promise<RunError>} */
-async function errorOf(response) {
+/** A Retry-After header (seconds or an HTTP date) in ms, or null. @param {string | null} value */
+function retryAfterOf(value) {
+  if (!value) { return null; }
+  const ms = /^\s*\d+\s*$/.test(value) ? Number(value) * 1000 : Date.parse(value) - Date.now();
+  return Number.isNaN(ms) ? null : Math.max(0, ms);
+}
+
+/** @param {Response} response @param {boolean} [idempotent] @returns {Promise<RunError>} */
+async function errorOf(response, idempotent = true) {
   let message = "";
   try { message = (await response.json()).error || ""; } catch { /* not JSON */ }
-  return new RunError(message || `The server answered ${response.status}.`, response.status);
+  return new RunError(message || `The server answered ${response.status}.`, response.status, {
+    retryAfter: retryAfterOf(response.headers.get("Retry-After")), idempotent,
+  });
 }
+
+/**
+ * A WebSocket's close as an answer: a 4xxx code is the server's refusal (its HTTP
+ * status + 4000); any other close is no answer (status 0): 1006 (a dropped
+ * connection, a failed handshake), 1001, 1011, 1012, 1013...
+ * @param {CloseEvent} close @param {boolean} idempotent
+ */
+function closeError(close, idempotent) {
+  if (close.code >= 4000 && close.code < 5000) {
+    const message = close.reason || REFUSALS[close.code] || `Refused (${close.code}).`;
+    return new RunError(message, close.code - 4000, { idempotent });
+  }
+  return new RunError("The connection to the server was lost.", 0, { idempotent });
+}
+
+/** @param {number} ms */
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 export class DetachedRuns {
   /** @param {Options} [options] */
@@ -75,6 +199,8 @@ export class DetachedRuns {
     this.transport = options.transport ?? "sse";
     this.events = options.events ?? [];
     this.csrfToken = options.csrfToken;
+    /** @type {Required<RetryOptions>} */
+    this.retry = { ...RETRY, ...options.retry };
   }
 
   /** The URL of a session's endpoint. @param {string} key @param {string} [suffix] */
@@ -85,6 +211,9 @@ export class DetachedRuns {
   /**
    * Start a run of session `key` (stopping the one in flight) and follow it.
    * Rejects with a `RunError` when the server refuses (bad prompt, 403, 429...).
+   * A 503 (or a 429 with a Retry-After) is retried: nothing was started. No
+   * answer, a 502 or a 504 is not: the run may have started, and sending the
+   * prompt again could start it twice; the caller decides (look at the session).
    * @param {string} key @param {string} prompt @param {Callbacks} [callbacks]
    * @param {{ transport?: "sse" | "ws" }} [options]
    * @returns {Promise<Run>}
@@ -96,7 +225,7 @@ export class DetachedRuns {
       await run.started;
       return run;
     }
-    await this.request(this.url(key), { prompt });
+    await this._persist(this.url(key), { prompt }, false, callbacks.onReconnecting);
     return new Run(this, key, "sse", callbacks, null, null);
   }
 
@@ -111,16 +240,20 @@ export class DetachedRuns {
     return new Run(this, key, transport, callbacks, options.after ?? null, null);
   }
 
-  /** Stop the session's run in flight: true if one was stopped. @param {string} key */
+  /**
+   * Stop the session's run in flight: true if one was stopped. Retried while the
+   * answer is transient: stopping twice does no more than once.
+   * @param {string} key
+   */
   async stop(key) {
-    return (await this.request(this.url(key, "stop/"), {})).stopped;
+    return (await this._persist(this.url(key, "stop/"), {})).stopped;
   }
 
   /**
-   * GET `url`, or POST `body` to it as JSON; throws a `RunError` unless the answer is 2xx.
-   * @param {string} url @param {object} [body]
+   * GET `url`, or POST `body` to it as JSON, once; throws a `RunError` unless the answer is 2xx.
+   * @param {string} url @param {object} [body] @param {boolean} [idempotent] false for a start
    */
-  async request(url, body) {
+  async request(url, body, idempotent = true) {
     const csrf = this.csrfToken ?? cookie("csrftoken");
     const headers = { "Content-Type": "application/json", "X-CSRFToken": csrf };
     const post = body === undefined ? {} : { method: "POST", headers, body: JSON.stringify(body) };
@@ -128,17 +261,37 @@ export class DetachedRuns {
     try {
       response = await fetch(url, { credentials: "same-origin", ...post });
     } catch {
-      throw new RunError("The server cannot be reached.", 0);
+      throw new RunError("The server cannot be reached.", 0, { idempotent });
     }
-    if (!response.ok) { throw await errorOf(response); }
+    if (!response.ok) { throw await errorOf(response, idempotent); }
     return response.status === 204 ? null : response.json();
+  }
+
+  /**
+   * `request`, made again after each transient failure on the back-off schedule.
+   * @param {string} url @param {object} [body] @param {boolean} [idempotent]
+   * @param {(retrying: Retrying) => void} [onRetry]
+   */
+  async _persist(url, body, idempotent = true, onRetry = undefined) {
+    const backoff = new Backoff(this.retry);
+    for (;;) {
+      try {
+        return await this.request(url, body, idempotent);
+      } catch (error) {
+        const delay = backoff.next(/** @type {RunError} */ (error));
+        if (delay === null) { throw error; }
+        onRetry?.({ attempt: backoff.attempt, delay, error: /** @type {RunError} */ (error) });
+        await sleep(delay);
+      }
+    }
   }
 }
 
 /**
  * One followed run: callbacks and an async iterator of its events. It ends
- * after `done` (or a refusal). `close()` only lets go: the run goes on on the
- * server. Events are kept for the iterator until it reads them.
+ * after `done` (or a refusal, or transient failures that outlasted the
+ * retries). `close()` only lets go: the run goes on on the server. Events are
+ * kept for the iterator until it reads them.
  */
 export class Run {
   /**
@@ -166,14 +319,14 @@ export class Run {
     /** @type {EventSource | WebSocket | null} */
     this._source = null;
     this._timer = 0;
-    this._retries = 0;
+    this._backoff = new Backoff(client.retry);
     // A WebSocket start: the prompt goes out as a "start" frame once the socket is open.
     this._pending = prompt === null ? null : { prompt, sent: false, previous: undefined };
     /** Settles when a WebSocket start was accepted (or refused). @type {Promise<void>} */
     this.started = new Promise((resolve, reject) => { this._settle = { resolve, reject }; });
     if (prompt === null) { this._settle.resolve(); }
     if (transport === "sse") { this._openEvents(after); }
-    else if (after) { this._resumeSocket(); }
+    else if (prompt === null) { this._resumeSocket(); }
     else { this._openSocket(null); }
   }
 
@@ -227,7 +380,7 @@ export class Run {
   /** @param {string | null} id @param {string} name @param {any} data */
   _receive(id, name, data) {
     if (this.closed) { return; }
-    this._retries = 0;
+    this._backoff.reset();  // the server answers: the outage, if any, is over
     if (id) { this.lastEventId = id; }
     const event = { id, event: name, data };
     const on = this.callbacks;
@@ -254,13 +407,45 @@ export class Run {
     if (this._pending) { this._settle.reject(error); } else { this.callbacks.onError?.(error); }
   }
 
+  /**
+   * After a failed attempt: `again` after the back-off's wait if `error` is
+   * transient and retries are left, else fail for good.
+   * @param {RunError} error @param {() => void} again
+   */
+  _retry(error, again) {
+    if (this.closed) { return; }
+    const delay = this._backoff.next(error);
+    if (delay === null) {
+      this._fail(error);
+      return;
+    }
+    this.callbacks.onReconnecting?.({ attempt: this._backoff.attempt, delay, error });
+    this._timer = setTimeout(() => { if (!this.closed) { again(); } }, delay);
+  }
+
+  /**
+   * A connection that stayed up for a while (`retry.max` ms) before it dropped
+   * counts as a recovery, even without an event (an agent may think for long):
+   * a drop after it starts a new outage. @param {number} opened when it opened, or 0
+   */
+  _dropped(opened) {
+    if (opened && Date.now() - opened >= this.client.retry.max) { this._backoff.reset(); }
+  }
+
   // -- Server-Sent Events ---------------------------------------------------
 
-  /** @param {string | null} after */
+  /**
+   * Open an EventSource after `after`. Its own reconnect is not used: on any
+   * error this module closes it and opens another on its back-off schedule,
+   * with `?after=` the last id seen (the same resume as Last-Event-ID).
+   * @param {string | null} after
+   */
   _openEvents(after) {
     const query = after ? `?after=${encodeURIComponent(after)}` : "";
     const source = new EventSource(this.client.url(this.key, "events/") + query);
     this._source = source;
+    let opened = 0;
+    source.onopen = () => { opened = Date.now(); };
     for (const name of ["start", "delta", "done", ...this.client.events]) {
       source.addEventListener(name, (message) => {
         if (this._source !== source) { return; }
@@ -269,23 +454,28 @@ export class Run {
     }
     source.onerror = () => {
       if (this._source !== source) { return; }
-      // CONNECTING: a dropped connection that EventSource resumes itself with Last-Event-ID.
-      if (source.readyState === EventSource.CONNECTING) {
-        this.callbacks.onReconnecting?.();
-        return;
-      }
-      // CLOSED: the server answered 204 or an error, and EventSource will not say which.
+      const dropped = source.readyState === EventSource.CONNECTING;
       source.close();
       this._source = null;
-      this._explain();
+      if (dropped) {
+        // A network error, or the stream cut: no answer, which is transient.
+        this._dropped(opened);
+        const lost = new RunError("The connection to the server was lost.", 0);
+        this._retry(lost, () => this._reopen());
+      } else {
+        // CLOSED: the server answered 204 or an error, and EventSource will not say which.
+        this._explain();
+      }
     };
   }
 
+  _reopen() { this._openEvents(this.lastEventId); }
+
   /**
    * A plain GET of the events URL after `lastEventId`, for its status only
-   * (a stream's body is never read). Null if the run was closed meanwhile,
-   * or when the server cannot be reached (the run has then failed).
-   * @returns {Promise<Response | null>}
+   * (a stream's body is never read): the answer, a `RunError` (status 0) when
+   * there was none, or null if the run was closed meanwhile.
+   * @returns {Promise<Response | RunError | null>}
    */
   async _probe() {
     const query = this.lastEventId ? `?after=${encodeURIComponent(this.lastEventId)}` : "";
@@ -295,8 +485,7 @@ export class Run {
       const url = this.client.url(this.key, "events/") + query;
       response = await fetch(url, { credentials: "same-origin", signal: abort.signal });
     } catch {
-      this._fail(new RunError("The server cannot be reached.", 0));
-      return null;
+      return this.closed ? null : new RunError("The server cannot be reached.", 0);
     }
     if (response.ok) { abort.abort(); }
     return this.closed ? null : response;
@@ -308,45 +497,53 @@ export class Run {
    * `after`). The run's status says how it ended.
    */
   async _ended() {
+    let answer;
     try {
-      const { run } = await this.client.request(this.client.url(this.key));
-      const data = run.error ? { status: run.status, error: run.error } : { status: run.status };
-      this._receive(null, "done", data);
+      answer = await this.client.request(this.client.url(this.key));
     } catch (error) {
-      this._fail(/** @type {RunError} */ (error));
+      this._retry(/** @type {RunError} */ (error), () => this._ended());
+      return;
     }
+    const { run } = answer;
+    const data = run.error ? { status: run.status, error: run.error } : { status: run.status };
+    this._receive(null, "done", data);
   }
 
   /** Ask the events URL again with a plain request to learn why EventSource gave up. */
   async _explain() {
-    const response = await this._probe();
-    if (!response) { return; }
-    if (response.status === 204) {
+    const answer = await this._probe();
+    if (answer === null) { return; }
+    if (answer instanceof RunError) {
+      this._retry(answer, () => this._reopen());
+    } else if (answer.status === 204) {
       await this._ended();
-    } else if (response.ok && this._retries++ < 3) {
-      this._timer = setTimeout(() => this._openEvents(this.lastEventId), 500 * this._retries);
+    } else if (answer.ok) {
+      // It answers now: what EventSource got was a passing failure.
+      this._retry(new RunError("The stream keeps failing.", 0), () => this._reopen());
     } else {
-      const failing = new RunError("The stream keeps failing.", 0);
-      this._fail(response.ok ? failing : await errorOf(response));
+      this._retry(await errorOf(answer), () => this._reopen());
     }
   }
 
   // -- WebSocket ------------------------------------------------------------
 
   /**
-   * Follow over a WebSocket after a given id. After a run's last event the
-   * socket gets nothing and stays open for the session's next start, so the
-   * follow would never end: ask the events URL first, which answers 204 then.
+   * Follow over a WebSocket, from the start or after `lastEventId`. Ask the
+   * events URL first: after a run's last event a socket gets nothing, and to a
+   * session nobody started yet it stays open and idle for a start frame, so the
+   * follow would never end; the events URL answers 204 and 404 then.
    */
   async _resumeSocket() {
-    const response = await this._probe();
-    if (!response) { return; }
-    if (response.status === 204) {
+    const answer = await this._probe();
+    if (answer === null) { return; }
+    if (answer instanceof RunError) {
+      this._retry(answer, () => this._resumeSocket());
+    } else if (answer.status === 204) {
       await this._ended();
-    } else if (response.ok) {
+    } else if (answer.ok) {
       this._openSocket(this.lastEventId);
     } else {
-      this._fail(await errorOf(response));
+      this._retry(await errorOf(answer), () => this._resumeSocket());
     }
   }
 
@@ -362,6 +559,13 @@ export class Run {
     const query = after ? `?after=${encodeURIComponent(after)}` : "";
     const socket = new WebSocket(`${base}${encodeURIComponent(this.key)}/${query}`);
     this._source = socket;
+    let opened = 0;
+    socket.onopen = () => {
+      opened = Date.now();
+      // A start: is there a run? A socket to a session nobody started yet stays
+      // idle, and answers this with an error frame; otherwise the replay comes.
+      if (this._pending) { socket.send(JSON.stringify({ type: "resume", after: null })); }
+    };
     socket.onmessage = (message) => {
       if (this._source !== socket) { return; }
       const frame = JSON.parse(message.data);
@@ -375,26 +579,19 @@ export class Run {
     socket.onclose = (close) => {
       if (this._source !== socket) { return; }
       this._source = null;
-      if (close.code === 4404 && this._pending && !this._pending.sent) {
-        // A session is created by its first run, over HTTP: the socket is refused until then.
-        this.client.request(this.client.url(this.key), { prompt: this._pending.prompt }).then(
-          () => { this._pending = null; this._settle.resolve(); this._openSocket(null); },
-          (error) => this._fail(error),
-        );
-      } else if (close.code >= 4000 && close.code < 5000) {
-        const message = close.reason || REFUSALS[close.code] || `Refused (${close.code}).`;
-        this._fail(new RunError(message, close.code - 4000));
-      } else if (this._pending?.sent) {
-        // Sending the prompt again could start it twice: let the caller decide.
-        this._fail(new RunError("The connection closed before the run started.", 0));
-      } else if (this._pending && this._retries >= 3) {
-        this._fail(new RunError("The server cannot be reached.", 0));
-      } else {
-        // Nothing was sent yet, or we follow a run: connecting again is safe.
-        if (!this._pending) { this.callbacks.onReconnecting?.(); }
-        const delay = Math.min(5000, 250 * 2 ** this._retries++);
-        this._timer = setTimeout(() => this._openSocket(this.lastEventId), delay);
+      const pending = this._pending;
+      let error = closeError(close, !pending?.sent);
+      if (pending?.sent) {
+        if (error.transient) {
+          pending.sent = false;  // refused before it was read (503): send it again
+        } else if (error.status === 0) {
+          // Sending the prompt again could start it twice: let the caller decide.
+          const message = "The connection closed before the run started.";
+          error = new RunError(message, 0, { idempotent: false });
+        }
       }
+      this._dropped(opened);
+      this._retry(error, () => this._openSocket(this.lastEventId));
     };
   }
 
@@ -402,12 +599,21 @@ export class Run {
    * While a WebSocket start is pending: on connect the socket replays the
    * session's previous run, which begins with its `start`. Send our prompt
    * then, and pass nothing on until a `start` of another run: that one is ours.
+   * To a session nobody started yet the socket says so (an error frame, the
+   * answer to our `resume`): a new session is created by an HTTP POST (which
+   * also gives the browser the session cookie that owns it), then followed.
    * @param {WebSocket} socket @param {{ id: string, event: string, data: any }} frame
    */
   _accepted(socket, frame) {
     const pending = /** @type {{ prompt: string, sent: boolean, previous?: string }} */ (
       this._pending
     );
+    if (frame.event === "error" && !pending.sent) {
+      this._source = null;
+      socket.close();
+      this._startOverHttp(pending.prompt);
+      return false;
+    }
     if (frame.event === "error") {
       this._fail(new RunError(frame.data.error, 400));
       return false;
@@ -422,5 +628,20 @@ export class Run {
     this._pending = null;
     this._settle.resolve();
     return true;
+  }
+
+  /** @param {string} prompt */
+  async _startOverHttp(prompt) {
+    const url = this.client.url(this.key);
+    try {
+      await this.client._persist(url, { prompt }, false, this.callbacks.onReconnecting);
+    } catch (error) {
+      this._fail(/** @type {RunError} */ (error));
+      return;
+    }
+    if (this.closed) { return; }
+    this._pending = null;
+    this._settle.resolve();
+    this._openSocket(null);
   }
 }
