@@ -63,6 +63,8 @@ DETACHED_RUNS = {
     "ALLOW_ANONYMOUS": True,
     "MAX_SUBSCRIBERS_PER_RUN": None,
     "MAX_ACTIVE_RUNS_PER_OWNER": None,
+    # The load client is one address starting hundreds of anonymous runs.
+    "MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS": None,
     "HANDLE_SIGNALS": False,
     "EVICT_AFTER": 600,
     "CHECKPOINT_EVERY": float(os.environ.get("BENCH_CHECKPOINT_EVERY", "1")),

@@ -139,7 +139,14 @@ class RunConsumer(AsyncWebsocketConsumer):
                     "load a page of the site first, or start the first run over HTTP."
                 )
             self.owner = owner
-        await runs.start(self.session_key, prompt=frame["prompt"], owner=self.owner)
+        # The client address limits an anonymous owner's runs, as over HTTP.
+        client = self.scope.get("client")
+        await runs.start(
+            self.session_key,
+            prompt=frame["prompt"],
+            owner=self.owner,
+            address=str(client[0]) if client else None,
+        )
         # Follow the new run from its start event, once the run followed so far
         # (stopped by this start) has sent the rest of its events and its done.
         subscription = await runs.subscribe(self.session_key, owner=self.owner)

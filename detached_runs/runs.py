@@ -20,6 +20,7 @@ ownership check, and a run it starts belongs to nobody in particular.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -67,7 +68,7 @@ from .exceptions import (
 )
 from .lifecycle import install_signal_handlers
 from .models import Run
-from .owners import ANONYMOUS, may_access, owner_key
+from .owners import ANONYMOUS, limited_address, may_access, owner_key
 from .signals import run_finished, run_started
 from .text import clean_json, clean_text
 
@@ -582,9 +583,21 @@ class RunService:
     # -- the API -----------------------------------------------------------
 
     async def start(
-        self, session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | str | None = None
+        self,
+        session_key: str,
+        *,
+        prompt: Any,
+        owner: Any = None,
+        agent: Agent | str | None = None,
+        address: str | None = None,
     ) -> Run:
         """Start a run for ``prompt``, stopping the session's run in flight.
+
+        ``address`` is the client address of whoever asks (``REMOTE_ADDR``,
+        ``scope["client"][0]``): an anonymous owner's runs are limited per
+        address too (``MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS``; an IPv6 address
+        counts as its /64, `detached_runs.owners.address_group`). The owner
+        keys of `request_owner` and `scope_owner` carry it already.
 
         Returns the `Run` row (status ``running``). Raises `BadSessionKey`,
         `BadPrompt`, `RunNotFound` (a session of another owner), `TooManyRuns`.
@@ -596,9 +609,15 @@ class RunService:
             # Shared by every visitor without an id: a run it started would be
             # everybody's.
             raise NotAllowed("An anonymous visitor needs an owner id to start a run.")
+        network = limited_address(owner, address)
         agent = load_agent(agent)
         backend = self.backend
-        async with self._start_lock(session_key):
+        # Starts from one address take turns (in this process), so that
+        # simultaneous ones cannot all pass the count before any is counted.
+        by_address: contextlib.AbstractAsyncContextManager[Any] = (
+            self._start_lock(f"address {network}") if network else contextlib.nullcontext()
+        )
+        async with by_address, self._start_lock(session_key):
             current = await backend.get(session_key)
             if current is not None and not may_access(
                 requester, current.meta.get("owner", ""), session_key
@@ -611,6 +630,8 @@ class RunService:
                     active -= current.meta.get("owner") == requester  # it is replaced
                 if active >= limit:
                     raise TooManyRuns(f"You have {active} runs in flight; the limit is {limit}.")
+            if network:
+                await _check_address(backend, network, current)
             # One trip to the database thread for the owner check, the user
             # and the row. With no run in flight the agent's history is final
             # already, so it comes along; otherwise the agent reads it once the
@@ -642,6 +663,8 @@ class RunService:
                     "prompt": prompt,
                     "uuid": str(run.id),
                     "started_at": run.started_at.timestamp(),
+                    # Counted by, for an anonymous owner; not kept in the row.
+                    **({"address": network} if network else {}),
                 },
                 finalize=recorder.finalize,
                 timeout=get_config()["RUN_TIMEOUT"],
@@ -825,6 +848,19 @@ class RunService:
         return _StartLock(self._start_locks, session_key)
 
 
+async def _check_address(backend: BaseBackend, network: str, current: RunState | None) -> None:
+    """`RunService.start`'s limit of anonymous runs per client address."""
+    limit = get_config()["MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS"]
+    active = await backend.count_running(address=network)
+    if current is not None and current.status == RUNNING:
+        active -= current.meta.get("address") == network  # it is replaced
+    if active >= limit:
+        raise TooManyRuns(
+            f"There are {active} runs in flight from your network address without a login; "
+            f"the limit is {limit}. Wait for one of them to finish, or log in."
+        )
+
+
 async def _send_robust(signal: Signal, run: Run, **kwargs: Any) -> None:
     name = "run_started" if signal is run_started else "run_finished"
     for receiver, result in await signal.asend_robust(sender=Run, run=run, **kwargs):
@@ -961,9 +997,16 @@ def get_service() -> RunService:
 
 
 async def start(
-    session_key: str, *, prompt: Any, owner: Any = None, agent: Agent | str | None = None
+    session_key: str,
+    *,
+    prompt: Any,
+    owner: Any = None,
+    agent: Agent | str | None = None,
+    address: str | None = None,
 ) -> Run:
-    return await _service.start(session_key, prompt=prompt, owner=owner, agent=agent)
+    return await _service.start(
+        session_key, prompt=prompt, owner=owner, agent=agent, address=address
+    )
 
 
 def subscribe(

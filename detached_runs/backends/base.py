@@ -11,7 +11,7 @@ event. Pick one with ``DETACHED_RUNS["BACKEND"]``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,9 +177,27 @@ class BaseBackend:
         """The session's current run, if the backend still holds it."""
         raise NotImplementedError("subclasses of BaseBackend must provide get()")
 
-    async def count_running(self, owner: str) -> int:
-        """How many runs of ``owner`` (``meta["owner"]``) are in flight."""
+    async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
+        """How many runs are in flight of ``owner`` (``meta["owner"]``) or, given
+        ``address`` instead, from that client address (``meta["address"]``,
+        which the service sets for anonymous owners only: see
+        `detached_runs.owners.address_group`). Pass exactly one (`_counted`)."""
         raise NotImplementedError("subclasses of BaseBackend must provide count_running()")
+
+    async def adopt(self, owner: str, new_owner: str, session_keys: Collection[str] = ()) -> int:
+        """Give the runs of ``owner`` that the backend holds, in flight or ended
+        and in their grace period, to ``new_owner`` (an anonymous visitor who
+        logs in: `detached_runs.owners.adopt_anonymous_runs`).
+
+        Their ``meta["owner"]`` becomes ``new_owner`` and their
+        ``meta["address"]`` goes (`_adopt_meta`): from then on ``new_owner``
+        may follow and stop them, and `count_running` counts them for
+        ``new_owner`` and no longer for their address. A run goes on streaming
+        to the subscribers it has. ``session_keys`` are the sessions ``owner``
+        has runs in (the database knows them); a backend that finds an owner's
+        runs by itself may ignore them. Returns how many runs changed hands.
+        """
+        raise NotImplementedError("subclasses of BaseBackend must provide adopt()")
 
     def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
         """``(text so far, id of the last event)`` of a run this process drives."""
@@ -189,6 +207,21 @@ class BaseBackend:
         """Refuse new runs, end every run in flight as ``interrupted`` and wait
         (up to ``timeout``) for their saves and terminal events."""
         raise NotImplementedError("subclasses of BaseBackend must provide shutdown()")
+
+
+def _counted(owner: str | None, address: str | None) -> tuple[str, str]:
+    """`BaseBackend.count_running`'s arguments as ``(meta key, value)``."""
+    if owner is not None and address is None:
+        return "owner", owner
+    if address is not None and owner is None:
+        return "address", address
+    raise TypeError("count_running() takes an owner or an address (one of them)")
+
+
+def _adopt_meta(meta: dict[str, Any], new_owner: str) -> None:
+    """A run's meta once ``new_owner`` adopted it (in place: subscriptions share it)."""
+    meta["owner"] = new_owner
+    meta.pop("address", None)
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:

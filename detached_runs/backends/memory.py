@@ -28,6 +28,7 @@ import contextvars
 import logging
 import time
 from bisect import bisect_right
+from collections.abc import Collection
 from typing import Any
 
 from ..events import DELTA, DONE, ORIGIN, START, Event, Position, make_id
@@ -54,6 +55,8 @@ from .base import (
     RunState,
     Source,
     Subscription,
+    _adopt_meta,
+    _counted,
     _set_if_pending,
 )
 
@@ -440,12 +443,22 @@ class MemoryBackend(BaseBackend):
         run = self._sessions.get(session_key)
         return None if run is None else run.state()
 
-    async def count_running(self, owner: str) -> int:
+    async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
+        key, value = _counted(owner, address)
         return sum(
             1
             for run in self._sessions.values()
-            if run.phase < _FINISHING and run.stop_reason is None and run.meta.get("owner") == owner
+            if run.phase < _FINISHING and run.stop_reason is None and run.meta.get(key) == value
         )
+
+    async def adopt(self, owner: str, new_owner: str, session_keys: Collection[str] = ()) -> int:
+        # Every run the registry holds (in flight or in its grace period) is in
+        # _sessions: no need of the session keys. A run that a newer one
+        # replaced is stopping; its meta no longer decides anything.
+        adopted = [run for run in self._sessions.values() if run.meta.get("owner") == owner]
+        for run in adopted:
+            _adopt_meta(run.meta, new_owner)
+        return len(adopted)
 
     def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
         run = self._sessions.get(session_key)

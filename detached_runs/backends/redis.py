@@ -22,6 +22,12 @@ How it works, reusing the memory backend's machinery:
   after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
 * A stop that arrives at another worker is published on ``<prefix>:stop``;
   the worker running the run stops it.
+* Runs in flight are counted (`count_running`) in a set per owner and, for
+  anonymous owners, per client address. When an owner's runs are adopted
+  (a visitor logs in), the adopting worker rewrites each run's stored meta
+  and publishes on ``<prefix>:adopt``; the worker that drives a run moves it
+  between the sets and updates its own copy of the meta, so that its end
+  takes the run out of the right set.
 * The running worker holds a lease key (``host:pid:boot``, renewed by its
   writer). A run whose lease lapsed, or names a process of this host that is
   gone, is ended ``interrupted`` with what its stream holds, by a script, so
@@ -52,11 +58,21 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from ..events import DONE, ORIGIN, Event, Position
 from ..exceptions import BackendUnavailable, RunNotFound, TooManySubscribers
-from .base import RUNNING, Finalize, RunState, Source, Subscription, _set_if_pending
+from .base import (
+    RUNNING,
+    Finalize,
+    RunState,
+    Source,
+    Subscription,
+    _adopt_meta,
+    _counted,
+    _set_if_pending,
+)
 from .memory import _FINISHED, MemoryBackend, MemorySubscription, _Run
 
 try:
@@ -144,8 +160,8 @@ class RedisBackend(MemoryBackend):
                 "started_at": str(time.time()),
                 "meta": json.dumps(meta),
             }
-            # One MULTI for the session's keys (one Cluster slot); the owner's
-            # set lives elsewhere and is written on its own.
+            # One MULTI for the session's keys (one Cluster slot); the sets of
+            # the owner and the address live elsewhere and are written on their own.
             await self._call(
                 self.redis.pipeline(transaction=True)
                 .hset(self._key(session_key, "run", run_id), mapping=fields)
@@ -153,7 +169,7 @@ class RedisBackend(MemoryBackend):
                 .set(self._key(session_key, "current"), run_id)
                 .execute()
             )
-            await self._call(self.redis.sadd(self._owner_key(meta.get("owner", "")), run_id))
+            await self._call(self._in_sets(self._counted_keys(meta), run_id, add=True))
             await super().start(
                 session_key,
                 run_id,
@@ -225,8 +241,27 @@ class RedisBackend(MemoryBackend):
             finished_at=float(info["finished_at"]) if info.get("finished_at") else None,
         )
 
-    async def count_running(self, owner: str) -> int:
-        return int(await self._call(self.redis.scard(self._owner_key(owner))))
+    async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
+        return int(await self._call(self.redis.scard(self._count_key(*_counted(owner, address)))))
+
+    async def adopt(self, owner: str, new_owner: str, session_keys: Collection[str] = ()) -> int:
+        """See `BaseBackend.adopt`. What Redis holds of each session's current
+        run is rewritten here; the runs this worker drives are adopted here as
+        well, and the other workers adopt theirs when they get the message on
+        ``<prefix>:adopt`` (a worker that is cut off from Redis then keeps its
+        copy of the old owner until the run is evicted)."""
+        adopted = {run.id for run in await self._adopt_here(owner, new_owner)}
+        for session_key in session_keys:
+            current = await self._current(session_key)
+            if (
+                current is not None
+                and current not in adopted
+                and await self._adopt_stored(session_key, current, owner, new_owner)
+            ):
+                adopted.add(current)
+        message = json.dumps({"owner": owner, "new_owner": new_owner})
+        await self._call(self.redis.publish(f"{self.prefix}:adopt", message))
+        return len(adopted)
 
     async def shutdown(self, timeout: float) -> None:
         await super().shutdown(timeout)
@@ -317,12 +352,16 @@ class RedisBackend(MemoryBackend):
         await self.redis.delete(key)
         await (
             self.redis.pipeline(transaction=True)
-            .hset(self._key(run.session_key, "run", run.id), mapping=record)
+            # The meta as it is now: its owner may have changed (`adopt`).
+            .hset(
+                self._key(run.session_key, "run", run.id),
+                mapping={**record, "meta": json.dumps(run.meta)},
+            )
             .set(self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS)
             .set(self._key(run.session_key, "current"), run.id, nx=True)
             .execute()
         )
-        await self.redis.sadd(self._owner_key(run.meta.get("owner", "")), run.id)
+        await self._in_sets(self._counted_keys(run.meta), run.id, add=True)
         return ORIGIN
 
     def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
@@ -336,7 +375,8 @@ class RedisBackend(MemoryBackend):
                 "finished_at": str(time.time()),
             },
         )
-        pipe.srem(self._owner_key(run.meta.get("owner", "")), run.id)
+        for counted in self._counted_keys(run.meta):
+            pipe.srem(counted, run.id)
         pipe.delete(self._key(run.session_key, "lease", run.id))
         for name in (meta, self._key(run.session_key, "log", run.id)):
             pipe.pexpire(name, grace)
@@ -420,10 +460,14 @@ class RedisBackend(MemoryBackend):
     async def _listen(self) -> None:
         while True:
             pubsub = self.redis.pubsub()
+            adopt = f"{self.prefix}:adopt".encode()
             try:
-                await pubsub.subscribe(f"{self.prefix}:stop")
+                await pubsub.subscribe(f"{self.prefix}:stop", adopt)
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
+                        continue
+                    if message.get("channel") == adopt:
+                        self._adopted_elsewhere(message["data"])
                         continue
                     session_key, _, run_id = message["data"].decode().partition(" ")
                     run = self._sessions.get(session_key)
@@ -516,7 +560,7 @@ class RedisBackend(MemoryBackend):
         )
         if reaped:
             logger.warning("Run %s of session %s lost its worker: interrupted", run_id, session_key)
-            await self._call(self.redis.srem(self._owner_key(log.meta.get("owner", "")), run_id))
+            await self._call(self._in_sets(self._counted_keys(log.meta), run_id, add=False))
         return bool(reaped)
 
     # -- helpers -----------------------------------------------------------
@@ -525,8 +569,96 @@ class RedisBackend(MemoryBackend):
         value = await self._call(self.redis.get(self._key(session_key, "current")))
         return value.decode() if value else None
 
-    def _owner_key(self, owner: str) -> str:
-        return f"{self.prefix}:owner:{owner}:running"
+    def _count_key(self, key: str, value: str) -> str:
+        """The set of runs in flight whose ``meta[key]`` is ``value`` (`count_running`)."""
+        return f"{self.prefix}:{key}:{value}:running"
+
+    def _counted_keys(self, meta: dict[str, Any]) -> list[str]:
+        """The sets a run with this meta is in while in flight: its owner's,
+        and its address's if it has one (an anonymous owner's run)."""
+        keys = [self._count_key("owner", meta.get("owner", ""))]
+        if meta.get("address"):
+            keys.append(self._count_key("address", meta["address"]))
+        return keys
+
+    async def _in_sets(self, keys: list[str], run_id: str, *, add: bool) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            (pipe.sadd if add else pipe.srem)(key, run_id)
+        await pipe.execute()
+
+    # -- adopting (a visitor who logs in) ------------------------------------
+
+    async def _adopt_here(self, owner: str, new_owner: str) -> list[_Run]:
+        """Adopt the runs this worker drives (its copy of their meta, what Redis
+        holds, the sets they are counted in) and the mirrors it follows."""
+        for mirror in self._mirrors.values():
+            if mirror.meta.get("owner") == owner:
+                _adopt_meta(mirror.meta, new_owner)
+        driven = [run for run in self._sessions.values() if run.meta.get("owner") == owner]
+        # All at once, before any await: the end of a run takes it out of the
+        # sets its meta names when the end is written, which may come next.
+        moves = [(run, self._counted_keys(run.meta), run.phase != _FINISHED) for run in driven]
+        for run in driven:
+            _adopt_meta(run.meta, new_owner)
+        new_set = self._count_key("owner", new_owner)
+        for run, old_sets, in_flight in moves:
+            await self._adopt_stored(run.session_key, run.id, owner, new_owner)
+            await self._call(self._in_sets(old_sets, run.id, add=False))
+            if in_flight:
+                await self._call(self.redis.sadd(new_set, run.id))
+                if run.phase == _FINISHED:
+                    # It ended meanwhile: its end may have left the new owner's
+                    # set before this worker put it there.
+                    await self._call(self.redis.srem(new_set, run.id))
+        return driven
+
+    async def _adopt_stored(
+        self, session_key: str, run_id: str, owner: str, new_owner: str
+    ) -> bool:
+        """Rewrite the meta Redis holds of a run of ``owner`` (if it still holds
+        it: no key is created again); True if this call changed it. The run
+        leaves its address's set; its owner's set is its worker's to change."""
+        key = self._key(session_key, "run", run_id)
+        for _attempt in range(3):
+            stored = await self._call(self.redis.hget(key, "meta"))
+            if not stored:
+                return False
+            meta = json.loads(stored)
+            if meta.get("owner") != owner:
+                return False
+            address = meta.get("address")
+            _adopt_meta(meta, new_owner)
+            if await self._call(self.redis.eval(_SWAP_META, 1, key, stored, json.dumps(meta))):
+                if address:
+                    await self._call(self.redis.srem(self._count_key("address", address), run_id))
+                return True
+        return False
+
+    def _adopted_elsewhere(self, data: bytes) -> None:
+        """A message on ``<prefix>:adopt``: adopt the runs this worker drives."""
+        try:
+            message = json.loads(data)
+            owner, new_owner = str(message["owner"]), str(message["new_owner"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("Ignored a malformed message on %s:adopt", self.prefix)
+            return
+        if not any(
+            r.meta.get("owner") == owner
+            for r in [*self._sessions.values(), *self._mirrors.values()]
+        ):
+            return
+        task = asyncio.create_task(
+            self._adopt_logged(owner, new_owner), name="detached_runs:redis-adopt"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_logged(self, owner: str, new_owner: str) -> None:
+        try:
+            await self._adopt_here(owner, new_owner)
+        except BackendUnavailable:
+            logger.warning("Redis unreachable; could not adopt the runs of %s here", owner)
 
     def _session_lock(self, session_key: str) -> _SessionLock:
         return _SessionLock(self, self._key(session_key, "lock"))
@@ -589,6 +721,14 @@ redis.call('xadd', KEYS[2], ARGV[1], 'e', 'done', 'd', ARGV[2])
 redis.call('pexpire', KEYS[1], ARGV[4])
 redis.call('pexpire', KEYS[2], ARGV[4])
 if redis.call('get', KEYS[3]) == ARGV[5] then redis.call('pexpire', KEYS[3], ARGV[4]) end
+return 1
+"""
+
+# Replace a run's stored meta only if it is still the one read (and the run is
+# still there). KEYS: run hash. ARGV: the meta read, the new meta.
+_SWAP_META = """
+if redis.call('hget', KEYS[1], 'meta') ~= ARGV[1] then return 0 end
+redis.call('hset', KEYS[1], 'meta', ARGV[2])
 return 1
 """
 
