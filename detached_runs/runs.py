@@ -338,9 +338,10 @@ _CHECKPOINTED = ("id", "output", "last_event_id", "updated_at", "status")
 
 
 def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> set[uuid.UUID]:
-    """One statement for all (sync, on the database thread); returns the keys
-    of the rows the database refused for their data. Only rows still
-    ``running`` are touched, so a checkpoint never undoes a final save.
+    """Checkpoint ``(pk, output, last event id)`` rows in one statement (sync,
+    on the database thread); returns the keys of the rows the database
+    refused for their data. Only rows still ``running`` are touched, so a
+    checkpoint never undoes a final save.
 
     The ORM's ``update()`` builds a query per row, which at a thousand rows a
     second costs more than the writes; one prepared ``executemany`` does not.
@@ -449,9 +450,18 @@ class StoredSubscription(Subscription):
     as one delta, the terminal event. A row still ``running`` elsewhere is
     polled until it ends (or its process is found dead)."""
 
-    def __init__(self, service: RunService, row: Run, after: tuple[str, Position] | None) -> None:
+    def __init__(
+        self,
+        service: RunService,
+        row: Run,
+        output: _Output,
+        after: tuple[str, Position] | None,
+    ) -> None:
         self._service = service
-        self._set_row(row)
+        # The output as UTF-8, one copy shared by every subscriber of the same
+        # saved state, read once (the row holds none): ten subscribers
+        # replaying a long answer hold it once, plus a piece each.
+        self._row, self._output = row, output
         self.run_id = row.id.hex
         self.meta = {"owner": row.owner}
         self._cursor = ORIGIN
@@ -464,13 +474,12 @@ class StoredSubscription(Subscription):
                 self._cursor = Position(terminal.text, terminal.seq - 1)
         self._closed = False
 
-    def _set_row(self, row: Run) -> None:
-        # The output as UTF-8, one copy shared by every subscriber of the same
-        # saved state (the row keeps none): ten subscribers replaying a long
-        # answer hold it once, plus a piece each, not ten times.
-        self._output = self._service._shared_output(row)
-        row.output = ""
-        self._row = row
+    @classmethod
+    async def bind(
+        cls, service: RunService, row: Run, after: tuple[str, Position] | None
+    ) -> StoredSubscription:
+        """A subscription to ``row`` (its output may be deferred)."""
+        return cls(service, *await service._stored_output(row), after)
 
     def _terminal(self) -> Position:
         return terminal_position(self._row, len(self._output.data))
@@ -491,7 +500,8 @@ class StoredSubscription(Subscription):
                 return []
             await asyncio.sleep(step)
             waited += step
-            self._set_row(await self._service.resolve(self._row))
+            row = await self._service.resolve(self._row, output=False)
+            self._row, self._output = await self._service._stored_output(row)
 
     def _read(self) -> list[Event]:
         row, cursor, terminal = self._row, self._cursor, self._terminal()
@@ -564,6 +574,7 @@ class RunService:
         self._outputs: weakref.WeakValueDictionary[tuple[Any, ...], _Output] = (
             weakref.WeakValueDictionary()
         )
+        self._loading: dict[uuid.UUID, asyncio.Future[tuple[Run, _Output]]] = {}
 
     @property
     def backend(self) -> BaseBackend:
@@ -696,10 +707,10 @@ class RunService:
                 return await backend.subscribe(session_key, parsed)
             except RunNotFound:
                 pass  # evicted in between: the database has it
-        row = await self._latest_row(session_key)
+        row = await run_sync(_latest_row, session_key, output=False)
         if row is None or not may_access(requester, row.owner, session_key):
             raise RunNotFound("No such session.")
-        return StoredSubscription(self, await self.resolve(row), parsed)
+        return await StoredSubscription.bind(self, await self.resolve(row, output=False), parsed)
 
     async def is_free(self, session_key: str) -> bool:
         """Whether the session has no run at all (in the backend or the
@@ -771,7 +782,7 @@ class RunService:
         rows = rows.exclude(pk=run.pk).order_by("-started_at")[:limit]
         return _turns(await run_sync(list, rows))
 
-    async def resolve(self, row: Run) -> Run:
+    async def resolve(self, row: Run, *, output: bool = True) -> Run:
         """Re-read a row. A ``running`` row that no live process holds is marked
         ``interrupted`` with the output of its last checkpoint, and its terminal
         event id, so that it is never shown running forever.
@@ -782,8 +793,11 @@ class RunService:
         least every ``max(CHECKPOINT_EVERY, 2)`` s). A row of this host whose
         pid is gone is orphaned at once (a restart after ``kill -9``); any other
         row once its heartbeat is older than three beats plus 5 s.
+
+        With ``output=False`` the row's output is deferred (not read) unless
+        this call marked it interrupted.
         """
-        resolved, updated = await run_sync(_resolve_row, row)
+        resolved, updated = await run_sync(_resolve_row, row, output=output)
         if updated:
             logger.warning(
                 "Run %s of session %s was orphaned (worker %s): marked interrupted",
@@ -832,14 +846,32 @@ class RunService:
         if row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
 
-    def _shared_output(self, row: Run) -> _Output:
-        """``row.output`` as UTF-8 bytes, shared by the stored subscriptions of
-        that run in that saved state for as long as any of them holds it."""
-        key = (row.pk, row.status, row.last_event_id, len(row.output))
-        output = self._outputs.get(key)
-        if output is None:
-            output = self._outputs[key] = _Output(row.output.encode())
-        return output
+    async def _stored_output(self, row: Run) -> tuple[Run, _Output]:
+        """``row`` without its output, and the output as UTF-8 bytes, shared by
+        the stored subscriptions of that run in that saved state for as long
+        as any of them holds it. The output is read from the database only if
+        none does (``row``'s own output may be deferred), and once however
+        many subscribers ask for it at the same time."""
+        cached = self._outputs.get((row.pk, row.status, row.last_event_id))
+        if cached is not None:
+            row.output = ""
+            return row, cached
+        pk = row.pk
+        loading = self._loading.get(pk)
+        if loading is None:
+            loading = self._loading[pk] = asyncio.ensure_future(self._load_output(pk))
+            loading.add_done_callback(lambda _: self._loading.pop(pk, None))
+        full, output = await asyncio.shield(loading)
+        return copy.copy(full), output  # each subscription keeps a row of its own
+
+    async def _load_output(self, pk: uuid.UUID) -> tuple[Run, _Output]:
+        full: Run | None = await run_sync(Run.objects.filter(pk=pk).first)
+        if full is None:
+            raise RunNotFound("No such session.")
+        output = _Output(full.output.encode())
+        full.output = ""
+        self._outputs[(full.pk, full.status, full.last_event_id)] = output
+        return full, output
 
     async def _latest_row(self, session_key: str) -> Run | None:
         return await run_sync(_latest_row, session_key)
@@ -939,14 +971,17 @@ def _save_reaped(pk: str, output: str, last_id: str) -> Run | None:
     return Run.objects.filter(pk=pk).first() if updated else None
 
 
-def _latest_row(session_key: str) -> Run | None:
-    return Run.objects.filter(session_key=session_key).order_by("-started_at").first()
+def _latest_row(session_key: str, *, output: bool = True) -> Run | None:
+    rows = Run.objects.filter(session_key=session_key).order_by("-started_at")
+    return (rows if output else rows.defer("output")).first()
 
 
-def _resolve_row(row: Run) -> tuple[Run, bool]:
+def _resolve_row(row: Run, *, output: bool = True) -> tuple[Run, bool]:
     """`RunService.resolve`'s reads and write (sync, on the database thread):
-    the fresh row, and whether this call marked it interrupted."""
-    fresh = Run.objects.filter(pk=row.pk).first() or row
+    the fresh row (its output deferred, unless ``output``), and whether this
+    call marked it interrupted (then with its output)."""
+    rows = Run.objects.filter(pk=row.pk)
+    fresh = (rows if output else rows.defer("output")).first() or row
     if fresh.status != RUNNING or not _orphaned(fresh):
         return fresh, False
     terminal = make_id(fresh.id.hex, terminal_position(fresh))
