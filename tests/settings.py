@@ -1,4 +1,5 @@
-"""Settings for the test suite: SQLite by default, PostgreSQL when DATABASE_URL is set."""
+"""Settings for the test suite: SQLite by default; PostgreSQL or MariaDB/MySQL when
+DATABASE_URL is set (postgres://... or mysql://...)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def _database() -> dict[str, object]:
             "OPTIONS": {"timeout": 20},
         }
     parts = urlparse(url)
+    if parts.scheme in ("mysql", "mariadb"):
+        return {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": parts.path.lstrip("/"),
+            "USER": parts.username or "root",
+            "PASSWORD": parts.password or "",
+            "HOST": parts.hostname or "127.0.0.1",
+            "PORT": str(parts.port or 3306),
+            # Every character an answer can hold, emoji included (MySQL's
+            # "utf8" stops at three bytes).
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
+        }
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": parts.path.lstrip("/"),
