@@ -250,6 +250,31 @@ def test_a_prompt_streams_its_answer_word_by_word(context):
     expect(chat.page.locator("#sessions li button").first).to_have_text("Hello there")
 
 
+def test_an_answer_streams_live_past_gzip_middleware(context, transport):
+    """The demo has GZipMiddleware, as many projects do, and Chromium accepts
+    gzip: the page comes compressed, the events stream does not, or the
+    words would wait in the compressor and EventSource would read nothing."""
+    if transport == "ws":
+        pytest.skip("a WebSocket's frames are not HTTP responses: no middleware sees them")
+    chat = Chat.open(context)
+    encodings: dict[str, str] = {}
+    chat.page.on(
+        "response",
+        lambda response: encodings.__setitem__(
+            response.url, response.headers.get("content-encoding", "")
+        ),
+    )
+    chat.page.reload()
+    full = canned("Hello there")
+    chat.send("Hello there")
+    assert full.startswith(chat.wait_mid_answer(full))
+    chat.wait_answer(full)
+    page = chat.page.url
+    assert encodings[page] == "gzip"  # the middleware is on
+    streams = [url for url in encodings if "/events/" in url]
+    assert streams and all(encodings[url] == "" for url in streams)
+
+
 def test_a_reload_mid_answer_continues_without_repeated_or_missing_words(context, transport):
     chat = Chat.open(context)
     full = canned("Reload me")
