@@ -27,13 +27,41 @@ import contextvars
 import functools
 import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+@functools.cache
+def database_errors() -> tuple[type[Exception], ...]:
+    """Every exception that means "the database failed": Django's
+    `DatabaseError` and the PEP 249 ``Error`` of each configured database's
+    driver, which can escape Django's wrapping (mysqlclient raises its own from
+    a cursor's clean-up after the server went away)."""
+    return (DatabaseError, *{_driver(alias).Error for alias in connections})
+
+
+@functools.cache
+def data_errors() -> tuple[type[Exception], ...]:
+    """The database errors about the data itself, not the database: Django's
+    and each driver's ``DataError`` and ``IntegrityError``. Trying the same
+    data again changes nothing; the connection is fine."""
+    drivers = {_driver(alias) for alias in connections}
+    return (
+        DataError,
+        IntegrityError,
+        *{driver.DataError for driver in drivers},
+        *{driver.IntegrityError for driver in drivers},
+    )
+
+
+def _driver(alias: str) -> Any:
+    """The PEP 249 module of a database's backend (``psycopg``, ``MySQLdb``...)."""
+    return getattr(connections[alias], "Database")  # noqa: B009 - untyped in django-stubs
 
 
 async def run_sync(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -56,9 +84,9 @@ def _guarded(func: Callable[..., T], /, *args: object, **kwargs: object) -> T:
     _check_connections()
     try:
         return func(*args, **kwargs)
-    except (DataError, IntegrityError):
+    except data_errors():
         raise  # about the data: the connection is fine
-    except DatabaseError:
+    except database_errors():
         drop_connections()
         raise
 
@@ -85,5 +113,5 @@ def drop_connections() -> None:
     for conn in connections.all(initialized_only=True):
         try:
             conn.close()
-        except DatabaseError:
+        except database_errors():
             pass  # broken already; the next query reconnects

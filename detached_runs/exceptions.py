@@ -14,9 +14,10 @@ from django.core.exceptions import (
     TooManyFieldsSent,
     TooManyFilesSent,
 )
-from django.db import DatabaseError, DataError
 from django.http.multipartparser import MultiPartParserError
 from django.http.request import UnreadablePostError
+
+from .db import data_errors, database_errors
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,10 @@ def error_status(exc: BaseException, where: str) -> tuple[int, str]:
         return 400, "The request is malformed."
     if isinstance(exc, UnreadablePostError):
         return 400, "The request body could not be read."
-    if isinstance(exc, DataError):
+    if isinstance(exc, data_errors()):
         logger.warning("The database refused data in %s", where, exc_info=True)
         return 400, "The database cannot store this input."
-    if isinstance(exc, DatabaseError):
+    if isinstance(exc, database_errors()):
         # Unreachable, restarting, a connection closed under Django's back
         # (SQLite calls that a ProgrammingError): worth trying again.
         logger.exception("Database error in %s", where)

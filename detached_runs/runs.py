@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.db import DatabaseError, DataError, IntegrityError, connections, router, transaction
+from django.db import connections, router, transaction
 from django.db.models import Field
 from django.dispatch import Signal
 from django.utils import timezone
@@ -55,7 +55,7 @@ from .backends.base import (
     Subscription,
 )
 from .conf import get_config
-from .db import run_sync
+from .db import data_errors, database_errors, run_sync
 from .events import DELTA, DONE, ORIGIN, RESERVED, START, Event, Position, make_id, parse_id
 from .exceptions import (
     AgentError,
@@ -241,8 +241,8 @@ class _Recorder:
             try:
                 ended = await run_sync(_save_end, self.run.pk, fields)
                 break
-            except (DataError, IntegrityError) as exc:
-                failure: DatabaseError = exc
+            except data_errors() as exc:
+                failure: Exception = exc
                 if escaped:
                     delay = None  # refused even as ASCII: trying again changes nothing
                 else:
@@ -257,7 +257,7 @@ class _Recorder:
                     fields |= {"output": _escaped(end.output), "error": _escaped(end.error)}
                     escaped = True
                     continue
-            except DatabaseError as exc:
+            except database_errors() as exc:
                 failure, delay = exc, next(delays)
             if delay is None:
                 logger.error(
@@ -370,14 +370,14 @@ def _write_checkpoints(rows: list[tuple[uuid.UUID, str, str]]) -> set[uuid.UUID]
         with transaction.atomic(using=db), conn.cursor() as cursor:
             cursor.executemany(sql, params)
         return set()
-    except (DataError, IntegrityError):
+    except data_errors():
         pass
     refused = set()
     for (pk, _output, _last_id), row in zip(rows, params, strict=True):
         try:
             with transaction.atomic(using=db), conn.cursor() as cursor:
                 cursor.execute(sql, row)
-        except (DataError, IntegrityError):
+        except data_errors():
             refused.add(pk)
     return refused
 
