@@ -37,6 +37,18 @@ def _fresh_service(request: Any) -> Any:
         client.close()
 
 
+@pytest.fixture
+def config(settings: Any) -> Any:
+    """``config(KEY=value, ...)`` overrides keys of ``DETACHED_RUNS`` for one
+    test, and makes the service load its backend again with them."""
+
+    def apply(**values: Any) -> None:
+        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
+        get_service().reset()
+
+    return apply
+
+
 class Saves:
     """A finalize hook that records what it saved and can be made slow."""
 
@@ -84,6 +96,14 @@ async def paced(words: list[Any], delay: float = 0.001) -> AsyncIterator[Any]:
 
 async def collect(subscription: Any) -> list[Event]:
     return [event async for event in subscription]
+
+
+async def eventually(check: Any, what: str, timeout: float = 5.0) -> None:
+    """Wait until ``await check()`` is true; fail with ``what`` after ``timeout`` s."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
 
 
 def text_of(events: list[Event]) -> str:

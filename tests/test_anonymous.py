@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,7 +35,7 @@ from detached_runs.owners import ANON_SESSION_KEY, address_group, adopt_scope_ru
 from detached_runs.runs import get_service
 from tests.asgi import application
 
-from .conftest import Saves, collect, new_id
+from .conftest import Saves, collect, eventually, new_id
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,24 +47,8 @@ async def forever(ctx: Any) -> AsyncIterator[str]:
     await asyncio.sleep(30)
 
 
-@pytest.fixture
-def config(settings: Any) -> Any:
-    def apply(**values: Any) -> None:
-        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
-        get_service().reset()
-
-    return apply
-
-
 async def running_from(address: str) -> int:
     return await get_service().backend.count_running(address=address_group(address))
-
-
-async def eventually(check: Any, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + 5
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.02)
 
 
 def csrf(client: AsyncClient | Client) -> dict[str, str]:
@@ -415,74 +397,3 @@ async def test_memory_backend_counts_by_address_and_adopt_moves_its_runs(saves: 
     await collect(await backend.subscribe("s"))
     assert await backend.count_running(owner="user:1") == 0
     await backend.shutdown(1)
-
-
-def _redis_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-        return True
-    except OSError:
-        return os.environ.get("DETACHED_RUNS_REQUIRE_REDIS") == "1"
-
-
-@pytest.mark.skipif(not _redis_up(), reason="no Redis server on 127.0.0.1:6379")
-async def test_redis_adoption_on_one_worker_reaches_the_worker_that_drives_the_run(
-    saves: Saves,
-):
-    from detached_runs.backends.redis import RedisBackend
-
-    prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
-    a, b = (
-        RedisBackend(redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix, evict_after=5)
-        for _ in range(2)
-    )
-    gate = asyncio.Event()
-
-    async def waiting() -> AsyncIterator[str]:
-        yield "thinking "
-        await gate.wait()
-
-    try:
-        meta = {"owner": "anon:a", "address": "203.0.113.7"}
-        await a.start("s", new_id(), waiting(), start_data={}, meta=meta, finalize=saves)
-        assert await b.count_running(address="203.0.113.7") == 1
-        assert await b.count_running(owner="anon:a") == 1
-
-        async def a_listens() -> bool:
-            subscribed = await b.redis.pubsub_numsub(f"{prefix}:adopt")
-            return bool(subscribed and subscribed[0][1])
-
-        await eventually(a_listens, "worker A never listened")
-        assert await b.adopt("anon:a", "user:1", ["s", "never-started"]) == 1
-        state_b = await b.get("s")  # what Redis holds
-        assert state_b is not None and state_b.meta["owner"] == "user:1"
-
-        async def a_adopted() -> bool:
-            state = await a.get("s")  # A's own copy of its run
-            return (
-                state is not None
-                and state.meta.get("owner") == "user:1"
-                and await b.count_running(owner="user:1") == 1
-            )
-
-        await eventually(a_adopted, "worker A kept the old owner")
-        assert await b.count_running(owner="anon:a") == 0
-        assert await b.count_running(address="203.0.113.7") == 0
-        gate.set()
-        await collect(await a.subscribe("s"))
-
-        async def nothing_running() -> bool:
-            return await b.count_running(owner="user:1") == 0
-
-        await eventually(nothing_running, "the adopted run still counts after its end")
-        # Its grace period: any worker sees the new owner in what Redis holds.
-        state = await b.get("s")
-        assert state is not None and state.status == "done" and state.meta["owner"] == "user:1"
-    finally:
-        await a.shutdown(2)
-        await b.shutdown(2)
-        cleaner = RedisBackend(redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix)
-        keys = [k async for k in cleaner.redis.scan_iter(match=f"*{prefix}*")]
-        if keys:
-            await cleaner.redis.delete(*keys)
-        await cleaner.redis.aclose()

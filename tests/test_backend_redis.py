@@ -15,7 +15,7 @@ import pytest
 from detached_runs.events import parse_id
 from detached_runs.exceptions import BackendUnavailable, RunNotFound
 
-from .conftest import Saves, collect, new_id, paced, terminals, text_of
+from .conftest import Saves, collect, eventually, new_id, paced, terminals, text_of
 
 REDIS = ("127.0.0.1", 6379)
 
@@ -364,3 +364,51 @@ async def test_a_workers_reader_stops_when_its_last_local_subscriber_leaves(work
     await asyncio.sleep(0)
     assert b._readers == {} and b._mirrors == {}
     gate.set()
+
+
+async def test_adoption_on_one_worker_reaches_the_worker_that_drives_the_run(workers, saves):
+    """A visitor who logs in (`detached_runs.owners.adopt_anonymous_runs`) may
+    land on a worker that does not drive their run."""
+    a, b = workers
+    prefix = a.prefix
+    gate = asyncio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        yield "thinking "
+        await gate.wait()
+
+    meta = {"owner": "anon:a", "address": "203.0.113.7"}
+    await a.start("s", new_id(), waiting(), start_data={}, meta=meta, finalize=saves)
+    assert await b.count_running(address="203.0.113.7") == 1
+    assert await b.count_running(owner="anon:a") == 1
+
+    async def a_listens() -> bool:
+        subscribed = await b.redis.pubsub_numsub(f"{prefix}:adopt")
+        return bool(subscribed and subscribed[0][1])
+
+    await eventually(a_listens, "worker A never listened")
+    assert await b.adopt("anon:a", "user:1", ["s", "never-started"]) == 1
+    state_b = await b.get("s")  # what Redis holds
+    assert state_b is not None and state_b.meta["owner"] == "user:1"
+
+    async def a_adopted() -> bool:
+        state = await a.get("s")  # A's own copy of its run
+        return (
+            state is not None
+            and state.meta.get("owner") == "user:1"
+            and await b.count_running(owner="user:1") == 1
+        )
+
+    await eventually(a_adopted, "worker A kept the old owner")
+    assert await b.count_running(owner="anon:a") == 0
+    assert await b.count_running(address="203.0.113.7") == 0
+    gate.set()
+    await collect(await a.subscribe("s"))
+
+    async def nothing_running() -> bool:
+        return await b.count_running(owner="user:1") == 0
+
+    await eventually(nothing_running, "the adopted run still counts after its end")
+    # Its grace period: any worker sees the new owner in what Redis holds.
+    state = await b.get("s")
+    assert state is not None and state.status == "done" and state.meta["owner"] == "user:1"

@@ -32,15 +32,6 @@ async def forever(ctx: Any) -> AsyncIterator[str]:
     await asyncio.sleep(30)
 
 
-@pytest.fixture
-def config(settings: Any) -> Any:
-    def apply(**values: Any) -> None:
-        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
-        get_service().reset()
-
-    return apply
-
-
 async def cookie_for(owner: str) -> str:
     store = SessionStore()
     await store.aset(ANON_SESSION_KEY, owner)

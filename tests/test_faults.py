@@ -19,20 +19,10 @@ from django.db import DataError, OperationalError, connection
 
 from detached_runs import runs
 from detached_runs.models import Run
-from detached_runs.runs import get_service
 
 from .http import Browser, text
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def config(settings: Any) -> Any:
-    def apply(**values: Any) -> None:
-        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
-        get_service().reset()
-
-    return apply
 
 
 @asynccontextmanager

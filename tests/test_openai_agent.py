@@ -18,7 +18,7 @@ from detached_runs.agents.openai import OpenAIAgent
 from detached_runs.checks import check_settings
 from detached_runs.events import Event
 from detached_runs.models import Run
-from detached_runs.runs import AgentContext, get_service
+from detached_runs.runs import AgentContext
 
 from .conftest import free_port, text_of
 from .fake_openai import FakeOpenAI, Reply, chunk, text_chunks
@@ -47,15 +47,6 @@ def _no_openai_environment(monkeypatch: Any) -> None:
 async def fake() -> Any:
     async with FakeOpenAI() as server:
         yield server
-
-
-@pytest.fixture
-def configure(settings: Any) -> Any:
-    def apply(**values: Any) -> None:
-        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
-        get_service().reset()
-
-    return apply
 
 
 def agent_for(fake: FakeOpenAI, **options: Any) -> OpenAIAgent:
@@ -140,8 +131,8 @@ async def test_the_system_prompt_history_and_prompt_reach_the_endpoint(fake):
     assert last.headers["authorization"] == f"Bearer {KEY}"
 
 
-async def test_the_setting_names_the_agent_and_configures_the_request(fake, configure):
-    configure(
+async def test_the_setting_names_the_agent_and_configures_the_request(fake, config):
+    config(
         AGENT="detached_runs.agents.openai.agent",
         OPENAI={
             "BASE_URL": fake.url,
@@ -164,9 +155,9 @@ async def test_the_setting_names_the_agent_and_configures_the_request(fake, conf
 
 
 async def test_the_environment_is_the_fallback_and_a_local_endpoint_needs_no_key(
-    fake, configure, monkeypatch
+    fake, config, monkeypatch
 ):
-    configure(AGENT="detached_runs.agents.openai.agent")
+    config(AGENT="detached_runs.agents.openai.agent")
     monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
     monkeypatch.setenv("OPENAI_MODEL", "env-model")
     fake.replies.append(Reply(text_chunks("From the environment.")))

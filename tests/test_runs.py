@@ -30,15 +30,6 @@ from .conftest import collect, text_of
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def config(settings: Any) -> Any:
-    def apply(**values: Any) -> None:
-        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
-        get_service().reset()
-
-    return apply
-
-
 async def finished(session: str, owner: Any = None) -> Run:
     for _ in range(1000):
         run = await runs.status(session, owner=owner)

@@ -30,15 +30,6 @@ async def forever(ctx: Any) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def config(settings: Any) -> Any:
-    def apply(**values: Any) -> None:
-        settings.DETACHED_RUNS = {**settings.DETACHED_RUNS, **values}
-        get_service().reset()
-
-    return apply
-
-
-@pytest.fixture
 def client() -> AsyncClient:
     return AsyncClient(enforce_csrf_checks=True)
 
