@@ -50,13 +50,18 @@ class AnonymousOwner(str):
     """An anonymous owner key (``anon:<hex>``) that also carries the client
     address of the request or socket it came with (``address``: as the
     server reported it, None if it reported none), which `RunService.start`
-    limits anonymous runs by. Otherwise it is the plain string."""
+    limits anonymous runs by, and whether its id was made for this request
+    (``created``: `forget_new_owner` undoes that). Otherwise it is the plain
+    string."""
 
     address: str | None
+    created: bool
 
-    def __new__(cls, key: str, address: str | None = None) -> AnonymousOwner:
+    def __new__(
+        cls, key: str, address: str | None = None, *, created: bool = False
+    ) -> AnonymousOwner:
         owner = super().__new__(cls, key)
-        owner.address = address
+        owner.address, owner.created = address, created
         return owner
 
 
@@ -146,12 +151,20 @@ async def request_owner(request: HttpRequest, *, create: bool = False) -> str | 
 
 def _request_owner(request: HttpRequest, create: bool) -> str | None:
     # AuthenticationMiddleware's lazy user; the session middleware saves a new id.
-    owner, _created = _owner_of(
+    owner, created = _owner_of(
         getattr(request, "user", None), getattr(request, "session", None), create
     )
     if owner is not None and owner.startswith("anon:"):
-        return AnonymousOwner(owner, request.META.get("REMOTE_ADDR"))
+        return AnonymousOwner(owner, request.META.get("REMOTE_ADDR"), created=created)
     return owner
+
+
+def forget_new_owner(request: HttpRequest, owner: str) -> None:
+    """Take back an anonymous id `request_owner` made for this request (its
+    start was refused): the session middleware then saves no session, and a
+    client refused again and again leaves no session row per request."""
+    if getattr(owner, "created", False):
+        request.session.pop(ANON_SESSION_KEY, None)
 
 
 async def scope_owner(scope: dict[str, Any], *, create: bool = False) -> str | None:

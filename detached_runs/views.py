@@ -30,7 +30,7 @@ from .backends.base import Subscription
 from .conf import get_config
 from .events import KEEPALIVE_SSE, encode_sse
 from .exceptions import BadPrompt, NotAllowed, RunNotFound, error_status
-from .owners import ANONYMOUS, request_owner
+from .owners import ANONYMOUS, forget_new_owner, request_owner
 from .text import loads
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,11 @@ async def session(request: HttpRequest, session_key: str) -> HttpResponse:
     runs.validate_session_key(session_key)
     if request.method == "POST":
         owner = await _owner(request, create=True)
-        run = await runs.start(session_key, prompt=_prompt_of(request), owner=owner)
+        try:
+            run = await runs.start(session_key, prompt=_prompt_of(request), owner=owner)
+        except BaseException:
+            forget_new_owner(request, owner)
+            raise
         return JsonResponse(
             {
                 "id": str(run.id),

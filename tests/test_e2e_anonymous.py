@@ -82,6 +82,10 @@ def test_thirty_cookieless_posts_get_at_most_the_limit_then_a_json_429(server):
             assert reply.headers["Content-Type"] == "application/json"
             assert "Wait for one of them to finish, or log in." in reply.json()["error"]
         assert Run.objects.filter(session_key__in=keys).count() == len(accepted)
+        # A refused visitor leaves no Django session behind either: only the
+        # accepted ones got an owner id to keep.
+        refused_sessions = [b.cookies.get("sessionid") for b in browsers[len(accepted) :]]
+        assert refused_sessions == [None] * (30 - len(accepted))
         # A logged-in user at the same address is not limited by it.
         log_in(member, make_user())
         assert member.request("POST", f"/runs/{member_key}/", {"prompt": "slow"}).status == 202
