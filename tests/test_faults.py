@@ -18,6 +18,7 @@ from asgiref.sync import sync_to_async
 from django.db import DataError, OperationalError, connection
 
 from detached_runs import runs
+from detached_runs.exceptions import AgentError
 from detached_runs.models import Run
 
 from .http import Browser, text
@@ -261,3 +262,23 @@ async def test_after_the_database_dropped_the_connection_the_save_reconnects(mon
     assert events[-1].data == {"status": "stopped"}
     row = await Run.objects.aget(pk=run.pk)
     assert (row.status, row.output) == ("stopped", "before the hang ")
+
+
+async def test_an_agent_error_message_no_database_can_store_is_cleaned_like_its_text():
+    """The agent's own words in an `AgentError` are saved and sent too: the
+    same cleaning as its text (a NUL sank a PostgreSQL save; a lone
+    surrogate, SQLite's and MariaDB's)."""
+
+    async def failing(ctx: Any) -> AsyncIterator[str]:
+        yield "partial "
+        raise AgentError("the model said \ud83d\x00")
+
+    await runs.start("chat", prompt="x", agent=failing)
+    events = [e async for e in runs.subscribe("chat")]
+    assert events[-1].data == {"status": "error", "error": "the model said \ufffd\ufffd"}
+    row = await Run.objects.aget(session_key="chat")
+    assert (row.status, row.output, row.error) == (
+        "error",
+        "partial ",
+        "the model said \ufffd\ufffd",
+    )
