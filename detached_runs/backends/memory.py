@@ -265,6 +265,8 @@ class _Run:
             text = bytes(entry.buf[begin:stop]).decode()
             events.append(Event(make_id(self.id, end), DELTA, {"text": text}))
             size += stop - begin
+            if stop < len(entry.buf):
+                break  # cut short: the rest of it, and what follows, is the next read's
         self._cache = (after, self.position, events, end)
         return events, end
 
