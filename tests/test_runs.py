@@ -308,3 +308,18 @@ async def test_a_long_replay_goes_out_in_pieces_each_a_valid_resume_point(config
         rest = [e async for e in runs.subscribe("chat", after=event.id)]
         assert seen + text_of(rest) == whole
         assert rest[-1].event == "done"
+
+
+async def test_session_keys_differing_only_in_case_are_two_sessions():
+    """Keys are case-sensitive on every database (MariaDB's and MySQL's default
+    collations are not: there "CaseX" and "casex" were one session)."""
+    await runs.start("CaseX", prompt="3", owner="anon:a")
+    await finished("CaseX", owner="anon:a")
+    await runs.start("casex", prompt="2", owner="anon:b")  # nobody's yet: not a 404
+    await finished("casex", owner="anon:b")
+    assert await runs.status("casex", owner="anon:a") is None
+    mine = await runs.status("CaseX", owner="anon:a")
+    assert mine is not None and mine.output == "w0 w1 w2 "
+    theirs = await runs.status("casex", owner="anon:b")
+    assert theirs is not None and theirs.output == "w0 w1 "
+    assert await Run.objects.filter(session_key="casex").acount() == 1
