@@ -33,7 +33,7 @@ from . import runs
 from .backends.base import Subscription
 from .conf import get_config
 from .exceptions import DetachedRunsError, InvalidInput, NotAllowed, RunNotFound, error_status
-from .owners import ANONYMOUS, scope_owner
+from .owners import ANONYMOUS, scope_owner, scope_owner_now
 from .text import loads
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class RunConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
+            if not await self._same_owner():
+                # Logged in or out over HTTP since the handshake: what this
+                # socket may do was decided for another owner.
+                await self.close(code=4403, reason="This browser's login changed: connect again.")
+                return
             frame = _decode(text_data)
             kind = frame.get("type")
             if kind == "start":
@@ -126,6 +131,13 @@ class RunConsumer(AsyncWebsocketConsumer):
             # The socket stays open whatever the frame did: the client gets
             # the same message an HTTP request would have.
             await self._error(error_status(exc, f"a WebSocket frame on {self.session_key}")[1])
+
+    async def _same_owner(self) -> bool:
+        try:
+            now = await _owner(self.scope, fresh=True)
+        except NotAllowed:
+            return False
+        return str(now) == str(self.owner)
 
     async def _start(self, frame: dict[str, Any]) -> None:
         if "prompt" not in frame:
@@ -254,8 +266,8 @@ def _frame_limit(prompt_limit: int) -> int:
     return 12 * prompt_limit + 1024
 
 
-async def _owner(scope: dict[str, Any]) -> str:
-    owner = await scope_owner(scope)
+async def _owner(scope: dict[str, Any], *, fresh: bool = False) -> str:
+    owner = await (scope_owner_now(scope) if fresh else scope_owner(scope))
     if owner is not None:
         return owner
     if not get_config()["ALLOW_ANONYMOUS"]:

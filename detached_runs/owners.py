@@ -27,8 +27,12 @@ import ipaddress
 import logging
 import secrets
 from collections.abc import Collection
+from importlib import import_module
+from types import SimpleNamespace
 from typing import Any
 
+from django.conf import settings
+from django.contrib.auth import get_user
 from django.http import HttpRequest
 from django.utils.module_loading import import_string
 
@@ -183,6 +187,28 @@ def _scope_owner(scope: dict[str, Any], create: bool) -> str | None:
     owner, created = _owner_of(scope.get("user"), session, create)
     if created:
         session.save()  # no middleware saves it after a WebSocket handshake
+    if owner is not None and owner.startswith("anon:"):
+        return AnonymousOwner(owner, scope_address(scope))
+    return owner
+
+
+async def scope_owner_now(scope: dict[str, Any]) -> str | None:
+    """The owner of a socket's browser as it is now, not as it was at the
+    handshake: its session is read again from the session store. A login or
+    logout over HTTP since then cycled or flushed that session, so a socket
+    opened before it finds no owner, or another one, here (`RunConsumer`
+    closes it: the browser connects again with its new cookie)."""
+    return await run_sync(_scope_owner_now, scope)
+
+
+def _scope_owner_now(scope: dict[str, Any]) -> str | None:
+    session: Any = scope.get("session")
+    if session is None or session.session_key is None:
+        return _scope_owner(scope, False)  # no stored session to read again
+    fresh = import_module(settings.SESSION_ENGINE).SessionStore(session_key=session.session_key)
+    # AnonymousUser once the session is gone or holds another login.
+    user = get_user(SimpleNamespace(session=fresh))  # type: ignore[arg-type]
+    owner, _created = _owner_of(user, fresh, False)
     if owner is not None and owner.startswith("anon:"):
         return AnonymousOwner(owner, scope_address(scope))
     return owner

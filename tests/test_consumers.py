@@ -445,3 +445,33 @@ async def test_a_socket_that_lags_gets_what_piled_up_merged():
     assert text(frames) == "".join(f"b{i} " for i in range(500))
     assert len(frames) < 10
     await communicator.disconnect()
+
+
+async def test_a_socket_whose_user_logged_out_over_http_is_closed_at_its_next_frame():
+    """What a socket may do was decided at its handshake, for that login: a
+    logout since then ends it (4403), and the browser connects again as who
+    it is now."""
+    user = await get_user_model().objects.acreate(username="alice")
+    client = Client()
+    await sync_to_async(client.force_login)(user)
+    await runs.start("mine", prompt="2", owner=user)
+    communicator = await connect("mine", f"sessionid={client.cookies['sessionid'].value}")
+    await frames_until_done(communicator)
+    await sync_to_async(client.logout)()
+    await communicator.send_json_to({"type": "start", "prompt": "3"})
+    assert await closed_with(communicator) == 4403
+    assert await Run.objects.filter(session_key="mine").acount() == 1  # nothing started
+
+
+async def test_a_socket_opened_before_a_login_is_closed_at_its_next_frame():
+    """A login cycles the session key (Django keeps the data under a new one):
+    the socket's session is gone, and so is the anonymous owner it had."""
+    store = SessionStore()
+    await store.aset(ANON_SESSION_KEY, OWNER)
+    await store.asave()
+    await runs.start("chat", prompt="2", owner=OWNER)
+    communicator = await connect("chat", f"sessionid={store.session_key}")
+    await frames_until_done(communicator)
+    await sync_to_async(store.cycle_key)()
+    await communicator.send_json_to({"type": "stop"})
+    assert await closed_with(communicator) == 4403
