@@ -69,18 +69,32 @@ class AnonymousOwner(str):
         return owner
 
 
+#: What every reported client address that is not one counts as: a client
+#: that makes its own address up (a forged proxy header) shares one limit.
+UNPARSED = "unparsed"
+
+
 def address_group(address: Any) -> str | None:
     """What a client address is counted as for the anonymous runs' limit: an
     IPv4 address as itself, an IPv6 address as its /64 network (one
     subscriber's line gets a whole /64: counted per address, a client would
     have billions), an IPv4 address mapped into IPv6 (a dual-stack socket)
-    as the IPv4 address. None for anything else: no address, a UNIX socket."""
+    as the IPv4 address; with a port (``1.2.3.4:5678``, ``[2001:db8::1]:80``)
+    or brackets as the address. Anything else that is reported counts as
+    `UNPARSED`, one group for all (a made-up address escapes nothing). None
+    for no address at all."""
+    text = str(address).strip() if address is not None else ""
+    if not text:
+        return None
+    host = text
+    if text.startswith("["):  # [v6] or [v6]:port
+        host = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        host = text.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(str(address).strip()) if address else None
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return None
-    if ip is None:
-        return None
+        return UNPARSED
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)

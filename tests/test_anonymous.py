@@ -108,10 +108,17 @@ def test_the_default_is_ten_and_a_wrong_value_is_a_system_check_error(settings):
         ("::1", "::/64"),
         ("fe80::1%eth0", "fe80::/64"),
         ("::ffff:203.0.113.7", "203.0.113.7"),  # IPv4 on a dual-stack socket
+        ("203.0.113.7:5678", "203.0.113.7"),
+        ("[2001:db8::3]", "2001:db8::/64"),
+        ("[2001:db8::3]:443", "2001:db8::/64"),
         ("", None),
         (None, None),
-        ("unix:/run/daphne.sock", None),
-        ("not an address", None),
+        # Reported, but no address: one group for all, so that a client that
+        # makes its address up (a forged proxy header) escapes nothing.
+        ("unix:/run/daphne.sock", "unparsed"),
+        ("not an address", "unparsed"),
+        ("junk1", "unparsed"),
+        ("010.000.000.001", "unparsed"),
     ],
 )
 def test_an_address_counts_as_itself_and_an_ipv6_address_as_its_64(address, group):
