@@ -29,7 +29,7 @@ DONE = "done"
 #: Event types an agent may not yield itself: the service emits them.
 RESERVED = frozenset({START, DONE})
 
-_ID_RE = re.compile(r"\A([0-9a-f]{32}):(\d{1,15})-(\d{1,15})\Z")
+_ID_RE = re.compile(r"\A([0-9a-f]{32}):([0-9]{1,15})-([0-9]{1,15})\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)

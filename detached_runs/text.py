@@ -87,12 +87,16 @@ def _clean_key(key: Any) -> Any:
 def loads(data: str | bytes, *, name: str = "body") -> Any:
     """Parse untrusted JSON text and clean it (`clean_json`).
 
-    Raises `InvalidInput` ("The <name> is not valid JSON.") for bytes that are not
-    UTF-8, text that is not JSON, NaN or Infinity (not JSON, though Python
-    accepts them), and nesting too deep to parse.
+    Raises `InvalidInput` ("The <name> is not valid JSON.") for bytes that
+    are not UTF-8 (a leading byte order mark is ignored), text that is not
+    JSON, NaN or Infinity (not JSON, though Python accepts them), and nesting
+    too deep to parse.
     """
     try:
-        return clean_json(json.loads(data, parse_constant=_no_constant))
+        # UTF-8 only (RFC 8259), with a byte order mark allowed and ignored;
+        # json.loads would guess UTF-16 and UTF-32 from bytes too.
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
+        return clean_json(json.loads(text, parse_constant=_no_constant))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput(f"The {name} is not valid JSON.") from None
 

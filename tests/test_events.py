@@ -50,3 +50,9 @@ def test_sse_encoding_is_one_line_of_json_per_event_and_cached():
 def test_data_that_is_not_json_fails_at_encoding():
     with pytest.raises(TypeError):
         _ = Event("x", "tool", {"x": object()}).sse
+
+
+@pytest.mark.parametrize("digits", ["\u0663", "\uff13", "\u00b3"])
+def test_an_id_with_digits_that_are_not_ascii_is_malformed(digits):
+    with pytest.raises(BadEventId):
+        parse_id(f"{'a' * 32}:{digits}-1")

@@ -74,7 +74,16 @@ def test_data_nested_deeper_than_the_recursion_limit_is_a_value_error():
 
 @pytest.mark.parametrize(
     "raw",
-    [b"[" * 100_000, "[" * 100_000 + "]" * 100_000, b"\xff", "NaN", '{"a": Infinity}', "{"],
+    [
+        b"[" * 100_000,
+        "[" * 100_000 + "]" * 100_000,
+        b"\xff",
+        "NaN",
+        '{"a": Infinity}',
+        "{",
+        '{"prompt": "hi"}'.encode("utf-16"),  # json.loads would take it
+        '{"prompt": "hi"}'.encode("utf-32-le"),
+    ],
 )
 def test_untrusted_json_that_does_not_parse_is_invalid_input(raw):
     with pytest.raises(InvalidInput, match=r"The frame is not valid JSON\."):
@@ -83,3 +92,7 @@ def test_untrusted_json_that_does_not_parse_is_invalid_input(raw):
 
 def test_untrusted_json_is_cleaned():
     assert loads('{"prompt": "a\\ud83d\\u0000"}') == {"prompt": "a\ufffd\ufffd"}
+
+
+def test_a_byte_order_mark_is_ignored_in_a_body_and_in_a_frame_alike():
+    assert loads('\ufeff{"a": 1}'.encode()) == loads('\ufeff{"a": 1}') == {"a": 1}
