@@ -17,7 +17,10 @@ characters other than NUL, is kept as it is.
 
 Untrusted JSON (request bodies, WebSocket frames) is parsed with `loads`,
 which turns every way a text can fail to parse, including nesting deeper
-than Python's recursion limit, into `InvalidInput`, and cleans the result.
+than Python's recursion limit, into `InvalidInput`. It does not clean: a
+value the app uses is cleaned where it is validated (a prompt by
+`detached_runs.runs.validate_prompt`), so a body's other fields, which
+nothing reads, cost no walk through them.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _clean_key(key: Any) -> Any:
 
 
 def loads(data: str | bytes, *, name: str = "body") -> Any:
-    """Parse untrusted JSON text and clean it (`clean_json`).
+    """Parse untrusted JSON text, strictly.
 
     Raises `InvalidInput` ("The <name> is not valid JSON.") for bytes that
     are not UTF-8 (a leading byte order mark is ignored), text that is not
@@ -96,7 +99,7 @@ def loads(data: str | bytes, *, name: str = "body") -> Any:
         # UTF-8 only (RFC 8259), with a byte order mark allowed and ignored;
         # json.loads would guess UTF-16 and UTF-32 from bytes too.
         text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
-        return clean_json(json.loads(text, parse_constant=_no_constant))
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput(f"The {name} is not valid JSON.") from None
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detached_runs.exceptions import InvalidInput
+from detached_runs.runs import validate_prompt
 from detached_runs.text import REPLACEMENT, clean_json, clean_text, loads
 
 any_text = st.text(st.characters(exclude_categories=()))
@@ -90,8 +91,10 @@ def test_untrusted_json_that_does_not_parse_is_invalid_input(raw):
         loads(raw, name="frame")
 
 
-def test_untrusted_json_is_cleaned():
-    assert loads('{"prompt": "a\\ud83d\\u0000"}') == {"prompt": "a\ufffd\ufffd"}
+def test_untrusted_json_is_parsed_not_cleaned_the_prompt_is_cleaned_where_validated():
+    payload = loads('{"prompt": "a\\ud83d\\u0000", "unused": "\\ud800"}')
+    assert payload == {"prompt": "a\ud83d\x00", "unused": "\ud800"}
+    assert validate_prompt(payload["prompt"]) == "a\ufffd\ufffd"
 
 
 def test_a_byte_order_mark_is_ignored_in_a_body_and_in_a_frame_alike():
