@@ -643,6 +643,7 @@ class RunService:
                     raise TooManyRuns(f"You have {active} runs in flight; the limit is {limit}.")
             if network:
                 await _check_address(backend, network, current)
+            backend.check_accepting()  # before the row: a refused start leaves none
             # One trip to the database thread for the owner check, the user
             # and the row. With no run in flight the agent's history is final
             # already, so it comes along; otherwise the agent reads it once the
@@ -664,22 +665,29 @@ class RunService:
             # agent does and always before run_finished.
             await self._announce(run_started, run)
             recorder = _Recorder(self, backend, run, agent, history)
-            await backend.start(
-                session_key,
-                run.id.hex,
-                recorder.source(),
-                start_data={"run": str(run.id), "prompt": prompt},
-                meta={
-                    "owner": run.owner,
-                    "prompt": prompt,
-                    "uuid": str(run.id),
-                    "started_at": run.started_at.timestamp(),
-                    # Counted by, for an anonymous owner; not kept in the row.
-                    **({"address": network} if network else {}),
-                },
-                finalize=recorder.finalize,
-                timeout=get_config()["RUN_TIMEOUT"],
-            )
+            try:
+                await backend.start(
+                    session_key,
+                    run.id.hex,
+                    recorder.source(),
+                    start_data={"run": str(run.id), "prompt": prompt},
+                    meta={
+                        "owner": run.owner,
+                        "prompt": prompt,
+                        "uuid": str(run.id),
+                        "started_at": run.started_at.timestamp(),
+                        # Counted by, for an anonymous owner; not kept in the row.
+                        **({"address": network} if network else {}),
+                    },
+                    finalize=recorder.finalize,
+                    timeout=get_config()["RUN_TIMEOUT"],
+                )
+            except BaseException:
+                # Refused (shutting down, Redis unreachable): a refused start
+                # changes nothing, so its row goes. Shielded: it must go even
+                # if the request was cancelled meanwhile.
+                await asyncio.shield(run_sync(Run.objects.filter(pk=run.pk).delete))
+                raise
             if not self._signals_installed:
                 self._signals_installed = install_signal_handlers(self.shutdown)
         logger.info("Run %s of session %s started", run.id.hex, session_key)

@@ -45,6 +45,14 @@ async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
             await asyncio.sleep(0)
             yield piece
         return
+    if ctx.prompt == "linger":
+        # Takes 2 s to clean up when stopped: a shutdown waits that long.
+        try:
+            yield "lingering "
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(2)
+        return
     if ctx.prompt == "slow":
         await asyncio.sleep(0.5)
         yield "finally "

@@ -103,3 +103,30 @@ def test_after_kill_9_a_restarted_server_shows_the_run_interrupted_with_its_chec
         assert parse_id(events[-1].id or "")[0] == uuid.UUID(status["id"]).hex
     finally:
         stop_server(second)
+
+
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+def test_a_start_refused_during_shutdown_leaves_no_row(kind):
+    """While a shutdown waits for a run's clean-up, new starts get 503, and a
+    refused start changes nothing: it used to leave a running row, which
+    after the restart was the session's latest run (interrupted)."""
+    server = launch(kind)
+    browser = Browser(server.port)
+    lingering = uuid.uuid4().hex[:10]
+    try:
+        assert browser.request("POST", f"/runs/{lingering}/", {"prompt": "linger"}).status == 202
+        browser.stream(f"/runs/{lingering}/events/").take(2)  # start, and its word
+        server.process.send_signal(signal.SIGTERM)
+        for _ in range(100):  # the clean-up takes 2 s
+            refused = uuid.uuid4().hex[:10]  # a key of its own per try
+            reply = browser.request("POST", f"/runs/{refused}/", {"prompt": "3"})
+            if reply.status == 503:
+                break
+            time.sleep(0.02)
+        assert reply.status == 503, reply.body
+        assert reply.json() == {"error": "The server is shutting down; try again in a moment."}
+        server.process.wait(timeout=15)
+    finally:
+        stop_server(server)
+    assert not Run.objects.filter(session_key=refused).exists()
+    assert Run.objects.get(session_key=lingering).status == "interrupted"

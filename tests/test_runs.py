@@ -16,6 +16,7 @@ from django.utils import timezone
 from detached_runs import runs
 from detached_runs.backends.base import READ_CHUNK
 from detached_runs.exceptions import (
+    BackendUnavailable,
     BadEventId,
     BadPrompt,
     BadSessionKey,
@@ -24,6 +25,7 @@ from detached_runs.exceptions import (
 )
 from detached_runs.models import Run
 from detached_runs.runs import get_service
+from detached_runs.signals import run_started
 
 from .conftest import collect, text_of
 
@@ -323,3 +325,20 @@ async def test_session_keys_differing_only_in_case_are_two_sessions():
     theirs = await runs.status("casex", owner="anon:b")
     assert theirs is not None and theirs.output == "w0 w1 "
     assert await Run.objects.filter(session_key="casex").acount() == 1
+
+
+async def test_a_start_refused_after_its_row_was_written_leaves_no_row():
+    """One more of the kind "a refused start changes nothing": the shutdown
+    begins after the row was written (here while a run_started receiver
+    runs; a SIGTERM can land there too), the backend refuses, the row goes."""
+
+    async def shutting_down(sender: Any, run: Run, **kwargs: Any) -> None:
+        await get_service().backend.shutdown(0)
+
+    run_started.connect(shutting_down, sender=Run)
+    try:
+        with pytest.raises(BackendUnavailable):
+            await runs.start("chat", prompt="3", owner="anon:a")
+    finally:
+        run_started.disconnect(shutting_down, sender=Run)
+    assert not await Run.objects.filter(session_key="chat").aexists()

@@ -154,6 +154,12 @@ class BaseBackend:
         """
         raise NotImplementedError("subclasses of BaseBackend must provide start()")
 
+    def check_accepting(self) -> None:
+        """Raise `BackendUnavailable` if `start` would refuse a new run now
+        (`shutdown` has begun), so the service can refuse before it writes
+        anything. `start` still raises it if that changes meanwhile."""
+        raise NotImplementedError("subclasses of BaseBackend must provide check_accepting()")
+
     async def subscribe(
         self, session_key: str, after: tuple[str, Position] | None = None
     ) -> Subscription:

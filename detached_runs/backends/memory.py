@@ -391,8 +391,7 @@ class MemoryBackend(BaseBackend):
         finalize: Finalize,
         timeout: float | None = None,
     ) -> None:
-        if self._closing:
-            raise BackendUnavailable("The server is shutting down; try again in a moment.")
+        self.check_accepting()
         self._loop = asyncio.get_running_loop()
         run = _Run(run_id, session_key, meta)
         run.append_event(START, start_data)
@@ -419,6 +418,10 @@ class MemoryBackend(BaseBackend):
         run.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def check_accepting(self) -> None:
+        if self._closing:
+            raise BackendUnavailable("The server is shutting down; try again in a moment.")
 
     async def subscribe(
         self, session_key: str, after: tuple[str, Position] | None = None

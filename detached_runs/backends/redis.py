@@ -148,8 +148,7 @@ class RedisBackend(MemoryBackend):
         finalize: Finalize,
         timeout: float | None = None,
     ) -> None:
-        if self._closing:
-            raise BackendUnavailable("The server is shutting down; try again in a moment.")
+        self.check_accepting()
         await self._ensure_listener()
         async with self._session_lock(session_key):
             remote = await self._stop_remote_previous(session_key)
