@@ -4,6 +4,7 @@ instances in one process stand for two worker processes sharing Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -39,21 +40,30 @@ WORDS = [f"w{i} " for i in range(40)]
 FULL = "".join(WORDS)
 
 
+@contextlib.asynccontextmanager
+async def two_workers(
+    url: str = "redis://127.0.0.1:6379/0",
+) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two backends on one Redis, standing for two worker processes, with a
+    key prefix of their own that is cleaned up afterwards."""
+    prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
+    a, b = (RedisBackend(redis_url=url, redis_prefix=prefix, evict_after=0.5) for _ in range(2))
+    try:
+        yield a, b
+    finally:
+        await a.shutdown(2)
+        await b.shutdown(2)
+        cleaner = RedisBackend(redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix)
+        keys = [k async for k in cleaner.redis.scan_iter(match=f"*{prefix}*")]
+        if keys:
+            await cleaner.redis.delete(*keys)
+        await cleaner.redis.aclose()
+
+
 @pytest.fixture
 async def workers() -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
-    make = lambda: RedisBackend(  # noqa: E731
-        redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix, evict_after=0.5
-    )
-    a, b = make(), make()
-    yield a, b
-    await a.shutdown(2)
-    await b.shutdown(2)
-    cleaner = RedisBackend(redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix)
-    keys = [k async for k in cleaner.redis.scan_iter(match=f"*{prefix}*")]
-    if keys:
-        await cleaner.redis.delete(*keys)
-    await cleaner.redis.aclose()
+    async with two_workers() as pair:
+        yield pair
 
 
 async def start(backend: RedisBackend, source: Any, saves: Saves, session: str = "s") -> str:
@@ -412,3 +422,29 @@ async def test_adoption_on_one_worker_reaches_the_worker_that_drives_the_run(wor
     # Its grace period: any worker sees the new owner in what Redis holds.
     state = await b.get("s")
     assert state is not None and state.status == "done" and state.meta["owner"] == "user:1"
+
+
+async def test_a_healthy_idle_redis_is_not_taken_for_an_outage(saves, caplog):
+    """The mirror's blocking read waits at most half the socket's timeout (here
+    1 s, from the URL): it used to block 5 s whatever the timeout, so with
+    redis-py's default of 5 s a worker following an idle run on another worker
+    logged "Redis unreachable" and reconnected every few seconds."""
+    gate = asyncio.Event()
+
+    async def idle() -> AsyncIterator[str]:
+        yield "thinking "
+        await gate.wait()
+        yield "done"
+
+    async with two_workers("redis://127.0.0.1:6379/0?socket_timeout=1") as (a, b):
+        try:
+            await start(a, idle(), saves)
+            subscription = await b.subscribe("s")
+            assert [e.event for e in await subscription.next_batch()] == ["start", "delta"]
+            with caplog.at_level("WARNING", logger="detached_runs"):
+                assert await subscription.next_batch(timeout=2.5) == []  # quiet: a keep-alive
+            assert "unreachable" not in caplog.text
+            gate.set()
+            assert text_of(await collect(subscription)) == "done"
+        finally:
+            gate.set()

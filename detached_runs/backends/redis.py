@@ -85,6 +85,12 @@ except ImportError as exc:  # pragma: no cover - exercised by the system check
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a Redis command may take before its connection is taken for dead
+#: (the client's ``socket_timeout``, unless the URL sets one).
+SOCKET_TIMEOUT = 10.0
+#: Seconds a mirror's XREAD waits for new entries at most (less if the socket
+#: timeout is short: at most half of it).
+READ_BLOCK = 5.0
 LEASE_MS = 10_000
 RENEW_EVERY = 3.0
 LOCK_MS = 10_000
@@ -124,7 +130,14 @@ class RedisBackend(MemoryBackend):
         # at once that the worker holding a lease is gone.
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # redis-py's type hints mix its sync and async clients; typed loosely here.
-        self.redis: Any = aioredis.Redis.from_url(redis_url)
+        # A socket_timeout in the URL wins over SOCKET_TIMEOUT.
+        self.redis: Any = aioredis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT)
+        # The mirror's blocking read returns well within the socket's timeout:
+        # a read that outlasts it is taken for a dead connection (redis-py's own
+        # default is 5 s, as long as the block was), and a healthy, idle Redis
+        # was reported unreachable every few seconds.
+        timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        self.block_ms = int(min(READ_BLOCK, timeout / 2 if timeout else READ_BLOCK) * 1000) or 1
         self._mirrors: dict[str, _Run] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
@@ -427,7 +440,7 @@ class RedisBackend(MemoryBackend):
         try:
             while mirror.phase != _FINISHED:
                 try:
-                    reply = await self.redis.xread({key: last}, block=5000, count=1000)
+                    reply = await self.redis.xread({key: last}, block=self.block_ms, count=1000)
                 except (RedisError, OSError):
                     logger.warning("Redis unreachable; following run %s again soon", mirror.id)
                     await asyncio.sleep(0.5)
