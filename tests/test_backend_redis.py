@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from detached_runs.events import parse_id
-from detached_runs.exceptions import BackendUnavailable, RunNotFound
+from detached_runs.exceptions import BackendUnavailable, BadEventId, RunNotFound
 
 from .conftest import Saves, collect, eventually, new_id, paced, terminals, text_of
 
@@ -448,3 +448,44 @@ async def test_a_healthy_idle_redis_is_not_taken_for_an_outage(saves, caplog):
             assert text_of(await collect(subscription)) == "done"
         finally:
             gate.set()
+
+
+async def test_an_id_ahead_of_what_redis_gave_this_worker_waits_for_it(own_redis, saves):
+    """A client reads from worker A, whose writes to Redis lag (here Redis
+    pauses them), and comes back on worker B with A's last id: B has not seen
+    it yet. It used to answer 400 "Unknown event id.", which ends EventSource
+    for good; now it waits for the log to catch up and sends exactly the rest."""
+    import redis.asyncio as aioredis
+
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    a, b = RedisBackend(redis_url=url), RedisBackend(redis_url=url)
+    admin = aioredis.Redis.from_url(url)
+    words = [f"w{i} " for i in range(80)]
+    try:
+        await start(a, paced(words, 0.02), saves)
+        local = await a.subscribe("s")
+        seen = [await local.next_batch() for _ in range(3)]
+        await admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        await asyncio.sleep(0.5)  # A goes on; Redis holds its writes
+        seen.append(await local.next_batch())
+        last = seen[-1][-1].id
+        began = asyncio.get_running_loop().time()
+        rest = await collect(await b.subscribe("s", after=parse_id(last)))
+        assert asyncio.get_running_loop().time() - began < 10
+        got = text_of([e for batch in seen for e in batch]) + text_of(rest)
+        assert got == "".join(words)
+        assert rest[-1].data == {"status": "done"}
+    finally:
+        await admin.aclose()
+        await a.shutdown(2)
+        await b.shutdown(2)
+
+
+async def test_an_id_that_can_never_be_valid_is_still_refused_at_once(workers, saves):
+    a, b = workers
+    run_id = await start(a, paced([f"w{i} " for i in range(5)], 0.01), saves)
+    await collect(await a.subscribe("s"))
+    began = asyncio.get_running_loop().time()
+    with pytest.raises(BadEventId):  # past the end of a finished run
+        await b.subscribe("s", after=parse_id(f"{run_id}:999-9"))
+    assert asyncio.get_running_loop().time() - began < 1

@@ -91,6 +91,9 @@ SOCKET_TIMEOUT = 10.0
 #: Seconds a mirror's XREAD waits for new entries at most (less if the socket
 #: timeout is short: at most half of it).
 READ_BLOCK = 5.0
+#: Seconds a subscriber on one worker waits for an event id of the run's own
+#: worker to reach this worker through Redis, before it is refused as unknown.
+CATCH_UP = 10.0
 LEASE_MS = 10_000
 RENEW_EVERY = 3.0
 LOCK_MS = 10_000
@@ -209,9 +212,28 @@ class RedisBackend(MemoryBackend):
             raise TooManySubscribers("Too many subscribers for this run.")
         cursor = ORIGIN
         if after is not None and after[0] == run.id:
-            run.check_after(after[1])
+            try:
+                if after[1] > run.position and run is self._mirrors.get(run.id):
+                    await self._catch_up(run, after[1])
+                run.check_after(after[1])
+            except BaseException:
+                if run.subscribers == 0:
+                    self._released(run)  # a mirror made for this subscriber alone
+                raise
             cursor = after[1]
         return MemorySubscription(self, run, cursor)
+
+    async def _catch_up(self, mirror: _Run, position: Position) -> None:
+        """Wait (up to `CATCH_UP` seconds) until a mirror holds ``position``:
+        an id of the run's worker that is ahead of what Redis has given this
+        worker yet (its writes lag, or Redis paused them) is valid a moment
+        later, and a 400 would end the client's stream for good."""
+        deadline = asyncio.get_running_loop().time() + CATCH_UP
+        while mirror.position < position and mirror.phase != _FINISHED:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await _wait_for_change(mirror, left)
 
     async def stop(self, session_key: str, run_id: str | None = None) -> bool:
         local = self._sessions.get(session_key)
