@@ -45,6 +45,17 @@ async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
             await asyncio.sleep(0)
             yield piece
         return
+    if ctx.prompt == "stubborn":
+        # Swallows every cancellation and never yields again (for 20 s, so
+        # that the test server can still shut down in the end).
+        yield "stubborn "
+        deadline = asyncio.get_running_loop().time() + 20
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                pass
+        return
     if ctx.prompt == "linger":
         # Takes 2 s to clean up when stopped: a shutdown waits that long.
         try:

@@ -607,3 +607,79 @@ def test_reads_of_a_limited_size_add_up_to_the_whole_log_whatever_the_cuts(items
         assert seen == [*expected, ("done", {"status": "done"})]
 
     asyncio.run(check())
+
+
+@pytest.fixture
+async def released() -> AsyncIterator[asyncio.Event]:
+    """Lets the agents below go at the test's end, on the test's loop: the
+    loop's own teardown waits for every task, an abandoned one too."""
+    event = asyncio.Event()
+    yield event
+    event.set()
+    await asyncio.sleep(0.05)
+
+
+def swallowing(words: list[str], released: asyncio.Event) -> AsyncIterator[str]:
+    """An agent that yields ``words``, then swallows every cancellation and
+    never yields again (until the test lets it go)."""
+
+    async def agent() -> AsyncIterator[str]:
+        for word in words:
+            yield word
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                pass
+
+    return agent()
+
+
+async def lingering(released: asyncio.Event) -> AsyncIterator[str]:
+    """An agent whose clean-up, once stopped, lasts until the test lets it go."""
+    try:
+        yield "first "
+        await asyncio.sleep(3600)
+    finally:
+        await released.wait()
+
+
+@pytest.mark.parametrize("agent", [swallowing, lingering], ids=["swallows", "lingers"])
+async def test_a_stop_ends_the_run_within_the_grace_whatever_the_agent_does(
+    backend, saves, monkeypatch, agent, released
+):
+    """The run ends (terminal event, save) STOP_GRACE after its stop, and the
+    session's next run begins: an agent that will not let go is abandoned,
+    not awaited forever. It used to leave the session stuck."""
+    monkeypatch.setattr("detached_runs.backends.memory.STOP_GRACE", 0.2)
+    source = swallowing(["first "], released) if agent is swallowing else lingering(released)
+    first = await start(backend, source, saves)
+    subscription = await backend.subscribe("s")
+    while "first " not in text_of(seen := await subscription.next_batch()):
+        pass
+    assert await backend.stop("s")
+    events = await asyncio.wait_for(collect(subscription), 2)
+    assert text_of(seen + events) == "first " and events[-1].data == {"status": "stopped"}
+    assert saves.status_of(first) == "stopped"
+    second = await start(backend, paced(["next "]), saves)
+    assert text_of(await asyncio.wait_for(collect(await backend.subscribe("s")), 2)) == "next "
+    assert saves.status_of(second) == "done"
+    await asyncio.wait_for(backend.shutdown(5), 1)  # the abandoned task is not awaited
+
+
+async def test_a_run_timeout_ends_an_agent_that_will_not_let_go(saves, monkeypatch, released):
+    monkeypatch.setattr("detached_runs.backends.memory.STOP_GRACE", 0.2)
+    backend = MemoryBackend()
+    run_id = new_id()
+    await backend.start(
+        "s",
+        run_id,
+        swallowing(["first "], released),
+        start_data={},
+        meta={},
+        finalize=saves,
+        timeout=0.2,
+    )
+    events = await asyncio.wait_for(collect(await backend.subscribe("s")), 2)
+    assert events[-1].data == {"status": "error", "error": "The run took too long."}
+    await backend.shutdown(1)

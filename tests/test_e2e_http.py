@@ -296,3 +296,21 @@ def test_a_cache_middleware_never_serves_a_stale_status(browser, key):
     assert "private" in running.headers["Cache-Control"]
     saved_row(key)
     assert browser.request("GET", f"/runs/{key}/").json()["run"]["status"] == "done"
+
+
+def test_a_stopped_agent_that_will_not_let_go_is_abandoned_and_the_session_goes_on(browser, key):
+    """An agent that swallows its cancellation and never yields again: stop
+    used to answer {"stopped": true} with no done ever after, and the
+    session's next start answered 202 and never began. Now the run ends
+    STOP_GRACE (5 s) after its stop, and the next run starts."""
+    browser.request("POST", f"/runs/{key}/", {"prompt": "stubborn"})
+    stream = browser.stream(f"/runs/{key}/events/")
+    assert [e.event for e in stream.take(2)] == ["start", "delta"]
+    began = time.monotonic()
+    assert browser.request("POST", f"/runs/{key}/stop/").json() == {"stopped": True}
+    rest = stream.rest()
+    assert rest[-1].data == {"status": "stopped"}
+    assert time.monotonic() - began < 8
+    assert saved_row(key).status == "stopped"
+    assert browser.request("POST", f"/runs/{key}/", {"prompt": "3"}).status == 202
+    assert text(browser.stream(f"/runs/{key}/events/").rest()) == "w0 w1 w2 "

@@ -65,11 +65,16 @@ logger = logging.getLogger(__name__)
 #: How long subscribers may be kept waiting while a producer appends on every
 #: turn of the loop, so that they take a burst in one write (seconds).
 COALESCE_FOR = 0.01
+#: Seconds an agent has to let go after a stop, a timeout or a shutdown
+#: cancelled it, before its run ends without it (`MemoryBackend._abandon`).
+STOP_GRACE = 5.0
 #: Up to this many subscribers waiting on a run are woken at each append.
 WAKE_AT_ONCE_UP_TO = 8
 
 # Phases of a run's task.
-_WAITING, _RUNNING, _FINISHING, _FINISHED = range(4)
+# _CLOSING: the agent's own clean-up (``aclose``) runs; a stop changes nothing
+# then, but the run may still be abandoned if the clean-up does not end.
+_WAITING, _RUNNING, _CLOSING, _FINISHING, _FINISHED = range(5)
 
 
 class _Text:
@@ -87,11 +92,13 @@ class _Run:
     __slots__ = (
         "_cache",
         "_flush",
+        "abandon",
         "ended_at",
         "ends",
         "entries",
         "error",
         "evict_handle",
+        "finalize",
         "finished",
         "finished_at",
         "id",
@@ -122,6 +129,10 @@ class _Run:
         # Why it must end early: (status, error) of a stop, a timeout or a shutdown.
         self.stop_reason: tuple[str, str] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # Set once stopped while its agent runs: ends the run without the
+        # agent if the agent has not let go after STOP_GRACE seconds.
+        self.abandon: asyncio.TimerHandle | None = None
+        self.finalize: Finalize | None = None
         self.task: asyncio.Task[None] | None = None
         self.previous: _Run | None = None
         self.finished = asyncio.Event()
@@ -488,7 +499,9 @@ class MemoryBackend(BaseBackend):
     # -- internals ---------------------------------------------------------
 
     def _request_stop(self, run: _Run, reason: tuple[str, str] = (STOPPED, "")) -> bool:
-        if run.phase >= _FINISHING:
+        if run.phase == _CLOSING:
+            self._arm_abandon(run)  # its clean-up may never end either
+        if run.phase >= _CLOSING:
             return False
         if run.stop_reason is None or reason[0] != STOPPED:
             run.stop_reason = reason
@@ -496,12 +509,42 @@ class MemoryBackend(BaseBackend):
         # has not run yet: cancelling it would skip its ending) sees the flag.
         if run.phase == _RUNNING and run.task is not None:
             run.task.cancel()
+            self._arm_abandon(run)
         return True
+
+    def _arm_abandon(self, run: _Run) -> None:
+        if run.abandon is None:
+            run.abandon = asyncio.get_running_loop().call_later(STOP_GRACE, self._abandon, run)
+
+    def _abandon(self, run: _Run) -> None:
+        """The agent did not let go within `STOP_GRACE` seconds of its stop (it
+        swallows the cancellation and never yields again): end the run
+        without it, so its subscribers get the terminal event, its row is
+        saved and the session's next run begins. Its task is left to itself,
+        logged, and no longer awaited (not by a shutdown either)."""
+        task = run.task
+        if run.phase >= _FINISHING or task is None or run.finalize is None:
+            return
+        logger.error(
+            "Run %s of session %s: its agent did not stop within %s s of being asked; "
+            "the run ends without it",
+            run.id,
+            run.session_key,
+            STOP_GRACE,
+        )
+        run.phase = _FINISHING  # the agent's task, if it ever ends, finishes nothing
+        self._tasks.discard(task)
+        task.cancel()
+        status, error = run.stop_reason or (STOPPED, "")
+        ending = asyncio.ensure_future(self._finish(run, status, error, run.finalize))
+        self._tasks.add(ending)
+        ending.add_done_callback(self._tasks.discard)
 
     async def _drive(
         self, run: _Run, source: Source, finalize: Finalize, timeout: float | None
     ) -> None:
         status, error, interrupted = STATUS_DONE, "", False
+        run.finalize = finalize
         try:
             previous, run.previous = run.previous, None
             if previous is not None:
@@ -520,23 +563,29 @@ class MemoryBackend(BaseBackend):
                     )
                 status, error, interrupted = await self._consume(run, source)
         finally:
-            run.phase = _FINISHING
-            if run.timer is not None:
-                run.timer.cancel()
-                run.timer = None
-            task = asyncio.current_task()
-            stopped = run.stop_reason is not None
-            if stopped and task is not None and task.cancelling() and not interrupted:
-                task.uncancel()  # our own stop's cancel was swallowed by the agent
-            if run.stop_reason is not None:
-                status, error = run.stop_reason
-            elif interrupted:
-                status, error = INTERRUPTED, ""
-            try:
-                await _close(source)
-            except asyncio.CancelledError:
-                interrupted = True
-            await self._finish(run, status, error, finalize)
+            # Abandoned (_abandon): ended without this task, nothing is its to do.
+            if run.phase < _FINISHING:
+                run.phase = _CLOSING
+                if run.timer is not None:
+                    run.timer.cancel()
+                    run.timer = None
+                task = asyncio.current_task()
+                stopped = run.stop_reason is not None
+                if stopped and task is not None and task.cancelling() and not interrupted:
+                    task.uncancel()  # our own stop's cancel was swallowed by the agent
+                if run.stop_reason is not None:
+                    status, error = run.stop_reason
+                elif interrupted:
+                    status, error = INTERRUPTED, ""
+                try:
+                    await _close(source)  # may be abandoned meanwhile, if it never ends
+                except asyncio.CancelledError:
+                    interrupted = True
+            if run.phase < _FINISHING:
+                run.phase = _FINISHING
+                if run.abandon is not None:
+                    run.abandon.cancel()
+                await self._finish(run, status, error, finalize)
         if interrupted:
             raise asyncio.CancelledError
 
