@@ -53,6 +53,7 @@ from .backends.base import (
     RunEnd,
     RunState,
     Subscription,
+    piece_end,
 )
 from .conf import get_config
 from .db import data_errors, database_errors, run_sync
@@ -516,9 +517,7 @@ class StoredSubscription(Subscription):
         data = self._output.data
         if cursor.text < len(data):
             # In pieces of READ_CHUNK bytes, as the backends read their logs.
-            cut = min(len(data), cursor.text + READ_CHUNK)
-            while cut < len(data) and (data[cut] & 0xC0) == 0x80:
-                cut -= 1
+            cut = piece_end(data, cursor.text, READ_CHUNK)
             text = data[cursor.text : cut].decode(errors="replace")
             position = Position(cut, terminal.seq - 1)
             events.append(Event(make_id(self.run_id, position), DELTA, {"text": text}))

@@ -34,6 +34,17 @@ TERMINAL = frozenset({DONE, ERROR, STOPPED, INTERRUPTED})
 READ_CHUNK = 64 * 1024
 
 
+def piece_end(data: bytes | bytearray, begin: int, size: int) -> int:
+    """Where a piece of UTF-8 ``data`` that starts at ``begin`` and holds at
+    most ``size`` bytes ends: at a character boundary, so that the piece
+    decodes and its end is a valid resume point. Never before one whole
+    character (a size under 4 bytes is taken as 4)."""
+    stop = min(len(data), begin + max(size, 4))
+    while stop < len(data) and (data[stop] & 0xC0) == 0x80:
+        stop -= 1
+    return stop
+
+
 @dataclass(frozen=True, slots=True)
 class RunEnd:
     """What the finalize hook gets: everything needed to save the run."""

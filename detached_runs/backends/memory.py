@@ -58,6 +58,7 @@ from .base import (
     _adopt_meta,
     _counted,
     _set_if_pending,
+    piece_end,
 )
 
 logger = logging.getLogger(__name__)
@@ -267,11 +268,7 @@ class _Run:
             begin = 0
             if after.seq == entry.seq and after.text > entry.start:
                 begin = after.text - entry.start
-            # At least 4 bytes, so that going back to a character boundary
-            # still leaves a whole character.
-            stop = min(len(entry.buf), begin + max(limit - size, 4))
-            while stop < len(entry.buf) and (entry.buf[stop] & 0xC0) == 0x80:
-                stop -= 1
+            stop = piece_end(entry.buf, begin, limit - size)
             end = Position(entry.start + stop, entry.seq)
             text = bytes(entry.buf[begin:stop]).decode()
             events.append(Event(make_id(self.id, end), DELTA, {"text": text}))
