@@ -33,7 +33,7 @@ from . import runs
 from .backends.base import Subscription
 from .conf import get_config
 from .exceptions import DetachedRunsError, InvalidInput, NotAllowed, RunNotFound, error_status
-from .owners import ANONYMOUS, scope_owner, scope_owner_now
+from .owners import ANONYMOUS, requester, scope_address, scope_owner, scope_owner_now
 from .text import loads
 
 logger = logging.getLogger(__name__)
@@ -152,12 +152,11 @@ class RunConsumer(AsyncWebsocketConsumer):
                 )
             self.owner = owner
         # The client address limits an anonymous owner's runs, as over HTTP.
-        client = self.scope.get("client")
         await runs.start(
             self.session_key,
             prompt=frame["prompt"],
             owner=self.owner,
-            address=str(client[0]) if client else None,
+            address=scope_address(self.scope),
         )
         # Follow the new run from its start event, once the run followed so far
         # (stopped by this start) has sent the rest of its events and its done.
@@ -267,9 +266,4 @@ def _frame_limit(prompt_limit: int) -> int:
 
 
 async def _owner(scope: dict[str, Any], *, fresh: bool = False) -> str:
-    owner = await (scope_owner_now(scope) if fresh else scope_owner(scope))
-    if owner is not None:
-        return owner
-    if not get_config()["ALLOW_ANONYMOUS"]:
-        raise NotAllowed("Log in first.")
-    return ANONYMOUS
+    return requester(await (scope_owner_now(scope) if fresh else scope_owner(scope)))

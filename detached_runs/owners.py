@@ -38,6 +38,7 @@ from django.utils.module_loading import import_string
 
 from .conf import get_config
 from .db import run_sync
+from .exceptions import NotAllowed
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,18 @@ def limited_address(owner: Any, address: Any = None) -> str | None:
             given,
         )
     return group
+
+
+def requester(owner: str | None) -> str:
+    """What a request or socket with the owner key ``owner`` (`request_owner`,
+    `scope_owner`) asks as: that owner, or `ANONYMOUS` for a visitor who has
+    no id yet (and owns nothing). `NotAllowed` if it can own nothing because
+    ``ALLOW_ANONYMOUS`` is off and nobody is logged in."""
+    if owner is not None:
+        return owner
+    if not get_config()["ALLOW_ANONYMOUS"]:
+        raise NotAllowed("Log in first.")
+    return ANONYMOUS
 
 
 def owner_key(owner: Any) -> str:

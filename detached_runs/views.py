@@ -29,8 +29,8 @@ from . import runs
 from .backends.base import Subscription
 from .conf import get_config
 from .events import KEEPALIVE_SSE, encode_sse
-from .exceptions import BadPrompt, NotAllowed, RunNotFound, error_status
-from .owners import ANONYMOUS, forget_new_owner, request_owner
+from .exceptions import BadPrompt, RunNotFound, error_status
+from .owners import forget_new_owner, request_owner, requester
 from .text import loads
 
 logger = logging.getLogger(__name__)
@@ -93,12 +93,7 @@ async def _checked(
 
 
 async def _owner(request: HttpRequest, *, create: bool = False) -> str:
-    owner = await request_owner(request, create=create)
-    if owner is not None:
-        return owner
-    if not get_config()["ALLOW_ANONYMOUS"]:
-        raise NotAllowed("Log in first.")
-    return ANONYMOUS
+    return requester(await request_owner(request, create=create))
 
 
 def _prompt_of(request: HttpRequest) -> Any:
