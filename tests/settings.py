@@ -73,27 +73,21 @@ def _database() -> dict[str, object]:
             "OPTIONS": {"timeout": 20},
         }
     parts = urlparse(url)
-    if parts.scheme in ("mysql", "mariadb"):
-        return {
-            "ENGINE": "django.db.backends.mysql",
-            "NAME": parts.path.lstrip("/"),
-            "USER": parts.username or "root",
-            "PASSWORD": parts.password or "",
-            "HOST": parts.hostname or "127.0.0.1",
-            "PORT": str(parts.port or 3306),
-            # Every character an answer can hold, emoji included (MySQL's
-            # "utf8" stops at three bytes).
-            "OPTIONS": {"charset": "utf8mb4"},
-            "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
-        }
-    return {
-        "ENGINE": "django.db.backends.postgresql",
+    mysql = parts.scheme in ("mysql", "mariadb")
+    database: dict[str, object] = {
+        "ENGINE": f"django.db.backends.{'mysql' if mysql else 'postgresql'}",
         "NAME": parts.path.lstrip("/"),
-        "USER": parts.username or "postgres",
+        "USER": parts.username or ("root" if mysql else "postgres"),
         "PASSWORD": parts.password or "",
         "HOST": parts.hostname or "127.0.0.1",
-        "PORT": str(parts.port or 5432),
+        "PORT": str(parts.port or (3306 if mysql else 5432)),
     }
+    if mysql:
+        # Every character an answer can hold, emoji included (MySQL's "utf8"
+        # stops at three bytes).
+        database["OPTIONS"] = {"charset": "utf8mb4"}
+        database["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
+    return database
 
 
 DATABASES = {"default": _database()}
