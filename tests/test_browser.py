@@ -126,13 +126,21 @@ def transport(request: Any) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def context(chromium: Browser, demo: Server, transport: str) -> Iterator[BrowserContext]:
-    """One visitor: own cookies (so own Django session), own localStorage."""
-    context = chromium.new_context(base_url=f"http://127.0.0.1:{demo.port}")
+def open_context(chromium: Browser, port: int, transport: str) -> BrowserContext:
+    """One visitor of the site on ``port``: own cookies (so own Django
+    session), own localStorage, the chat set to ``transport``, its
+    connections recorded."""
+    context = chromium.new_context(base_url=f"http://127.0.0.1:{port}")
     context.set_default_timeout(TIMEOUT)
     context.add_init_script(f"localStorage.setItem('detached_runs.transport', '{transport}');")
     context.add_init_script(RECORD_CONNECTIONS)
+    return context
+
+
+@pytest.fixture
+def context(chromium: Browser, demo: Server, transport: str) -> Iterator[BrowserContext]:
+    """One visitor: own cookies (so own Django session), own localStorage."""
+    context = open_context(chromium, demo.port, transport)
     yield context
     context.close()
 

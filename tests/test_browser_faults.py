@@ -23,8 +23,6 @@ from .conftest import Server, stop_server
 from .http import Browser as Stranger
 from .proxy import Proxy
 from .test_browser import (  # first: it skips the module without Playwright and Chromium
-    RECORD_CONNECTIONS,
-    TIMEOUT,
     Browser,
     BrowserContext,
     Chat,
@@ -32,6 +30,7 @@ from .test_browser import (  # first: it skips the module without Playwright and
     canned,
     expect,
     finished_chat,
+    open_context,
     serve_demo,
     start_over_http,
     wait_until_finished,
@@ -113,10 +112,7 @@ def _forwarding(proxy: Proxy) -> Iterator[None]:
 @pytest.fixture
 def context(chromium: Browser, proxy: Proxy, transport: str) -> Iterator[BrowserContext]:
     """One visitor whose every request goes through the proxy."""
-    context = chromium.new_context(base_url=f"http://127.0.0.1:{proxy.port}")
-    context.set_default_timeout(TIMEOUT)
-    context.add_init_script(f"localStorage.setItem('detached_runs.transport', '{transport}');")
-    context.add_init_script(RECORD_CONNECTIONS)
+    context = open_context(chromium, proxy.port, transport)
     yield context
     context.close()
 
