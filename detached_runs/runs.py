@@ -224,7 +224,10 @@ class _Recorder:
             return None
         return snapshot
 
-    async def finalize(self, end: RunEnd) -> None:
+    async def finalize(self, end: RunEnd) -> bool:
+        """Save the run's end (`detached_runs.backends.base.Finalize`), trying
+        again a few times (`SAVE_RETRY_DELAYS`) while the database fails;
+        False if it still failed (the backend keeps the run and calls again)."""
         # A checkpoint written after this save finds the row no longer running.
         self.service._checkpoints.discard(self)
         now = timezone.now()
@@ -262,14 +265,13 @@ class _Recorder:
                 failure, delay = exc, next(delays)
             if delay is None:
                 logger.error(
-                    "Could not save run %s (%s, %d characters); its output stays in memory "
-                    "until eviction",
+                    "Could not save run %s (%s, %d characters)",
                     self.run.id.hex,
                     end.status,
                     len(end.output),
                     exc_info=failure,
                 )
-                return
+                return False
             logger.warning("Saving run %s failed; retrying in %ss", self.run.id.hex, delay)
             await asyncio.sleep(delay)
         if ended:
@@ -277,6 +279,7 @@ class _Recorder:
             for name, value in fields.items():
                 setattr(run, name, value)
             await self.service._announce(run_finished, run, status=end.status, output=end.output)
+        return True
 
 
 class _Checkpoints:

@@ -21,6 +21,7 @@ from detached_runs import runs
 from detached_runs.exceptions import AgentError
 from detached_runs.models import Run
 
+from .conftest import eventually
 from .http import Browser, text
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -76,19 +77,37 @@ async def test_a_hanging_agent_is_ended_as_error_after_run_timeout(config):
     assert (row.status, row.output) == ("error", "before the hang ")
 
 
-async def test_when_every_final_save_fails_the_stream_still_ends_and_status_still_answers(
-    monkeypatch, caplog
+async def test_a_refused_final_save_is_visible_in_done_and_saved_again_once_the_database_is_back(
+    monkeypatch, caplog, config
 ):
+    """The quick retries fail: ``done`` says ``"saved": false``, the run is
+    kept in memory past ``EVICT_AFTER`` (status still answers with its text)
+    and saved again with back-off until the database takes it."""
+    config(EVICT_AFTER=0.05)
     monkeypatch.setattr("detached_runs.runs.SAVE_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (0.1,))
     caplog.set_level(logging.WARNING, logger="detached_runs")
     async with refusing(final_save) as counts:
-        await runs.start("chat", prompt="5")
+        run = await runs.start("chat", prompt="5")
         events = [e async for e in runs.subscribe("chat")]
-    assert events[-1].data == {"status": "done"}
-    assert counts["refused"] == 3  # the first try and two retries
-    assert "output stays in memory" in caplog.text
-    live = await runs.status("chat")
-    assert live is not None and (live.status, live.output) == ("done", "w0 w1 w2 w3 w4 ")
+        assert events[-1].data == {"status": "done", "saved": False}
+        await asyncio.sleep(0.5)  # past EVICT_AFTER, a few more attempts refused
+        assert counts["refused"] > 3  # the first try, two quick retries, and more later
+        live = await runs.status("chat")
+        assert live is not None and (live.status, live.output) == ("done", "w0 w1 w2 w3 w4 ")
+        assert (await Run.objects.aget(pk=run.pk)).status == "running"
+        counts["off"] = 1
+
+    async def saved() -> bool:
+        row = await Run.objects.aget(pk=run.pk)
+        return (row.status, row.output) == ("done", "w0 w1 w2 w3 w4 ")
+
+    async def evicted() -> bool:
+        return await runs.get_service().backend.get("chat") is None
+
+    await eventually(saved, "the end saved after all")
+    await eventually(evicted, "evicted once saved")
+    assert "saved after all" in caplog.text
 
 
 async def test_refused_checkpoints_are_retried_and_catch_up(caplog):

@@ -58,7 +58,16 @@ class RunEnd:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-Finalize = Callable[[RunEnd], Awaitable[None]]
+#: The service's save of a run's end. It returns ``False`` if the end could not
+#: be saved yet (the database refuses): the backend then says so in the
+#: terminal event (``"saved": false``), keeps the run in memory (no eviction)
+#: and calls it again with back-off (`SAVE_AGAIN_DELAYS`) until it returns
+#: anything else, for as long as the process lives. ``None`` means saved.
+Finalize = Callable[[RunEnd], Awaitable[bool | None]]
+
+#: Seconds between later attempts of a final save that failed (the last one
+#: repeats): a run's end the database refused is kept and saved again.
+SAVE_AGAIN_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +167,8 @@ class BaseBackend:
         """Register a new run as the session's current one and drive ``source``.
 
         A run already in flight for the session is stopped; the new run's
-        source is not iterated before the old run's finalize has returned.
+        source is not iterated before the old run's finalize has returned
+        (its first attempt: see `Finalize`).
         The ``start`` event (with ``start_data``) is in the log at once. A
         source still going ``timeout`` seconds after it began ends as
         ``error``. Raises `BackendUnavailable` once `shutdown` has begun.
@@ -222,7 +232,9 @@ class BaseBackend:
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new runs, end every run in flight as ``interrupted`` and wait
-        (up to ``timeout``) for their saves and terminal events."""
+        (up to ``timeout``) for their saves and terminal events, and for the
+        saves that failed before (tried once more at once); an end still
+        unsaved then is logged as lost."""
         raise NotImplementedError("subclasses of BaseBackend must provide shutdown()")
 
 

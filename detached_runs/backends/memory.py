@@ -24,6 +24,7 @@ How it keeps DESIGN.md's promises:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -48,6 +49,7 @@ from .base import (
     INTERRUPTED,
     READ_CHUNK,
     RUNNING,
+    SAVE_AGAIN_DELAYS,
     STOPPED,
     BaseBackend,
     Finalize,
@@ -113,6 +115,7 @@ class _Run:
         "subscribers",
         "task",
         "timer",
+        "unsaved",
         "waiters",
     )
 
@@ -142,6 +145,9 @@ class _Run:
         self.subscribers = 0
         self.evict_handle: asyncio.TimerHandle | None = None
         self.ended_at: float | None = None  # loop time
+        # Its end is not in the database yet (the final save failed): it is
+        # saved again later and not evicted before (`MemoryBackend._save_again`).
+        self.unsaved = False
         self.finished_at: float | None = None  # wall clock
         # The last read: (after, position, events, end). Subscribers that are
         # level share it, so a fan-out encodes each event once.
@@ -385,6 +391,8 @@ class MemoryBackend(BaseBackend):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set by shutdown: saves that failed before are tried again at once.
+        self._save_now: asyncio.Event | None = None
 
     # -- the interface -----------------------------------------------------
 
@@ -481,11 +489,23 @@ class MemoryBackend(BaseBackend):
 
     async def shutdown(self, timeout: float) -> None:
         self._closing = True
+        if self._save_now is not None:
+            self._save_now.set()
         for run in list(self._sessions.values()):
             self._request_stop(run, (INTERRUPTED, ""))
         tasks = [t for t in self._tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        for run in self._sessions.values():
+            if run.unsaved:
+                logger.error(
+                    "Run %s of session %s is lost: its end (%s, %d characters) could not be "
+                    "saved before the process exits",
+                    run.id,
+                    run.session_key,
+                    run.status,
+                    len(run.output()),
+                )
 
     # -- for tests and the admin -------------------------------------------
 
@@ -619,23 +639,21 @@ class MemoryBackend(BaseBackend):
             terminal_id=make_id(run.id, terminal),
             meta=run.meta,
         )
-        saving = asyncio.ensure_future(finalize(end))  # a task (named below), owned here
-        if isinstance(saving, asyncio.Task):
-            saving.set_name(f"detached_runs:finalize:{run.id}")
-        # The save must finish even if this task is cancelled again meanwhile.
-        while not saving.done():
-            try:
-                await asyncio.shield(saving)
-            except asyncio.CancelledError:
-                continue
-            except Exception:  # noqa: BLE001 - logged just below
-                break
-        if not saving.cancelled() and saving.exception() is not None:
-            logger.error("Saving run %s failed", run.id, exc_info=saving.exception())
+        saved = await _save(run, end, finalize)
         run.status, run.error = status, error
         data: dict[str, Any] = {"status": status}
         if error:
             data["error"] = error
+        if not saved:
+            # The database refused the end (after the service's own quick
+            # retries). Subscribers are told that what they got is not saved
+            # yet; the run stays here and is saved again (`_save_again`).
+            data["saved"] = False
+            run.unsaved = True
+            again = asyncio.ensure_future(self._save_again(run, end, finalize))
+            again.set_name(f"detached_runs:save-again:{run.id}")
+            self._tasks.add(again)
+            again.add_done_callback(self._tasks.discard)
         run.finished_at = time.time()
         run.ended_at = asyncio.get_running_loop().time()
         run.phase = _FINISHED
@@ -645,6 +663,39 @@ class MemoryBackend(BaseBackend):
         logger.info("Run %s of session %s ended: %s", run.id, run.session_key, status)
         if run.subscribers == 0:
             self._schedule_eviction(run)
+
+    async def _save_again(self, run: _Run, end: RunEnd, finalize: Finalize) -> None:
+        """Save the end of a run whose final save failed, with back-off
+        (`SAVE_AGAIN_DELAYS`), for as long as the process lives (at once, then
+        every half second, once shutdown began); then let it be evicted."""
+        if self._save_now is None:
+            self._save_now = asyncio.Event()
+        logger.warning(
+            "Run %s of session %s ended (%s) but could not be saved; it stays in memory "
+            "and is saved again later",
+            run.id,
+            run.session_key,
+            end.status,
+        )
+        delays = iter(SAVE_AGAIN_DELAYS)
+        while True:
+            if self._closing:
+                await asyncio.sleep(0.5)
+            else:
+                # Shutdown sets _save_now: one more attempt at once.
+                with contextlib.suppress(TimeoutError):
+                    delay = next(delays, SAVE_AGAIN_DELAYS[-1])
+                    await asyncio.wait_for(self._save_now.wait(), delay)
+            if await _save(run, end, finalize):
+                break
+        run.unsaved = False
+        logger.warning("Run %s of session %s is saved after all", run.id, run.session_key)
+        self._saved_after_all(run)
+        if run.subscribers == 0:
+            self._schedule_eviction(run)
+
+    def _saved_after_all(self, run: _Run) -> None:
+        """A run whose end was saved late (`_save_again`); for subclasses."""
 
     def _in_loop(self, function: Any, *args: Any) -> None:
         """Call ``function`` on the backend's loop: now if we are on it, else soon
@@ -666,6 +717,8 @@ class MemoryBackend(BaseBackend):
     def _schedule_eviction(self, run: _Run) -> None:
         if run.evict_handle is not None:
             run.evict_handle.cancel()
+        if run.unsaved:
+            return  # the database does not hold it yet: memory is all there is
         if self._sessions.get(run.session_key) is not run or run.ended_at is None:
             return  # a newer run took the session; this one goes with its last reference
         loop = asyncio.get_running_loop()
@@ -681,6 +734,27 @@ class MemoryBackend(BaseBackend):
         if run.subscribers == 0 and self._sessions.get(run.session_key) is run:
             del self._sessions[run.session_key]
             logger.debug("Evicted run %s of session %s", run.id, run.session_key)
+
+
+async def _save(run: _Run, end: RunEnd, finalize: Finalize) -> bool:
+    """Call the finalize hook; False if it could not save (it said so, or raised)."""
+    saving = asyncio.ensure_future(finalize(end))  # a task (named below), owned here
+    if isinstance(saving, asyncio.Task):
+        saving.set_name(f"detached_runs:finalize:{run.id}")
+    # The save must finish even if this task is cancelled again meanwhile.
+    while not saving.done():
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # noqa: BLE001 - logged just below
+            break
+    if saving.cancelled():
+        return False
+    if saving.exception() is not None:
+        logger.error("Saving run %s failed", run.id, exc_info=saving.exception())
+        return False
+    return saving.result() is not False
 
 
 async def _close(source: Source) -> None:

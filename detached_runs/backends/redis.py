@@ -97,6 +97,9 @@ CATCH_UP = 10.0
 LEASE_MS = 10_000
 RENEW_EVERY = 3.0
 LOCK_MS = 10_000
+#: Milliseconds an ended run's keys are kept while its end is not saved in the
+#: database (its worker retries the save; they expire EVICT_AFTER after it).
+UNSAVED_KEEP_MS = 24 * 3600 * 1000
 
 
 def _stream_id(position: Position) -> str:
@@ -361,8 +364,11 @@ class RedisBackend(MemoryBackend):
                         return
                     if ended:
                         pipe = self.redis.pipeline(transaction=False)
+                        kept = run.unsaved
                         self._ending(pipe, run, events[-1])
                         await pipe.execute()
+                        if kept and not run.unsaved:
+                            await self._expire_saved(run)  # saved meanwhile
                 except (RedisError, OSError):
                     logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
                     await asyncio.sleep(delay)
@@ -399,7 +405,9 @@ class RedisBackend(MemoryBackend):
         return ORIGIN
 
     def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
-        grace = max(int(self.evict_after * 1000), 1)
+        # A run whose end the database does not hold yet is kept (for a day at
+        # most, if its worker dies before its save) and expires once saved.
+        grace = UNSAVED_KEEP_MS if run.unsaved else self._grace_ms()
         meta = self._key(run.session_key, "run", run.id)
         pipe.hset(
             meta,
@@ -412,9 +420,35 @@ class RedisBackend(MemoryBackend):
         for counted in self._counted_keys(run.meta):
             pipe.srem(counted, run.id)
         pipe.delete(self._key(run.session_key, "lease", run.id))
-        for name in (meta, self._key(run.session_key, "log", run.id)):
+        self._expiring(pipe, run, grace)
+
+    def _expiring(self, pipe: Any, run: _Run, grace: int) -> None:
+        """Queue on ``pipe`` the expiry of an ended run's keys, ``grace`` ms from now."""
+        for name in (
+            self._key(run.session_key, "run", run.id),
+            self._key(run.session_key, "log", run.id),
+        ):
             pipe.pexpire(name, grace)
         pipe.eval(_EXPIRE_CURRENT, 1, self._key(run.session_key, "current"), run.id, grace)
+
+    def _grace_ms(self) -> int:
+        return max(int(self.evict_after * 1000), 1)
+
+    def _saved_after_all(self, run: _Run) -> None:
+        # Its keys were kept for want of a save (`_ending`); now they may go.
+        if run.id in self._writers:
+            return  # its end is not in Redis yet: the writer's _ending sets the expiry
+        task = asyncio.create_task(self._expire_saved(run), name="detached_runs:redis-expire")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _expire_saved(self, run: _Run) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        self._expiring(pipe, run, self._grace_ms())
+        try:
+            await pipe.execute()
+        except (RedisError, OSError):
+            logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
     async def _renew(self, run: _Run) -> None:
         try:

@@ -1,0 +1,92 @@
+"""A real server whose database refuses across a run's end (#14, item 4): the
+text a client saw as final is saved once the database is back, and until then
+``done`` says ``"saved": false`` and the run is served from memory, whatever
+``EVICT_AFTER`` says.
+
+The database refuses for real: SQLite's file is locked by the test process,
+PostgreSQL and MariaDB sit behind a proxy that cuts and refuses connections
+(`tests.database_fault`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from detached_runs.models import Run
+
+from .conftest import server_env, start_server, stop_server
+from .database_fault import DatabaseFault
+from .http import Browser, text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def refusing_server() -> Any:
+    fault = DatabaseFault()
+    env = server_env(TEST_AGENT_DELAY="0.02", TEST_EVICT_AFTER="0.5", LOG="INFO")
+    server = start_server(fault.env(env))
+    yield server, fault
+    stop_server(server)
+    fault.close()
+
+
+def _saved(key: str, timeout: float = 45) -> Run:
+    """The session's row once it is no longer running (the save retries back off
+    up to 30 s)."""
+    deadline = time.monotonic() + timeout
+    while (row := Run.objects.get(session_key=key)).status == "running":
+        assert time.monotonic() < deadline, "the end was never saved"
+        time.sleep(0.2)
+    return row
+
+
+def test_a_run_that_ends_while_the_database_refuses_is_saved_once_it_is_back(refusing_server):
+    server, fault = refusing_server
+    key = uuid.uuid4().hex[:10]
+    client = Browser(server.port)
+    assert client.request("POST", f"/runs/{key}/", {"prompt": "120"}).status == 202
+    stream = client.stream(f"/runs/{key}/events/")
+    seen = stream.take(40)
+    fault.refuse()
+    try:
+        seen += stream.rest()
+        # Past the service's quick retries: the client is told.
+        assert seen[-1].data == {"status": "done", "saved": False}
+        assert text(seen) == "".join(f"w{i} " for i in range(120))
+        time.sleep(2)  # past EVICT_AFTER, and the first later attempts
+    finally:
+        fault.accept()
+    # Kept in memory, or saved by now: never the stale checkpoint of the row.
+    replay = client.stream(f"/runs/{key}/events/").rest()
+    assert text(replay) == text(seen) and replay[-1].data["status"] == "done"
+    row = _saved(key)
+    assert (row.status, row.output) == ("done", text(seen))
+    assert "saved after all" in server.output()
+
+
+def test_a_run_stopped_while_the_database_refuses_is_saved_stopped_with_its_text(
+    refusing_server,
+):
+    """The stop request itself needs the database (the visitor's session), so
+    the agent takes 2 s to let go ("linger"): its save comes while the
+    database refuses."""
+    server, fault = refusing_server
+    key = uuid.uuid4().hex[:10]
+    client = Browser(server.port)
+    assert client.request("POST", f"/runs/{key}/", {"prompt": "linger"}).status == 202
+    stream = client.stream(f"/runs/{key}/events/")
+    seen = stream.take(2)
+    assert client.request("POST", f"/runs/{key}/stop/").json() == {"stopped": True}
+    fault.refuse()
+    try:
+        seen += stream.rest()
+        assert seen[-1].data == {"status": "stopped", "saved": False}
+        time.sleep(2)  # the first later attempt fails too
+    finally:
+        fault.accept()
+    row = _saved(key)
+    assert (row.status, row.output) == ("stopped", "lingering ") and text(seen) == "lingering "
