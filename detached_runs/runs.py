@@ -567,6 +567,8 @@ class RunService:
 
     def __init__(self, backend: BaseBackend | None = None) -> None:
         self._fixed = backend
+        if backend is not None:
+            backend.on_reaped = self._reconcile
         self._backend: BaseBackend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -587,6 +589,7 @@ class RunService:
         loop = asyncio.get_running_loop()
         if self._backend is None or self._loop is not loop:
             self._backend, self._loop = load_backend(), loop
+            self._backend.on_reaped = self._reconcile
         return self._backend
 
     def reset(self) -> None:

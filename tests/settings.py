@@ -102,6 +102,7 @@ DETACHED_RUNS = {
     "KEEPALIVE": float(os.environ.get("TEST_KEEPALIVE", "15")),
     "EVICT_AFTER": float(os.environ.get("TEST_EVICT_AFTER", "180")),
     "SHUTDOWN_TIMEOUT": float(os.environ.get("TEST_SHUTDOWN_TIMEOUT", "10")),
+    "MAX_ACTIVE_RUNS_PER_OWNER": int(os.environ.get("TEST_MAX_ACTIVE_RUNS_PER_OWNER", "5")),
 }
 
 if os.environ.get("TEST_BACKEND") == "redis":

@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 redis = pytest.importorskip("redis")
 
+from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY  # noqa: E402 - needs redis-py
+
 
 def _redis_up() -> bool:
     try:
@@ -35,6 +37,9 @@ if not _redis_up():
     pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
 
 ALL_500 = "".join(f"w{i} " for i in range(500))
+#: Seconds within which live workers end a dead worker's runs by themselves:
+#: its lease lapses (LEASE_MS), then a sweep (every RENEW_EVERY) finds it.
+LEASE_BOUND = LEASE_MS / 1000 + 2 * RENEW_EVERY + 3
 
 
 @pytest.fixture
@@ -45,6 +50,7 @@ def workers() -> Any:
         TEST_REDIS_PREFIX=prefix,
         TEST_AGENT_DELAY="0.02",
         TEST_EVICT_AFTER="30",
+        TEST_KEEPALIVE="1",  # a stream waiting for a dead worker's run stays open
         LOG="INFO",
     )
     a, b = start_server(env), start_server(env)
@@ -112,3 +118,74 @@ def test_when_a_worker_dies_the_other_shows_its_run_interrupted_with_the_text(wo
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert Run.objects.get(session_key=key).output == saved
+
+
+def _kill(server: Any) -> None:
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=10)
+
+
+def test_a_subscriber_on_the_other_worker_gets_the_end_of_a_dead_workers_run_unasked(workers):
+    """Nobody asks B about the session after A dies: B's subscriber, following
+    the run through Redis, still gets its terminal event within the lease
+    bound, and the row is saved ``interrupted`` with the text (#14 item 5)."""
+    a, b = workers
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    on_a.request("POST", f"/runs/{key}/", {"prompt": "500"})
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    stream = on_b.stream(f"/runs/{key}/events/")
+    seen = stream.take(20)
+    _kill(a)
+    began = time.monotonic()
+    seen += stream.rest()
+    assert seen[-1].data == {"status": "interrupted"}
+    assert time.monotonic() - began < LEASE_BOUND
+    row = _ended(key)
+    assert (row.status, row.output) == ("interrupted", text(seen))
+
+
+def _ended(key: str) -> Run:
+    """The session's row once a live worker ended it (a sweep, unasked)."""
+    deadline = time.monotonic() + LEASE_BOUND
+    while (row := Run.objects.get(session_key=key)).status == "running":
+        assert time.monotonic() < deadline, "the dead worker's row was never ended"
+        time.sleep(0.1)
+    return row
+
+
+@pytest.fixture
+def limited_workers() -> Any:
+    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
+    env = server_env(
+        TEST_BACKEND="redis",
+        TEST_REDIS_PREFIX=prefix,
+        TEST_AGENT_DELAY="0.02",
+        TEST_MAX_ACTIVE_RUNS_PER_OWNER="2",
+        LOG="INFO",
+    )
+    a, b = start_server(env), start_server(env)
+    yield a, b
+    for server in (a, b):
+        stop_server(server)
+
+
+def test_runs_of_a_dead_worker_stop_counting_against_their_owner(limited_workers):
+    """``MAX_ACTIVE_RUNS_PER_OWNER=2`` and two runs on A, which dies: the owner
+    may start runs on B again within the lease bound, though nobody looked at
+    the two sessions (their owner's count used to say 2 forever)."""
+    a, b = limited_workers
+    on_a = Browser(a.port)
+    first, second, third = (uuid.uuid4().hex[:10] for _ in range(3))
+    for key in (first, second):
+        assert on_a.request("POST", f"/runs/{key}/", {"prompt": "2000"}).status == 202
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    assert on_b.request("POST", f"/runs/{third}/", {"prompt": "3"}).status == 429
+    _kill(a)
+    began = time.monotonic()
+    while (reply := on_b.request("POST", f"/runs/{third}/", {"prompt": "3"})).status == 429:
+        assert time.monotonic() - began < LEASE_BOUND, "the dead worker's runs still count"
+        time.sleep(0.5)
+    assert reply.status == 202
+    for key in (first, second):
+        assert _ended(key).status == "interrupted"

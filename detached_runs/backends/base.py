@@ -146,6 +146,11 @@ class Subscription:
 class BaseBackend:
     """What every backend supplies. See DESIGN.md, "Behaviour every backend must keep"."""
 
+    #: Called with the state of a run that this backend ended ``interrupted``
+    #: because its process died (a shared log, as Redis's, outlives it), so
+    #: that the run's row is saved with that output; the service sets it.
+    on_reaped: Callable[[RunState], Awaitable[None]] | None = None
+
     def __init__(
         self, *, evict_after: float = 180.0, max_subscribers: int | None = None, **options: Any
     ) -> None:

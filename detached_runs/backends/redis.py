@@ -61,9 +61,10 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from ..events import DONE, ORIGIN, Event, Position
+from ..events import DONE, ORIGIN, Event, Position, make_id
 from ..exceptions import BackendUnavailable, RunNotFound, TooManySubscribers
 from .base import (
+    INTERRUPTED,
     RUNNING,
     Finalize,
     RunState,
@@ -148,6 +149,7 @@ class RedisBackend(MemoryBackend):
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- keys --------------------------------------------------------------
 
@@ -187,7 +189,7 @@ class RedisBackend(MemoryBackend):
                 .set(self._key(session_key, "current"), run_id)
                 .execute()
             )
-            await self._call(self._in_sets(self._counted_keys(meta), run_id, add=True))
+            await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
             await super().start(
                 session_key,
                 run_id,
@@ -208,6 +210,7 @@ class RedisBackend(MemoryBackend):
         self, session_key: str, after: tuple[str, Position] | None = None
     ) -> Subscription:
         self._loop = asyncio.get_running_loop()
+        self._ensure_sweeper()
         run = await self._bound_run(session_key)
         if run is None:
             raise RunNotFound("No run for this session.")
@@ -252,6 +255,7 @@ class RedisBackend(MemoryBackend):
         return True
 
     async def get(self, session_key: str) -> RunState | None:
+        self._ensure_sweeper()
         current = await self._current(session_key)
         if current is None:
             return None
@@ -279,7 +283,9 @@ class RedisBackend(MemoryBackend):
         )
 
     async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
-        return int(await self._call(self.redis.scard(self._count_key(*_counted(owner, address)))))
+        self._ensure_sweeper()
+        key = self._count_key(*_counted(owner, address))
+        return int(await self._call(self.redis.eval(_COUNT, 1, key)))
 
     async def adopt(self, owner: str, new_owner: str, session_keys: Collection[str] = ()) -> int:
         """See `BaseBackend.adopt`. What Redis holds of each session's current
@@ -305,8 +311,9 @@ class RedisBackend(MemoryBackend):
         writers = [t for t in self._writers.values() if not t.done()]
         if writers:
             await asyncio.wait(writers, timeout=timeout)
-        for task in [*self._readers.values(), *([self._listener] if self._listener else [])]:
-            task.cancel()
+        for task in [*self._readers.values(), self._listener, self._sweeper]:
+            if task is not None:
+                task.cancel()
         await self.redis.aclose()
 
     # -- writing (the worker that drives the run) --------------------------
@@ -334,10 +341,12 @@ class RedisBackend(MemoryBackend):
                     resync = False
                 events, _end = run.read(flushed)
                 loop = asyncio.get_running_loop()
+                if loop.time() - renewed > RENEW_EVERY:
+                    # Whether or not there is something to write: a writer kept
+                    # busy by a fast agent must not let its lease lapse.
+                    await self._renew(run)
+                    renewed = loop.time()
                 if not events:
-                    if loop.time() - renewed > RENEW_EVERY:
-                        await self._renew(run)
-                        renewed = loop.time()
                     await _wait_for_change(run, RENEW_EVERY)
                     continue
                 try:
@@ -401,7 +410,7 @@ class RedisBackend(MemoryBackend):
             .set(self._key(run.session_key, "current"), run.id, nx=True)
             .execute()
         )
-        await self._in_sets(self._counted_keys(run.meta), run.id, add=True)
+        await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
         return ORIGIN
 
     def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
@@ -417,8 +426,8 @@ class RedisBackend(MemoryBackend):
                 "finished_at": str(time.time()),
             },
         )
-        for counted in self._counted_keys(run.meta):
-            pipe.srem(counted, run.id)
+        for key, member in self._tracked(run.session_key, run.id, run.meta):
+            pipe.zrem(key, member)
         pipe.delete(self._key(run.session_key, "lease", run.id))
         self._expiring(pipe, run, grace)
 
@@ -451,10 +460,13 @@ class RedisBackend(MemoryBackend):
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
     async def _renew(self, run: _Run) -> None:
+        """Renew the run's lease, and its entries in the sets of runs in flight
+        (which expire with it: a dead worker's runs count for nobody)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS)
+        self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
         try:
-            await self.redis.set(
-                self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS
-            )
+            await pipe.execute()
         except (RedisError, OSError):
             logger.warning("Could not renew the lease of run %s", run.id)
 
@@ -524,6 +536,39 @@ class RedisBackend(MemoryBackend):
     async def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen(), name="detached_runs:redis-stop")
+        self._ensure_sweeper()
+
+    def _ensure_sweeper(self) -> None:
+        if not self._closing and (self._sweeper is None or self._sweeper.done()):
+            self._sweeper = asyncio.create_task(self._sweep(), name="detached_runs:redis-sweep")
+
+    async def _sweep(self) -> None:
+        """Every `RENEW_EVERY` seconds, end the runs in flight whose lease lapsed
+        (`_reap`): a dead worker's runs end ``interrupted`` within the lease
+        bound (``LEASE_MS`` plus a sweep), their subscribers on every worker
+        get the terminal event, and their rows are saved (`on_reaped`),
+        whether or not anybody asks for them."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            try:
+                due = await self.redis.eval(_DUE, 1, self._index_key(), 100)
+            except (RedisError, OSError):
+                continue  # Redis is unreachable: the writers say so
+            for member in due:
+                session_key, _, run_id = member.decode().partition(" ")
+                try:
+                    if await self._reap(session_key, run_id):
+                        continue
+                    status = await self._call(
+                        self.redis.hget(self._key(session_key, "run", run_id), "status")
+                    )
+                    if status != RUNNING.encode():
+                        # Ended, reaped by another worker or lost: not in flight.
+                        await self._call(self.redis.zrem(self._index_key(), member))
+                except BackendUnavailable:
+                    break
+                except Exception:  # the sweeper serves every run: it must go on
+                    logger.exception("Could not reap run %s of session %s", run_id, session_key)
 
     async def _listen(self) -> None:
         while True:
@@ -628,7 +673,22 @@ class RedisBackend(MemoryBackend):
         )
         if reaped:
             logger.warning("Run %s of session %s lost its worker: interrupted", run_id, session_key)
-            await self._call(self._in_sets(self._counted_keys(log.meta), run_id, add=False))
+            await self._call(self._in_sets(self._tracked(session_key, run_id, log.meta), add=False))
+            if self.on_reaped is not None:
+                state = RunState(
+                    run_id=run_id,
+                    session_key=session_key,
+                    status=INTERRUPTED,
+                    error="",
+                    output=log.output(),
+                    last_id=make_id(run_id, terminal),
+                    meta=log.meta,
+                    finished_at=time.time(),
+                )
+                try:
+                    await self.on_reaped(state)
+                except Exception:  # the run is ended all the same; its row is resolved later
+                    logger.exception("Recording the end of run %s failed", run_id)
         return bool(reaped)
 
     # -- helpers -----------------------------------------------------------
@@ -638,8 +698,23 @@ class RedisBackend(MemoryBackend):
         return value.decode() if value else None
 
     def _count_key(self, key: str, value: str) -> str:
-        """The set of runs in flight whose ``meta[key]`` is ``value`` (`count_running`)."""
-        return f"{self.prefix}:{key}:{value}:running"
+        """The set of runs in flight whose ``meta[key]`` is ``value`` (`count_running`):
+        a sorted set of run ids scored by their lease's expiry (ms)."""
+        return f"{self.prefix}:{key}:{value}:in-flight"
+
+    def _index_key(self) -> str:
+        """Every run in flight (``"<session> <run>"``, scored by its lease's expiry):
+        where live workers find the runs of a dead one (`_sweep`)."""
+        return f"{self.prefix}:in-flight"
+
+    def _tracked(
+        self, session_key: str, run_id: str, meta: dict[str, Any]
+    ) -> list[tuple[str, str]]:
+        """``(sorted set, member)`` of each set a run is in while in flight."""
+        return [
+            (self._index_key(), f"{session_key} {run_id}"),
+            *((key, run_id) for key in self._counted_keys(meta)),
+        ]
 
     def _counted_keys(self, meta: dict[str, Any]) -> list[str]:
         """The sets a run with this meta is in while in flight: its owner's,
@@ -649,11 +724,20 @@ class RedisBackend(MemoryBackend):
             keys.append(self._count_key("address", meta["address"]))
         return keys
 
-    async def _in_sets(self, keys: list[str], run_id: str, *, add: bool) -> None:
+    async def _in_sets(self, entries: list[tuple[str, str]], *, add: bool) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for key in keys:
-            (pipe.sadd if add else pipe.srem)(key, run_id)
+        if add:
+            self._touch(pipe, entries)
+        else:
+            for key, member in entries:
+                pipe.zrem(key, member)
         await pipe.execute()
+
+    @staticmethod
+    def _touch(pipe: Any, entries: list[tuple[str, str]]) -> None:
+        # One key per script: each set may live in another Cluster slot.
+        for key, member in entries:
+            pipe.eval(_TOUCH, 1, key, member, LEASE_MS)
 
     # -- adopting (a visitor who logs in) ------------------------------------
 
@@ -666,19 +750,22 @@ class RedisBackend(MemoryBackend):
         driven = [run for run in self._sessions.values() if run.meta.get("owner") == owner]
         # All at once, before any await: the end of a run takes it out of the
         # sets its meta names when the end is written, which may come next.
-        moves = [(run, self._counted_keys(run.meta), run.phase != _FINISHED) for run in driven]
+        moves = [
+            (run, [(key, run.id) for key in self._counted_keys(run.meta)], run.phase != _FINISHED)
+            for run in driven
+        ]
         for run in driven:
             _adopt_meta(run.meta, new_owner)
         new_set = self._count_key("owner", new_owner)
         for run, old_sets, in_flight in moves:
             await self._adopt_stored(run.session_key, run.id, owner, new_owner)
-            await self._call(self._in_sets(old_sets, run.id, add=False))
+            await self._call(self._in_sets(old_sets, add=False))
             if in_flight:
-                await self._call(self.redis.sadd(new_set, run.id))
+                await self._call(self._in_sets([(new_set, run.id)], add=True))
                 if run.phase == _FINISHED:
                     # It ended meanwhile: its end may have left the new owner's
                     # set before this worker put it there.
-                    await self._call(self.redis.srem(new_set, run.id))
+                    await self._call(self.redis.zrem(new_set, run.id))
         return driven
 
     async def _adopt_stored(
@@ -699,7 +786,7 @@ class RedisBackend(MemoryBackend):
             _adopt_meta(meta, new_owner)
             if await self._call(self.redis.eval(_SWAP_META, 1, key, stored, json.dumps(meta))):
                 if address:
-                    await self._call(self.redis.srem(self._count_key("address", address), run_id))
+                    await self._call(self.redis.zrem(self._count_key("address", address), run_id))
                 return True
         return False
 
@@ -780,6 +867,32 @@ for i = 2, #ARGV, 3 do
   redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
 end
 return 1
+"""
+
+# Put a member in a sorted set of runs in flight, scored by when its lease
+# lapses (Redis's clock: every worker's the same); the set goes when no member
+# has been renewed for two leases. KEYS: the set. ARGV: member, lease ms.
+_TOUCH = """
+local now = redis.call('time')
+local ms = tonumber(ARGV[2])
+redis.call('zadd', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000) + ms, ARGV[1])
+redis.call('pexpire', KEYS[1], 2 * ms)
+return 1
+"""
+
+# How many runs of a sorted set of runs in flight hold a lease now; the ones
+# whose lease lapsed go. KEYS: the set.
+_COUNT = """
+local now = redis.call('time')
+redis.call('zremrangebyscore', KEYS[1], '-inf', now[1] * 1000 + math.floor(now[2] / 1000))
+return redis.call('zcard', KEYS[1])
+"""
+
+# Up to ARGV[1] runs in flight whose lease lapsed (`_sweep`). KEYS: the index.
+_DUE = """
+local now = redis.call('time')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+return redis.call('zrangebyscore', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
 """
 
 _REAP = """
