@@ -635,6 +635,8 @@ class RunService:
         )
         async with by_address, self._start_lock(session_key):
             current = await backend.get(session_key)
+            if current is None and backend.rejoin_within is not None:
+                current = await self._rejoined(backend, session_key, backend.rejoin_within)
             if current is not None and not may_access(
                 requester, current.meta.get("owner", ""), session_key
             ):
@@ -858,6 +860,42 @@ class RunService:
         row = await run_sync(_save_reaped, state.meta["uuid"], state.output, state.last_id)
         if row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
+
+    async def _rejoined(
+        self, backend: BaseBackend, session_key: str, within: float
+    ) -> RunState | None:
+        """The session's run in flight that a shared backend lost, once its
+        worker wrote it back; None if there is none or it did not come back.
+
+        The database shows the session's latest run ``running`` and its
+        process alive (`_orphaned`), yet the backend does not know it: Redis
+        restarted empty, and the worker running it has not written it back
+        yet. Starting now would put two runs of the session in flight, so the
+        start waits (up to ``within`` s) for the run to be back, and then
+        replaces it as usual. A run whose worker is gone never comes back:
+        the start goes on after the wait, and the row is resolved as orphaned.
+        """
+        row = await run_sync(_latest_row, session_key, output=False)
+        if row is None or row.status != RUNNING or _orphaned(row):
+            return None
+        logger.warning(
+            "Run %s of session %s is in flight in the database but unknown to the backend "
+            "(did Redis lose its data?); waiting up to %s s for its worker to bring it back",
+            row.id.hex,
+            session_key,
+            within,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            await asyncio.sleep(0.1)
+            state = await backend.get(session_key)
+            if state is not None:
+                return state
+            if not await run_sync(Run.objects.filter(pk=row.pk, status=RUNNING).exists):
+                return None
+        logger.warning("Run %s did not come back; starting the next run anyway", row.id.hex)
+        return None
 
     async def _stored_output(self, row: Run) -> tuple[Run, _Output]:
         """``row`` without its output, and the output as UTF-8 bytes, shared by

@@ -111,6 +111,8 @@ if os.environ.get("TEST_BACKEND") == "redis":
     DETACHED_RUNS["REDIS_PREFIX"] = os.environ.setdefault(
         "TEST_REDIS_PREFIX", f"dr-suite-{os.getpid()}"
     )
+    # A server process of a test that restarts its own Redis is pointed at it.
+    DETACHED_RUNS["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 LOGGING = {
     "version": 1,

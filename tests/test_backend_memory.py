@@ -414,13 +414,26 @@ async def test_unserialisable_event_data_ends_the_run_as_error(backend, saves):
     assert text_of(events) == "a "
 
 
-async def test_a_failing_save_still_sends_the_terminal_event(backend):
-    async def broken(end: Any) -> None:
-        raise RuntimeError("database on fire")
+@pytest.mark.parametrize("fails", ["raises", "returns False"])
+async def test_a_failing_save_still_sends_the_terminal_event_and_is_tried_again(
+    backend, monkeypatch, fails
+):
+    monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (0.05,))
+    attempts: list[str] = []
+
+    async def broken(end: Any) -> bool:
+        attempts.append(end.output)
+        if len(attempts) < 3:
+            if fails == "raises":
+                raise RuntimeError("database on fire")
+            return False
+        return True
 
     await backend.start("s", new_id(), paced(["a "]), start_data={}, meta={}, finalize=broken)
     events = await collect(await backend.subscribe("s"))
-    assert events[-1].data == {"status": "done"}
+    assert events[-1].data == {"status": "done", "saved": False}
+    await asyncio.sleep(0.3)  # past the grace period (0.2 s): kept until saved, then evicted
+    assert attempts == ["a "] * 3 and len(backend) == 0
 
 
 # -- eviction ----------------------------------------------------------------

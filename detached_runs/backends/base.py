@@ -150,6 +150,11 @@ class BaseBackend:
     #: because its process died (a shared log, as Redis's, outlives it), so
     #: that the run's row is saved with that output; the service sets it.
     on_reaped: Callable[[RunState], Awaitable[None]] | None = None
+    #: For a backend that processes share (Redis): seconds within which a live
+    #: worker writes back a run the backend lost (Redis restarted empty). A
+    #: start then waits that long for a run the database shows in flight but
+    #: the backend does not know (`RunService.start`). None: one process.
+    rejoin_within: float | None = None
 
     def __init__(
         self, *, evict_after: float = 180.0, max_subscribers: int | None = None, **options: Any

@@ -122,6 +122,10 @@ class _Remote:
 class RedisBackend(MemoryBackend):
     """Runs logged in Redis Streams; see the module docstring."""
 
+    #: A writer notices the loss at its next append or lease renewal
+    #: (`RENEW_EVERY`) and writes the run back; a lease is the bound.
+    rejoin_within = LEASE_MS / 1000
+
     def __init__(
         self,
         *,
@@ -251,7 +255,7 @@ class RedisBackend(MemoryBackend):
         status = await self._call(self.redis.hget(self._key(session_key, "run", current), "status"))
         if status != RUNNING.encode():
             return False
-        await self._call(self.redis.publish(f"{self.prefix}:stop", f"{session_key} {current}"))
+        await self._ask_to_stop(session_key, current)
         return True
 
     async def get(self, session_key: str) -> RunState | None:
@@ -341,13 +345,15 @@ class RedisBackend(MemoryBackend):
                     resync = False
                 events, _end = run.read(flushed)
                 loop = asyncio.get_running_loop()
-                if loop.time() - renewed > RENEW_EVERY:
+                if loop.time() - renewed >= RENEW_EVERY:
                     # Whether or not there is something to write: a writer kept
                     # busy by a fast agent must not let its lease lapse.
-                    await self._renew(run)
                     renewed = loop.time()
+                    if not await self._renew(run):
+                        resync = True  # Redis lost the run; an idle writer learns it here
+                        continue
                 if not events:
-                    await _wait_for_change(run, RENEW_EVERY)
+                    await _wait_for_change(run, max(renewed + RENEW_EVERY - loop.time(), 0.01))
                     continue
                 try:
                     ended = events[-1].event == DONE
@@ -411,6 +417,18 @@ class RedisBackend(MemoryBackend):
             .execute()
         )
         await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
+        current = await self._current(run.session_key)
+        if current is not None and current != run.id:
+            # A start elsewhere took the session while Redis had lost this run
+            # (it waits a lease for the run to come back: `RunService.start`);
+            # the newer run wins, as in a double send.
+            logger.warning(
+                "Run %s of session %s was replaced by %s while Redis had lost it; stopping it",
+                run.id,
+                run.session_key,
+                current,
+            )
+            self._request_stop(run)
         return ORIGIN
 
     def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
@@ -459,16 +477,28 @@ class RedisBackend(MemoryBackend):
         except (RedisError, OSError):
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
-    async def _renew(self, run: _Run) -> None:
+    async def _renew(self, run: _Run) -> bool:
         """Renew the run's lease, and its entries in the sets of runs in flight
-        (which expire with it: a dead worker's runs count for nobody)."""
+        (which expire with it: a dead worker's runs count for nobody). False
+        if Redis no longer holds the run (it restarted empty)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS)
+        pipe.eval(
+            _RENEW,
+            2,
+            self._key(run.session_key, "lease", run.id),
+            self._key(run.session_key, "run", run.id),
+            self.worker,
+            LEASE_MS,
+        )
         self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
         try:
-            await pipe.execute()
+            held, *_ = await pipe.execute()
         except (RedisError, OSError):
             logger.warning("Could not renew the lease of run %s", run.id)
+            return True  # unreachable, not lost: the writer's next attempt finds out
+        if held == _STOP_ASKED:
+            self._request_stop(run)  # its message on the stop channel was lost
+        return bool(held)
 
     # -- reading (any worker with subscribers) -----------------------------
 
@@ -605,7 +635,7 @@ class RedisBackend(MemoryBackend):
         )
         if status != RUNNING.encode() or await self._reap(session_key, previous):
             return None
-        await self._call(self.redis.publish(f"{self.prefix}:stop", f"{session_key} {previous}"))
+        await self._ask_to_stop(session_key, previous)
         remote = _Remote()
         task = asyncio.create_task(
             self._await_end(session_key, previous, remote), name="detached_runs:redis-previous"
@@ -613,6 +643,18 @@ class RedisBackend(MemoryBackend):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return remote
+
+    async def _ask_to_stop(self, session_key: str, run_id: str) -> None:
+        """Ask the worker running a run to stop it: at once through the stop
+        channel, and, since a message published while that worker's channel
+        reconnects is lost, by a flag in the run's hash its writer reads when
+        it renews the lease (every `RENEW_EVERY` s)."""
+        await self._call(
+            self.redis.pipeline(transaction=False)
+            .eval(_FLAG_STOP, 1, self._key(session_key, "run", run_id))
+            .publish(f"{self.prefix}:stop", f"{session_key} {run_id}")
+            .execute()
+        )
 
     async def _await_end(self, session_key: str, run_id: str, remote: _Remote) -> None:
         """Set ``remote.finished`` once the other worker saved and ended the run
@@ -893,6 +935,22 @@ _DUE = """
 local now = redis.call('time')
 local ms = now[1] * 1000 + math.floor(now[2] / 1000)
 return redis.call('zrangebyscore', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+# Renew a lease only while Redis still holds the run. KEYS: lease, run hash.
+# ARGV: worker, lease ms.
+_RENEW = """
+if redis.call('exists', KEYS[2]) == 0 then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('hget', KEYS[2], 'stop') == '1' then return 2 end
+return 1
+"""
+_STOP_ASKED = 2
+
+# Flag a run to stop, if Redis holds it (no hash is created). KEYS: run hash.
+_FLAG_STOP = """
+if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], 'stop', '1') end
+return 1
 """
 
 _REAP = """

@@ -1,0 +1,59 @@
+"""A redis-server of a test's own (for tests of real server processes), on a
+free port, that the test can pause, kill, and start again empty on the same
+port, as a Redis without persistence restarts."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from .conftest import die_with_the_tests, free_port
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start it (empty: no RDB, no AOF) and wait until it answers."""
+        self.process = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_the_tests,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart_empty(self) -> None:
+        """Kill it and start it again on the same port with nothing in it."""
+        self.kill()
+        self.start()
+
+    def command(self, *args: str) -> bytes:
+        """One command with redis-cli (``CLIENT PAUSE 3000 WRITE``...)."""
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], check=True, capture_output=True
+        ).stdout

@@ -1,0 +1,93 @@
+"""Two real daphne workers on a Redis of the test's own, which the test
+restarts empty while a run is in flight (#14 item 6): one run per session must
+hold all the same.
+
+What is observable of "one run in flight": the replaced run's row is saved
+(ended, ``finished_at``) before the next run's agent yields its first word,
+which the test sees arrive on its stream (one host, one clock)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from detached_runs.models import Run
+
+from .conftest import server_env, start_server, stop_server
+from .http import Browser, text
+from .redis_server import RedisServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+pytest.importorskip("redis")
+
+
+@pytest.fixture
+def own_redis() -> Any:
+    server = RedisServer()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def workers(own_redis: RedisServer) -> Any:
+    env = server_env(
+        TEST_BACKEND="redis",
+        TEST_REDIS_URL=own_redis.url,
+        TEST_REDIS_PREFIX="dr-e2e",
+        TEST_AGENT_DELAY="0.02",
+        TEST_KEEPALIVE="1",
+        LOG="INFO",
+    )
+    a, b = start_server(env), start_server(env)
+    yield a, b
+    for server in (a, b):
+        stop_server(server)
+
+
+def _start_when_redis_answers(client: Browser, key: str, prompt: str) -> None:
+    """POST a start, again while the workers reconnect to Redis (503)."""
+    deadline = time.monotonic() + 20
+    while (reply := client.request("POST", f"/runs/{key}/", {"prompt": prompt})).status == 503:
+        assert time.monotonic() < deadline, "Redis never came back"
+        time.sleep(0.05)
+    assert reply.status == 202, reply.body
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "500",  # an agent that streams: its writer finds Redis empty at its next append
+        "slow",  # one word, then 10 s of silence: only its lease renewal can find out
+    ],
+)
+def test_a_start_after_redis_restarted_empty_still_replaces_the_run_in_flight(
+    workers, own_redis, prompt
+):
+    a, b = workers
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": prompt}).status == 202
+    old = on_a.stream(f"/runs/{key}/events/")
+    seen = old.take(2)  # start, and a first word
+    own_redis.restart_empty()
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    _start_when_redis_answers(on_b, key, "5")
+    new = on_b.stream(f"/runs/{key}/events/")
+    first_word_at = None
+    for event in new.events():
+        if event.event == "delta" and first_word_at is None:
+            first_word_at = datetime.now(UTC)
+        if event.event == "done":
+            break
+    seen += old.rest()
+    assert seen[-1].data == {"status": "stopped"}
+    first, second = Run.objects.filter(session_key=key).order_by("started_at")
+    assert (first.status, first.output) == ("stopped", text(seen))
+    assert first.finished_at is not None and first_word_at is not None
+    assert first.finished_at <= first_word_at, "two runs of the session were in flight"
+    assert second.status == "done"
