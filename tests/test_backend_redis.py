@@ -165,9 +165,11 @@ async def test_runs_in_flight_are_counted_across_workers(workers, saves):
     await start(a, waiting(), saves, session="one")
     await start(b, waiting(), saves, session="two")
     assert await a.count_running("o") == 2
+    # Subscribed first: the runs' keys expire 0.5 s after their end.
+    followers = [await a.subscribe("one"), await a.subscribe("two")]
     gate.set()
-    await collect(await a.subscribe("one"))
-    await collect(await a.subscribe("two"))
+    for subscription in followers:
+        await collect(subscription)
     await asyncio.sleep(0.05)
     assert await b.count_running("o") == 0
 

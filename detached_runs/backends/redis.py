@@ -513,8 +513,13 @@ class RedisBackend(MemoryBackend):
         if mirror is None:
             await self._reap(session_key, current)
             mirror = await self._replay(session_key, current)
-            if not mirror.entries:
-                return None  # expired between the two reads
+            if not mirror.entries and not await self._call(
+                self.redis.exists(self._key(session_key, "run", current))
+            ):
+                # Expired between the two reads. (A run whose log is empty but
+                # whose hash is there has just started: its worker's writer has
+                # not written its start yet. It is followed like any other.)
+                return None
             self._mirrors[current] = mirror
             if mirror.phase != _FINISHED:
                 self._readers[current] = asyncio.create_task(
