@@ -189,3 +189,36 @@ def test_runs_of_a_dead_worker_stop_counting_against_their_owner(limited_workers
     assert reply.status == 202
     for key in (first, second):
         assert _ended(key).status == "interrupted"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",  # redis-py's own socket timeout would be 5 s
+        "redis://127.0.0.1:6379/0?socket_timeout=1",
+    ],
+)
+def test_following_a_quiet_run_on_the_other_worker_is_not_taken_for_an_outage(url):
+    """A run that says nothing for a while ("slow": one word, then 10 s),
+    followed on B: B's blocking read of a healthy Redis must not time out
+    (#14 item 3); it used to log "Redis unreachable" and reconnect every few
+    seconds."""
+    env = server_env(
+        TEST_BACKEND="redis",
+        TEST_REDIS_URL=url,
+        TEST_REDIS_PREFIX=f"dr-e2e-{uuid.uuid4().hex[:8]}",
+        TEST_KEEPALIVE="1",
+        LOG="INFO",
+    )
+    a, b = start_server(env), start_server(env)
+    try:
+        key = uuid.uuid4().hex[:10]
+        on_a = Browser(a.port)
+        assert on_a.request("POST", f"/runs/{key}/", {"prompt": "slow"}).status == 202
+        on_b = Browser(b.port, cookies=dict(on_a.cookies))
+        events = on_b.stream(f"/runs/{key}/events/").rest()
+        assert text(events) == "finally " and events[-1].data == {"status": "done"}
+        assert "unreachable" not in b.output()
+    finally:
+        for server in (a, b):
+            stop_server(server)
