@@ -130,3 +130,30 @@ def test_a_start_refused_during_shutdown_leaves_no_row(kind):
         stop_server(server)
     assert not Run.objects.filter(session_key=refused).exists()
     assert Run.objects.get(session_key=lingering).status == "interrupted"
+
+
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+def test_a_shutdown_ends_the_run_of_an_agent_that_will_not_let_go(kind):
+    """An agent that swallows its cancellation ("stubborn"), followed by a
+    client: on SIGTERM its run ends ``interrupted`` STOP_GRACE (5 s) after the
+    stop, the client gets the terminal event and the row is saved, though
+    the agent goes on ignoring everything (#14 item 8). Under uvicorn the
+    connected subscriber used to keep the shutdown waiting for the agent."""
+    server = launch(kind)
+    try:
+        browser = Browser(server.port)
+        key = uuid.uuid4().hex[:10]
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "stubborn"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        seen = stream.take(2)
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        seen += stream.rest()
+        ended = time.monotonic() - began
+    finally:
+        stop_server(server)
+    assert seen[-1].data == {"status": "interrupted"}
+    assert ended < 5 + 3, server.output()  # STOP_GRACE, not the agent's 20 s
+    row = Run.objects.get(session_key=key)
+    assert (row.status, row.output) == ("interrupted", "stubborn ")
+    assert "did not stop within" in server.output()

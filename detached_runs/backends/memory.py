@@ -491,8 +491,11 @@ class MemoryBackend(BaseBackend):
         self._closing = True
         if self._save_now is not None:
             self._save_now.set()
+        # Agents that will not let go are abandoned halfway through the
+        # timeout, so that their runs still end (terminal event, save) in it.
+        grace = min(STOP_GRACE, timeout / 2)
         for run in list(self._sessions.values()):
-            self._request_stop(run, (INTERRUPTED, ""))
+            self._request_stop(run, (INTERRUPTED, ""), grace)
         tasks = [t for t in self._tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
@@ -515,9 +518,16 @@ class MemoryBackend(BaseBackend):
 
     # -- internals ---------------------------------------------------------
 
-    def _request_stop(self, run: _Run, reason: tuple[str, str] = (STOPPED, "")) -> bool:
+    def _request_stop(
+        self, run: _Run, reason: tuple[str, str] = (STOPPED, ""), grace: float | None = None
+    ) -> bool:
+        """Ask a run to stop for ``reason``; its agent is abandoned if it has
+        not let go ``grace`` seconds (`STOP_GRACE`) later. False if it is
+        ending already."""
+        if grace is None:
+            grace = STOP_GRACE
         if run.phase == _CLOSING:
-            self._arm_abandon(run)  # its clean-up may never end either
+            self._arm_abandon(run, grace)  # its clean-up may never end either
         if run.phase >= _CLOSING:
             return False
         if run.stop_reason is None or reason[0] != STOPPED:
@@ -526,15 +536,20 @@ class MemoryBackend(BaseBackend):
         # has not run yet: cancelling it would skip its ending) sees the flag.
         if run.phase == _RUNNING and run.task is not None:
             run.task.cancel()
-            self._arm_abandon(run)
+            self._arm_abandon(run, grace)
         return True
 
-    def _arm_abandon(self, run: _Run) -> None:
-        if run.abandon is None:
-            run.abandon = asyncio.get_running_loop().call_later(STOP_GRACE, self._abandon, run)
+    def _arm_abandon(self, run: _Run, grace: float) -> None:
+        loop = asyncio.get_running_loop()
+        if run.abandon is not None:
+            if run.abandon.when() <= loop.time() + grace:
+                return  # armed already, as soon or sooner
+            run.abandon.cancel()
+        run.abandon = loop.call_later(grace, self._abandon, run, grace)
 
-    def _abandon(self, run: _Run) -> None:
-        """The agent did not let go within `STOP_GRACE` seconds of its stop (it
+    def _abandon(self, run: _Run, grace: float) -> None:
+        """The agent did not let go within ``grace`` seconds of its stop
+        (`STOP_GRACE`, or half the shutdown's timeout if that is less: it
         swallows the cancellation and never yields again): end the run
         without it, so its subscribers get the terminal event, its row is
         saved and the session's next run begins. Its task is left to itself,
@@ -547,7 +562,7 @@ class MemoryBackend(BaseBackend):
             "the run ends without it",
             run.id,
             run.session_key,
-            STOP_GRACE,
+            grace,
         )
         run.phase = _FINISHING  # the agent's task, if it ever ends, finishes nothing
         self._tasks.discard(task)
