@@ -232,6 +232,58 @@ def server(request: Any, django_db_setup: Any, django_db_blocker: Any) -> Any:
     stop_server(running)
 
 
+# -- a redis-server of the test's own ---------------------------------------------
+
+
+class OwnRedis:
+    """A redis-server of the test's own, on a free port, that it can kill and restart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Any = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_the_tests,
+        )
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    async def kill(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = OwnRedis()
+    await server.start()
+    yield server
+    if server.process.returncode is None:
+        await server.kill()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_async_connections(django_db_setup: Any) -> Any:
     """The async ORM's queries run on asgiref's one sync thread, whose connection

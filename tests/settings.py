@@ -108,6 +108,9 @@ if os.environ.get("TEST_BACKEND") == "redis":
     DETACHED_RUNS["REDIS_PREFIX"] = os.environ.setdefault(
         "TEST_REDIS_PREFIX", f"dr-suite-{os.getpid()}"
     )
+    # An end-to-end test may give its servers a Redis of its own.
+    if "TEST_REDIS_URL" in os.environ:
+        DETACHED_RUNS["REDIS_URL"] = os.environ["TEST_REDIS_URL"]
 
 LOGGING = {
     "version": 1,

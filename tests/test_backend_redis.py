@@ -244,58 +244,6 @@ async def test_the_end_of_an_older_run_does_not_expire_the_sessions_newer_run(wo
     gate.set()
 
 
-class OwnRedis:
-    """A redis-server of the test's own, on a free port, that it can kill and restart."""
-
-    def __init__(self) -> None:
-        from .conftest import free_port
-
-        self.port = free_port()
-        self.process: Any = None
-
-    async def start(self) -> None:
-        from .conftest import die_with_the_tests
-
-        self.process = await asyncio.create_subprocess_exec(
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            stdout=asyncio.subprocess.DEVNULL,
-            preexec_fn=die_with_the_tests,
-        )
-        for _ in range(200):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.close()
-                return
-            except OSError:
-                await asyncio.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    async def kill(self) -> None:
-        self.process.kill()
-        await self.process.wait()
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[OwnRedis]:
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis()
-    await server.start()
-    yield server
-    if server.process.returncode is None:
-        await server.kill()
-
-
 async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_has_it(
     own_redis, saves
 ):

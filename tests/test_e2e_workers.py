@@ -4,6 +4,7 @@ ends interrupted with what reached Redis."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,11 +12,13 @@ import uuid
 from typing import Any
 
 import pytest
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from detached_runs.models import Run
 
 from .conftest import server_env, start_server, stop_server
-from .http import Browser, text
+from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -35,26 +38,46 @@ if not _redis_up():
     pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
 
 ALL_500 = "".join(f"w{i} " for i in range(500))
+ALL_400 = "".join(f"w{i} " for i in range(400))
 
 
 @pytest.fixture
-def workers() -> Any:
-    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
-    env = server_env(
-        TEST_BACKEND="redis",
-        TEST_REDIS_PREFIX=prefix,
-        TEST_AGENT_DELAY="0.02",
-        TEST_EVICT_AFTER="30",
-        LOG="INFO",
-    )
-    a, b = start_server(env), start_server(env)
-    yield a, b
-    for server in (a, b):
-        stop_server(server)
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=f"*{prefix}*"))
-    if keys:
-        client.delete(*keys)
+def start_workers() -> Any:
+    """``start_workers(**env)``: two daphne workers sharing Redis and the
+    database, ``env`` overriding their ``TEST_*`` settings (``TEST_REDIS_URL``,
+    ``TEST_REDIS_STREAM_MAXLEN``); stopped, and their keys deleted, afterwards."""
+    started: list[tuple[tuple[Any, Any], str, str]] = []
+
+    def start(**env: str) -> tuple[Any, Any]:
+        prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
+        environment = server_env(
+            **{
+                "TEST_BACKEND": "redis",
+                "TEST_REDIS_PREFIX": prefix,
+                "TEST_AGENT_DELAY": "0.02",
+                "TEST_EVICT_AFTER": "30",
+                "LOG": "INFO",
+                **env,
+            }
+        )
+        pair = start_server(environment), start_server(environment)
+        started.append((pair, prefix, env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")))
+        return pair
+
+    yield start
+    for pair, prefix, url in started:
+        for server in pair:
+            stop_server(server)
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=f"*{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def workers(start_workers: Any) -> Any:
+    return start_workers()
 
 
 def test_start_on_one_worker_follow_and_resume_on_the_other_with_its_ids(workers):
@@ -112,3 +135,43 @@ def test_when_a_worker_dies_the_other_shows_its_run_interrupted_with_the_text(wo
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert Run.objects.get(session_key=key).output == saved
+
+
+@pytest.mark.parametrize("resume", ["Last-Event-ID", "WebSocket"])
+def test_an_id_that_redis_has_not_seen_yet_resumes_on_the_other_worker(
+    own_redis, start_workers, resume
+):
+    """#14 item 1: a client reads from worker A while Redis holds A's writes
+    back (a failover pauses them; here CLIENT PAUSE WRITE, on a Redis of the
+    test's own) and comes back on worker B with A's last id, which B has not
+    seen. B answered 400 "Unknown event id." (a socket closed 4400), which
+    ends an EventSource for good; it waits for the log to catch up instead."""
+    a, b = start_workers(TEST_REDIS_URL=own_redis.url)
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "400"}).status == 202  # 8 s
+    stream = on_a.stream(f"/runs/{key}/events/")
+    first = stream.take(20)
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.execute_command("CLIENT", "PAUSE", 4000, "WRITE")
+    admin.close()
+    first += stream.take(25)  # half a second more of A's words, which Redis holds back
+    stream.close()
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    if resume == "Last-Event-ID":
+        reply = on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": first[-1].id or ""})
+        assert reply.status == 200
+        rest = reply.rest()
+    else:
+        cookies = "; ".join(f"{k}={v}" for k, v in on_b.cookies.items())
+        with connect(
+            f"ws://127.0.0.1:{b.port}/ws/runs/{key}/?after={first[-1].id}",
+            additional_headers={"Cookie": cookies},
+            origin=Origin(f"http://127.0.0.1:{b.port}"),
+        ) as socket:
+            rest = []
+            while not rest or rest[-1].event != "done":
+                frame = json.loads(socket.recv(timeout=20))
+                rest.append(SSE(frame["id"], frame["event"], frame["data"]))
+    assert text(first) + text(rest) == ALL_400
+    assert rest[-1].data == {"status": "done"}
