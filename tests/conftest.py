@@ -11,7 +11,7 @@ import pytest
 
 from detached_runs.backends.base import RunEnd
 from detached_runs.backends.memory import MemoryBackend
-from detached_runs.events import Event
+from detached_runs.events import ORIGIN, Event, Position, make_id
 from detached_runs.runs import get_service
 
 
@@ -112,6 +112,22 @@ def text_of(events: list[Event]) -> str:
 
 def terminals(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "done"]
+
+
+def positions_follow(events: list[Any], run_id: str, after: Position = ORIGIN) -> bool:
+    """Whether every event's id is the position it has in its run's log (text
+    bytes, other events) counting on from ``after``: the ids that the run's
+    own worker gives, whichever worker sends them. Takes `Event`s and the SSE
+    events of `tests.http` alike."""
+    text, seq = after.text, after.seq
+    for event in events:
+        if event.event == "delta":
+            text += len(event.data["text"].encode())
+        else:
+            seq += 1
+        if event.id != make_id(run_id, Position(text, seq)):
+            return False
+    return True
 
 
 # -- a real daphne server ----------------------------------------------------------

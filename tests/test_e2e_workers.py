@@ -15,9 +15,10 @@ import pytest
 from websockets.sync.client import connect
 from websockets.typing import Origin
 
+from detached_runs.events import parse_id
 from detached_runs.models import Run
 
-from .conftest import server_env, start_server, stop_server
+from .conftest import positions_follow, server_env, start_server, stop_server
 from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -175,3 +176,29 @@ def test_an_id_that_redis_has_not_seen_yet_resumes_on_the_other_worker(
                 rest.append(SSE(frame["id"], frame["event"], frame["data"]))
     assert text(first) + text(rest) == ALL_400
     assert rest[-1].data == {"status": "done"}
+
+
+def test_a_bounded_stream_replays_the_whole_run_on_the_other_worker_with_the_same_ids(
+    start_workers,
+):
+    """#14 item 2: with ``REDIS_STREAM_MAXLEN=5`` a subscriber on worker B got
+    no ``start``, text from the middle on, and ids that were not A's."""
+    a, b = start_workers(TEST_REDIS_STREAM_MAXLEN="5", TEST_AGENT_DELAY="0.005")
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "400"}).status == 202
+    stream = on_a.stream(f"/runs/{key}/events/")
+    first = stream.take(250)  # mid-run, long after the stream's start was compacted
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    midrun = on_b.stream(f"/runs/{key}/events/").rest()
+    on_a_all = first + stream.rest()
+    after = on_b.stream(f"/runs/{key}/events/").rest()
+    run_id = parse_id(on_a_all[0].id or "")[0]
+    for events in (midrun, after):
+        assert events[0].event == "start" and events[0].id == on_a_all[0].id
+        assert text(events) == ALL_400 and positions_follow(events, run_id)
+        assert events[-1].data == {"status": "done"} and events[-1].id == on_a_all[-1].id
+    for event in (first[1], first[100], first[-1]):
+        resumed = on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": event.id or ""}).rest()
+        assert text(first[: first.index(event) + 1]) + text(resumed) == ALL_400
+        assert positions_follow(resumed, run_id, parse_id(event.id or "")[1])
