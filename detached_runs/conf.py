@@ -63,7 +63,10 @@ LIMITS = (
     "MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS",
     "MAX_SUBSCRIBERS_PER_RUN",
     "HISTORY_LIMIT",
+    "REDIS_STREAM_MAXLEN",
 )
+#: Limits that cannot be switched off with None.
+REQUIRED_LIMITS = ("HISTORY_LIMIT", "REDIS_STREAM_MAXLEN")
 
 
 @cache
