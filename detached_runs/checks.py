@@ -10,7 +10,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .conf import DEFAULTS, LIMITS, NUMBERS, OPTIONAL_NUMBERS, get_config
+from .conf import DEFAULTS, LIMITS, NUMBERS, OPTIONAL_NUMBERS, REQUIRED_LIMITS, get_config
 
 #: Keys read by the optional agents of `detached_runs.agents`, not by the app.
 AGENT_KEYS = frozenset({"OPENAI"})
@@ -111,13 +111,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
     for key in LIMITS:
         value = config[key]
-        if value is None and key != "HISTORY_LIMIT":
+        if value is None and key not in REQUIRED_LIMITS:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             errors.append(
                 Error(
                     f"DETACHED_RUNS['{key}'] must be a positive integer"
-                    + (" or None" if key != "HISTORY_LIMIT" else "")
+                    + (" or None" if key not in REQUIRED_LIMITS else "")
                     + f", not {value!r}.",
                     id="detached_runs.E004",
                 )

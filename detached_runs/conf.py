@@ -20,7 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     # Prefix of every Redis key (several projects can share one Redis).
     "REDIS_PREFIX": "detached_runs",
-    # Upper bound of entries in one run's Redis stream (approximate trimming).
+    # Upper bound of entries in one run's Redis stream. Older entries are not
+    # dropped: they are compacted (deltas merged) into the run's head, so that
+    # a replay on any worker still has the whole run with the same ids.
     "REDIS_STREAM_MAXLEN": 100_000,
     # Seconds a finished run stays in memory after it ended (and its last subscriber left).
     "EVICT_AFTER": 180.0,
@@ -61,7 +63,10 @@ LIMITS = (
     "MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS",
     "MAX_SUBSCRIBERS_PER_RUN",
     "HISTORY_LIMIT",
+    "REDIS_STREAM_MAXLEN",
 )
+#: Limits that cannot be switched off with None.
+REQUIRED_LIMITS = ("HISTORY_LIMIT", "REDIS_STREAM_MAXLEN")
 
 
 @cache

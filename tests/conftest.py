@@ -3,16 +3,19 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from detached_runs.backends.base import RunEnd
 from detached_runs.backends.memory import MemoryBackend
-from detached_runs.events import Event
+from detached_runs.events import ORIGIN, Event, Position, make_id
 from detached_runs.runs import get_service
+
+if TYPE_CHECKING:
+    from .redis_server import RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -112,6 +115,22 @@ def text_of(events: list[Event]) -> str:
 
 def terminals(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "done"]
+
+
+def positions_follow(events: list[Any], run_id: str, after: Position = ORIGIN) -> bool:
+    """Whether every event's id is the position it has in its run's log (text
+    bytes, other events) counting on from ``after``: the ids that the run's
+    own worker gives, whichever worker sends them. Takes `Event`s and the SSE
+    events of `tests.http` alike."""
+    text, seq = after.text, after.seq
+    for event in events:
+        if event.event == "delta":
+            text += len(event.data["text"].encode())
+        else:
+            seq += 1
+        if event.id != make_id(run_id, Position(text, seq)):
+            return False
+    return True
 
 
 # -- a real daphne server ----------------------------------------------------------
@@ -230,6 +249,19 @@ def server(request: Any, django_db_setup: Any, django_db_blocker: Any) -> Any:
     running = start_server(env, kind=request.param)
     yield running
     stop_server(running)
+
+
+# -- a redis-server of the test's own ---------------------------------------------
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (`tests.redis_server.RedisServer`)."""
+    from .redis_server import RedisServer  # it uses this module's helpers
+
+    server = RedisServer()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -111,8 +111,11 @@ if os.environ.get("TEST_BACKEND") == "redis":
     DETACHED_RUNS["REDIS_PREFIX"] = os.environ.setdefault(
         "TEST_REDIS_PREFIX", f"dr-suite-{os.getpid()}"
     )
-    # A server process of a test that restarts its own Redis is pointed at it.
-    DETACHED_RUNS["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    # An end-to-end test may give its servers a Redis of its own, or a bound.
+    if "TEST_REDIS_URL" in os.environ:
+        DETACHED_RUNS["REDIS_URL"] = os.environ["TEST_REDIS_URL"]
+    if "TEST_REDIS_STREAM_MAXLEN" in os.environ:
+        DETACHED_RUNS["REDIS_STREAM_MAXLEN"] = int(os.environ["TEST_REDIS_STREAM_MAXLEN"])
 
 LOGGING = {
     "version": 1,

@@ -12,11 +12,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
-from detached_runs.events import parse_id
+from detached_runs.events import Event, parse_id
 from detached_runs.exceptions import BackendUnavailable, BadEventId, RunNotFound
 
-from .conftest import Saves, collect, eventually, new_id, paced, terminals, text_of
+from .conftest import (
+    Saves,
+    collect,
+    eventually,
+    new_id,
+    paced,
+    positions_follow,
+    terminals,
+    text_of,
+)
 
 REDIS = ("127.0.0.1", 6379)
 
@@ -42,18 +53,22 @@ FULL = "".join(WORDS)
 
 @contextlib.asynccontextmanager
 async def two_workers(
-    url: str = "redis://127.0.0.1:6379/0",
+    url: str = "redis://127.0.0.1:6379/0", **options: Any
 ) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
     """Two backends on one Redis, standing for two worker processes, with a
-    key prefix of their own that is cleaned up afterwards."""
+    key prefix of their own that is cleaned up afterwards; ``options`` go to
+    both (``stream_maxlen=5``)."""
     prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
-    a, b = (RedisBackend(redis_url=url, redis_prefix=prefix, evict_after=0.5) for _ in range(2))
+    a, b = (
+        RedisBackend(redis_url=url, redis_prefix=prefix, evict_after=0.5, **options)
+        for _ in range(2)
+    )
     try:
         yield a, b
     finally:
         await a.shutdown(2)
         await b.shutdown(2)
-        cleaner = RedisBackend(redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix)
+        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
         keys = [k async for k in cleaner.redis.scan_iter(match=f"*{prefix}*")]
         if keys:
             await cleaner.redis.delete(*keys)
@@ -246,58 +261,6 @@ async def test_the_end_of_an_older_run_does_not_expire_the_sessions_newer_run(wo
     gate.set()
 
 
-class OwnRedis:
-    """A redis-server of the test's own, on a free port, that it can kill and restart."""
-
-    def __init__(self) -> None:
-        from .conftest import free_port
-
-        self.port = free_port()
-        self.process: Any = None
-
-    async def start(self) -> None:
-        from .conftest import die_with_the_tests
-
-        self.process = await asyncio.create_subprocess_exec(
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            stdout=asyncio.subprocess.DEVNULL,
-            preexec_fn=die_with_the_tests,
-        )
-        for _ in range(200):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.close()
-                return
-            except OSError:
-                await asyncio.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    async def kill(self) -> None:
-        self.process.kill()
-        await self.process.wait()
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[OwnRedis]:
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis()
-    await server.start()
-    yield server
-    if server.process.returncode is None:
-        await server.kill()
-
-
 async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_has_it(
     own_redis, saves
 ):
@@ -309,13 +272,13 @@ async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_h
     local = await a.subscribe("s")
     remote = asyncio.ensure_future(collect(await b.subscribe("s")))  # B follows through Redis
     await asyncio.sleep(0.3)
-    await own_redis.kill()
+    own_redis.kill()
     with pytest.raises(BackendUnavailable):
         await b.get("s")  # requests elsewhere get 503
     on_a = await collect(local)  # the local subscriber never notices
     assert text_of(on_a) == "".join(words) and on_a[-1].data == {"status": "done"}
     assert saves.ends[0].output == "".join(words)  # the save happened all the same
-    await own_redis.start()  # back, and empty: it keeps nothing on disk
+    own_redis.start()  # back, and empty: it keeps nothing on disk
     for _ in range(100):
         try:
             state = await b.get("s")
@@ -491,3 +454,150 @@ async def test_an_id_that_can_never_be_valid_is_still_refused_at_once(workers, s
     with pytest.raises(BadEventId):  # past the end of a finished run
         await b.subscribe("s", after=parse_id(f"{run_id}:999-9"))
     assert asyncio.get_running_loop().time() - began < 1
+
+
+# -- a bounded stream (REDIS_STREAM_MAXLEN) ----------------------------------
+
+LONG = [f"w{i} " for i in range(400)]
+
+
+async def test_a_bounded_stream_replays_the_whole_run_on_another_worker_with_its_ids(saves):
+    """#14 item 2: with the stream bounded to 5 entries, a subscriber on another
+    worker got no start, text from the middle on, and ids of its own."""
+    async with two_workers(stream_maxlen=5) as (a, b):
+        run_id = await start(a, paced(LONG, 0.001), saves)
+        on_a = await a.subscribe("s")
+        first: list[Event] = []
+        while len(text_of(first)) < len("".join(LONG)) // 2:
+            first += await on_a.next_batch()
+        midway = first[len(first) // 2]
+        # Mid-run on B: from the start, and from an id of A's.
+        from_start = asyncio.ensure_future(collect(await b.subscribe("s")))
+        resumed = asyncio.ensure_future(collect(await b.subscribe("s", parse_id(midway.id))))
+        on_a_all = first + await collect(on_a)
+        for events in (await from_start, await collect(await b.subscribe("s"))):  # then after
+            assert events[0].event == "start" and events[0].id == on_a_all[0].id
+            assert text_of(events) == "".join(LONG) and positions_follow(events, run_id)
+            assert terminals(events) == [events[-1]] and events[-1].id == on_a_all[-1].id
+        rest = await resumed
+        seen = text_of(first[: first.index(midway) + 1])
+        assert seen + text_of(rest) == "".join(LONG)
+        assert positions_follow(rest, run_id, parse_id(midway.id)[1])
+        assert rest[-1].id == on_a_all[-1].id
+        assert await b.redis.xlen(b._key("s", "log", run_id)) <= 5
+
+
+async def test_a_follower_that_falls_behind_a_trim_still_gets_every_event_in_order(saves):
+    """Worker B follows the run; worker A then writes 300 entries in one go, so
+    that by B's next read the entries that follow B's last one were trimmed
+    away: B must read them again from what the trim kept, not skip them."""
+    gate = asyncio.Event()
+    burst = [item for i in range(150) for item in (f"t{i} ", ("tick", {"n": i}))]
+
+    async def agent() -> AsyncIterator[Any]:
+        yield "first "
+        await gate.wait()
+        for item in burst:  # no await between: one batch for A's writer
+            yield item
+
+    async with two_workers(stream_maxlen=5) as (a, b):
+        run_id = await start(a, agent(), saves)
+        following = await b.subscribe("s")
+        seen: list[Event] = []
+        while text_of(seen) != "first ":
+            seen += await following.next_batch()
+        assert run_id in b._readers  # B follows with its reader from here on
+        gate.set()
+        events = seen + await collect(following)
+        assert text_of(events) == "first " + "".join(i for i in burst if isinstance(i, str))
+        assert [e.data["n"] for e in events if e.event == "tick"] == list(range(150))
+        assert positions_follow(events, run_id) and terminals(events) == [events[-1]]
+        on_a = await collect(await a.subscribe("s"))
+        assert events[-1].id == on_a[-1].id
+
+
+# Not shrunk: an example is a few numbers, readable as found, and shrinking
+# would run it hundreds of times, past the test's timeout.
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    maxlen=st.integers(1, 12),
+    count=st.integers(0, 300),
+    tokens=st.lists(st.sampled_from(["a", "bb ", "é", "🙂 ", 'q"\\/ ', "x\n"]), min_size=1),
+    tick_every=st.integers(1, 60),
+    pause_every=st.integers(1, 40),
+    resume=st.floats(0, 1),
+)
+async def test_any_bounded_stream_replays_and_resumes_the_whole_run_on_another_worker(
+    maxlen: int,
+    count: int,
+    tokens: list[str],
+    tick_every: int,
+    pause_every: int,
+    resume: float,
+) -> None:
+    """Whatever the bound and however A's writes are batched (a pause every few
+    tokens, custom events among them): B, following from the start, replaying
+    after the end, or resuming at any id of A's, gets exactly A's log."""
+
+    async def agent() -> AsyncIterator[Any]:
+        for i in range(count):
+            yield tokens[i % len(tokens)]
+            if i % tick_every == 0:
+                yield ("tick", {"n": i})
+            if i % pause_every == 0:
+                await asyncio.sleep(0.001)
+
+    async with two_workers(stream_maxlen=maxlen) as (a, b):
+        run_id = await start(a, agent(), Saves())
+        following = asyncio.ensure_future(collect(await b.subscribe("s")))
+        on_a = await collect(await a.subscribe("s"))
+        assert positions_follow(on_a, run_id)
+        for events in (await following, await collect(await b.subscribe("s"))):
+            assert text_of(events) == text_of(on_a) and positions_follow(events, run_id)
+            assert [e.data for e in events if e.event == "tick"] == [
+                e.data for e in on_a if e.event == "tick"
+            ]
+            assert events[0].id == on_a[0].id and events[-1].id == on_a[-1].id
+        midway = on_a[min(int(resume * len(on_a)), len(on_a) - 2)]
+        rest = await collect(await b.subscribe("s", parse_id(midway.id)))
+        seen = text_of(on_a[: on_a.index(midway) + 1])
+        assert seen + text_of(rest) == text_of(on_a)
+        assert positions_follow(rest, run_id, parse_id(midway.id)[1])
+        assert await b.redis.xlen(b._key("s", "log", run_id)) <= maxlen
+
+
+@pytest.mark.parametrize("end", ["done", "reaped"])
+async def test_a_bounded_runs_head_expires_with_its_other_keys(end, saves):
+    """The head goes with the run's other keys after the grace period, whether
+    the run's worker ended it or another worker reaped it."""
+    gate = asyncio.Event()
+
+    async def agent() -> AsyncIterator[str]:
+        for word in WORDS:
+            yield word
+            await asyncio.sleep(0.001)
+        await gate.wait()  # the run ends here, or its worker dies here
+
+    async with two_workers(stream_maxlen=5) as (a, b):
+        run_id = await start(a, agent(), saves)
+
+        async def in_redis() -> bool:
+            state = await b.get("s")
+            return state is not None and state.output == FULL
+
+        await eventually(in_redis, "the run's text never reached Redis")
+        assert await b.redis.exists(b._key("s", "head", run_id))
+        if end == "done":
+            gate.set()
+            await collect(await a.subscribe("s"))
+        else:
+            for task in [*a._tasks, *a._writers.values()]:
+                task.cancel()
+            await a.redis.delete(a._key("s", "lease", run_id))
+        state = await b.get("s")  # (reaps the run if its worker is gone)
+        assert state is not None and state.output == FULL
+
+        async def expired() -> bool:
+            return not [key async for key in b.redis.scan_iter(match=f"*{run_id}*")]
+
+        await eventually(expired, "a key of the run outlived its grace period")

@@ -35,6 +35,8 @@ def test_the_test_settings_pass(configured):
         ({"KEEPALIVE": "15"}, "detached_runs.E003"),
         ({"MAX_PROMPT_CHARS": 0}, "detached_runs.E004"),
         ({"MAX_SUBSCRIBERS_PER_RUN": 2.5}, "detached_runs.E004"),
+        ({"REDIS_STREAM_MAXLEN": 0}, "detached_runs.E004"),
+        ({"REDIS_STREAM_MAXLEN": None}, "detached_runs.E004"),
         ({"PERMISSION": "tests.nothing.here"}, "detached_runs.E005"),
         ({"EVICT_AFTERR": 3}, "detached_runs.W002"),
     ],

@@ -27,13 +27,6 @@ pytest.importorskip("redis")
 
 
 @pytest.fixture
-def own_redis() -> Any:
-    server = RedisServer()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
 def workers(own_redis: RedisServer) -> Any:
     env = server_env(
         TEST_BACKEND="redis",

@@ -4,6 +4,7 @@ ends interrupted with what reached Redis."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,11 +12,14 @@ import uuid
 from typing import Any
 
 import pytest
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
+from detached_runs.events import parse_id
 from detached_runs.models import Run
 
-from .conftest import server_env, start_server, stop_server
-from .http import Browser, text
+from .conftest import positions_follow, server_env, start_server, stop_server
+from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -40,27 +44,48 @@ ALL_500 = "".join(f"w{i} " for i in range(500))
 #: Seconds within which live workers end a dead worker's runs by themselves:
 #: its lease lapses (LEASE_MS), then a sweep (every RENEW_EVERY) finds it.
 LEASE_BOUND = LEASE_MS / 1000 + 2 * RENEW_EVERY + 3
+ALL_400 = "".join(f"w{i} " for i in range(400))
 
 
 @pytest.fixture
-def workers() -> Any:
-    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
-    env = server_env(
-        TEST_BACKEND="redis",
-        TEST_REDIS_PREFIX=prefix,
-        TEST_AGENT_DELAY="0.02",
-        TEST_EVICT_AFTER="30",
-        TEST_KEEPALIVE="1",  # a stream waiting for a dead worker's run stays open
-        LOG="INFO",
-    )
-    a, b = start_server(env), start_server(env)
-    yield a, b
-    for server in (a, b):
-        stop_server(server)
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=f"*{prefix}*"))
-    if keys:
-        client.delete(*keys)
+def start_workers() -> Any:
+    """``start_workers(**env)``: two daphne workers sharing Redis and the
+    database, ``env`` overriding their ``TEST_*`` settings (``TEST_REDIS_URL``,
+    ``TEST_REDIS_STREAM_MAXLEN``); stopped, and their keys deleted, afterwards."""
+    started: list[tuple[tuple[Any, Any], str, str]] = []
+
+    def start(**env: str) -> tuple[Any, Any]:
+        prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
+        environment = server_env(
+            **{
+                "TEST_BACKEND": "redis",
+                "TEST_REDIS_PREFIX": prefix,
+                "TEST_AGENT_DELAY": "0.02",
+                "TEST_EVICT_AFTER": "30",
+                # A stream waiting for a dead worker's run stays open.
+                "TEST_KEEPALIVE": "1",
+                "LOG": "INFO",
+                **env,
+            }
+        )
+        pair = start_server(environment), start_server(environment)
+        started.append((pair, prefix, env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")))
+        return pair
+
+    yield start
+    for pair, prefix, url in started:
+        for server in pair:
+            stop_server(server)
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=f"*{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def workers(start_workers: Any) -> Any:
+    return start_workers()
 
 
 def test_start_on_one_worker_follow_and_resume_on_the_other_with_its_ids(workers):
@@ -154,27 +179,11 @@ def _ended(key: str) -> Run:
     return row
 
 
-@pytest.fixture
-def limited_workers() -> Any:
-    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
-    env = server_env(
-        TEST_BACKEND="redis",
-        TEST_REDIS_PREFIX=prefix,
-        TEST_AGENT_DELAY="0.02",
-        TEST_MAX_ACTIVE_RUNS_PER_OWNER="2",
-        LOG="INFO",
-    )
-    a, b = start_server(env), start_server(env)
-    yield a, b
-    for server in (a, b):
-        stop_server(server)
-
-
-def test_runs_of_a_dead_worker_stop_counting_against_their_owner(limited_workers):
+def test_runs_of_a_dead_worker_stop_counting_against_their_owner(start_workers):
     """``MAX_ACTIVE_RUNS_PER_OWNER=2`` and two runs on A, which dies: the owner
     may start runs on B again within the lease bound, though nobody looked at
     the two sessions (their owner's count used to say 2 forever)."""
-    a, b = limited_workers
+    a, b = start_workers(TEST_MAX_ACTIVE_RUNS_PER_OWNER="2")
     on_a = Browser(a.port)
     first, second, third = (uuid.uuid4().hex[:10] for _ in range(3))
     for key in (first, second):
@@ -198,27 +207,82 @@ def test_runs_of_a_dead_worker_stop_counting_against_their_owner(limited_workers
         "redis://127.0.0.1:6379/0?socket_timeout=1",
     ],
 )
-def test_following_a_quiet_run_on_the_other_worker_is_not_taken_for_an_outage(url):
+def test_following_a_quiet_run_on_the_other_worker_is_not_taken_for_an_outage(start_workers, url):
     """A run that says nothing for a while ("slow": one word, then 10 s),
     followed on B: B's blocking read of a healthy Redis must not time out
     (#14 item 3); it used to log "Redis unreachable" and reconnect every few
     seconds."""
-    env = server_env(
-        TEST_BACKEND="redis",
-        TEST_REDIS_URL=url,
-        TEST_REDIS_PREFIX=f"dr-e2e-{uuid.uuid4().hex[:8]}",
-        TEST_KEEPALIVE="1",
-        LOG="INFO",
-    )
-    a, b = start_server(env), start_server(env)
-    try:
-        key = uuid.uuid4().hex[:10]
-        on_a = Browser(a.port)
-        assert on_a.request("POST", f"/runs/{key}/", {"prompt": "slow"}).status == 202
-        on_b = Browser(b.port, cookies=dict(on_a.cookies))
-        events = on_b.stream(f"/runs/{key}/events/").rest()
-        assert text(events) == "finally " and events[-1].data == {"status": "done"}
-        assert "unreachable" not in b.output()
-    finally:
-        for server in (a, b):
-            stop_server(server)
+    a, b = start_workers(TEST_REDIS_URL=url)
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "slow"}).status == 202
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    events = on_b.stream(f"/runs/{key}/events/").rest()
+    assert text(events) == "finally " and events[-1].data == {"status": "done"}
+    assert "unreachable" not in b.output()
+
+
+@pytest.mark.parametrize("resume", ["Last-Event-ID", "WebSocket"])
+def test_an_id_that_redis_has_not_seen_yet_resumes_on_the_other_worker(
+    own_redis, start_workers, resume
+):
+    """#14 item 1: a client reads from worker A while Redis holds A's writes
+    back (a failover pauses them; here CLIENT PAUSE WRITE, on a Redis of the
+    test's own) and comes back on worker B with A's last id, which B has not
+    seen. B answered 400 "Unknown event id." (a socket closed 4400), which
+    ends an EventSource for good; it waits for the log to catch up instead."""
+    a, b = start_workers(TEST_REDIS_URL=own_redis.url)
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "300"}).status == 202  # 6 s
+    stream = on_a.stream(f"/runs/{key}/events/")
+    first = stream.take(20)
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.execute_command("CLIENT", "PAUSE", 4000, "WRITE")
+    admin.close()
+    first += stream.take(25)  # half a second more of A's words, which Redis holds back
+    stream.close()
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    if resume == "Last-Event-ID":
+        reply = on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": first[-1].id or ""})
+        assert reply.status == 200
+        rest = reply.rest()
+    else:
+        cookies = "; ".join(f"{k}={v}" for k, v in on_b.cookies.items())
+        with connect(
+            f"ws://127.0.0.1:{b.port}/ws/runs/{key}/?after={first[-1].id}",
+            additional_headers={"Cookie": cookies},
+            origin=Origin(f"http://127.0.0.1:{b.port}"),
+        ) as socket:
+            rest = []
+            while not rest or rest[-1].event != "done":
+                frame = json.loads(socket.recv(timeout=20))
+                rest.append(SSE(frame["id"], frame["event"], frame["data"]))
+    assert text(first) + text(rest) == "".join(f"w{i} " for i in range(300))
+    assert rest[-1].data == {"status": "done"}
+
+
+def test_a_bounded_stream_replays_the_whole_run_on_the_other_worker_with_the_same_ids(
+    start_workers,
+):
+    """#14 item 2: with ``REDIS_STREAM_MAXLEN=5`` a subscriber on worker B got
+    no ``start``, text from the middle on, and ids that were not A's."""
+    a, b = start_workers(TEST_REDIS_STREAM_MAXLEN="5", TEST_AGENT_DELAY="0.005")
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "400"}).status == 202
+    stream = on_a.stream(f"/runs/{key}/events/")
+    first = stream.take(250)  # mid-run, long after the stream's start was compacted
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    midrun = on_b.stream(f"/runs/{key}/events/").rest()
+    on_a_all = first + stream.rest()
+    after = on_b.stream(f"/runs/{key}/events/").rest()
+    run_id = parse_id(on_a_all[0].id or "")[0]
+    for events in (midrun, after):
+        assert events[0].event == "start" and events[0].id == on_a_all[0].id
+        assert text(events) == ALL_400 and positions_follow(events, run_id)
+        assert events[-1].data == {"status": "done"} and events[-1].id == on_a_all[-1].id
+    for event in (first[1], first[100], first[-1]):
+        resumed = on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": event.id or ""}).rest()
+        assert text(first[: first.index(event) + 1]) + text(resumed) == ALL_400
+        assert positions_follow(resumed, run_id, parse_id(event.id or "")[1])

@@ -17,6 +17,19 @@ How it works, reusing the memory backend's machinery:
   task per run per worker, appended into a local log of the same kind. Local
   subscribers are cursors into that mirror: no blocked Redis connection per
   subscriber. The reader stops when the mirror's last local subscriber leaves.
+* A run's stream holds at most ``stream_maxlen`` entries
+  (``REDIS_STREAM_MAXLEN``). Past that its oldest entries are not dropped
+  but compacted, by the same script that appends, into the run's *head*: a
+  list beside the stream where consecutive deltas are merged into one whose
+  id is the position of its last byte, as a replay merges them, and other
+  events are kept as they are. Readers read head and stream together (one
+  MULTI), so a bounded stream still replays the whole run, with the ids of
+  the worker that runs it. A follower whose next entries were compacted
+  before it read them notices (the first entry it gets does not continue its
+  mirror) and reads what it lacks from the head. A head is O(output): about
+  one entry per `HEAD_PIECE` bytes of text, plus the run's other events. (A
+  merged entry cannot go back into the stream: stream ids only grow, and
+  ``XDEL`` keeps a deleted entry's bytes until its whole node goes.)
 * Keys are hash-tagged per session (``{<prefix>:<session>}``), so one
   session's keys share a Redis Cluster slot. When a run ends its keys expire
   after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
@@ -61,7 +74,7 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from ..events import DONE, ORIGIN, Event, Position, make_id
+from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id
 from ..exceptions import BackendUnavailable, RunNotFound, TooManySubscribers
 from .base import (
     INTERRUPTED,
@@ -95,6 +108,15 @@ READ_BLOCK = 5.0
 #: Seconds a subscriber on one worker waits for an event id of the run's own
 #: worker to reach this worker through Redis, before it is refused as unknown.
 CATCH_UP = 10.0
+#: Bytes of text up to which the last delta of a run's head (its compacted
+#: start, see the module docstring) grows; past them a new one begins. Each
+#: compaction rewrites that delta, so this bounds its cost.
+HEAD_PIECE = 8192
+#: A compaction leaves a run's stream half full, or this many entries short of
+#: its bound if that is less: it moves a bounded number of entries at once (a
+#: script holds Redis while it runs), and leaves the stream as much of its
+#: newest entries as it can, which followers read without going to the head.
+COMPACT_AT_MOST = 1000
 LEASE_MS = 10_000
 RENEW_EVERY = 3.0
 LOCK_MS = 10_000
@@ -136,7 +158,12 @@ class RedisBackend(MemoryBackend):
     ) -> None:
         super().__init__(**kwargs)
         self.prefix = redis_prefix
+        if stream_maxlen < 1:
+            raise ValueError(f"stream_maxlen must be a positive integer, not {stream_maxlen!r}")
         self.maxlen = stream_maxlen
+        # How many entries a compaction leaves in the stream: at least one, the
+        # last, which tells a writer after a failure where the stream ends.
+        self.keep = max(1, (stream_maxlen + 1) // 2, stream_maxlen - COMPACT_AT_MOST)
         # host:pid:boot, so that a restarted process on the same host can tell
         # at once that the worker holding a lease is gone.
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -357,7 +384,7 @@ class RedisBackend(MemoryBackend):
                     continue
                 try:
                     ended = events[-1].event == DONE
-                    args: list[Any] = [self.maxlen]
+                    args: list[Any] = [self.maxlen, self.keep, HEAD_PIECE]
                     for event in events:
                         args += [
                             _stream_id(_event_position(event)),
@@ -366,7 +393,12 @@ class RedisBackend(MemoryBackend):
                         ]
                     # Fenced: appends only while the run is still running in Redis.
                     written = await self.redis.eval(
-                        _APPEND, 2, key, self._key(run.session_key, "run", run.id), *args
+                        _APPEND,
+                        3,
+                        key,
+                        self._key(run.session_key, "run", run.id),
+                        self._key(run.session_key, "head", run.id),
+                        *args,
                     )
                     if written == _MISSING:
                         resync = True  # Redis lost the run (restarted empty)
@@ -404,7 +436,7 @@ class RedisBackend(MemoryBackend):
         if last and await self.redis.exists(self._key(run.session_key, "run", run.id)):
             return _position(last[0][0])
         logger.warning("Redis lost run %s; writing it again from its start", run.id)
-        await self.redis.delete(key)
+        await self.redis.delete(key, self._key(run.session_key, "head", run.id))
         await (
             self.redis.pipeline(transaction=True)
             # The meta as it is now: its owner may have changed (`adopt`).
@@ -450,13 +482,18 @@ class RedisBackend(MemoryBackend):
         self._expiring(pipe, run, grace)
 
     def _expiring(self, pipe: Any, run: _Run, grace: int) -> None:
-        """Queue on ``pipe`` the expiry of an ended run's keys, ``grace`` ms from now."""
-        for name in (
+        """Queue on ``pipe`` the expiry of an ended run's keys (its hash, log
+        and head at one instant), ``grace`` ms from now."""
+        pipe.eval(
+            _EXPIRE_RUN,
+            4,
             self._key(run.session_key, "run", run.id),
             self._key(run.session_key, "log", run.id),
-        ):
-            pipe.pexpire(name, grace)
-        pipe.eval(_EXPIRE_CURRENT, 1, self._key(run.session_key, "current"), run.id, grace)
+            self._key(run.session_key, "head", run.id),
+            self._key(run.session_key, "current"),
+            grace,
+            run.id,
+        )
 
     def _grace_ms(self) -> int:
         return max(int(self.evict_after * 1000), 1)
@@ -531,27 +568,74 @@ class RedisBackend(MemoryBackend):
         mirror = _Run(run_id, session_key, {})
         meta = await self._call(self.redis.hget(self._key(session_key, "run", run_id), "meta"))
         mirror.meta = json.loads(meta) if meta else {}
-        entries = await self._call(self.redis.xrange(self._key(session_key, "log", run_id)))
-        for stream_id, fields in entries or []:
-            _apply(mirror, stream_id, fields)
+        await self._call(self._fill(mirror, ORIGIN))
         return mirror
 
+    async def _fill(self, mirror: _Run, after: Position) -> Position:
+        """Apply to a mirror what Redis holds of its run past ``after`` (an id
+        read before): the pieces of the head that end past it, then the
+        stream's entries. Return the last id read (``after`` if none).
+
+        Head and stream are read in one MULTI, so that no compaction falls
+        between the two reads; plain reads, not a script, so that a Redis that
+        pauses its writes (``CLIENT PAUSE WRITE``, a failover) still answers.
+        The head is read from its end, a few pieces first and more if they do
+        not reach back to ``after`` (only the last read is used: each is whole
+        in itself), so a follower that fell behind reads what it lacks, not the
+        whole run.
+        """
+        head = self._key(mirror.session_key, "head", mirror.id)
+        log = self._key(mirror.session_key, "log", mirror.id)
+        pieces = None if after == ORIGIN else 16
+        while True:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.llen(head).lrange(head, 0 if pieces is None else -3 * pieces, -1)
+            pipe.xrange(log, min=_stream_id(after))
+            length, flat, entries = await pipe.execute()
+            if pieces is None or len(flat) >= length or _position(flat[0]) <= after:
+                break
+            pieces *= 8
+        read = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        read += [(stream_id, fields[b"e"], fields[b"d"]) for stream_id, fields in entries]
+        missing = False
+        for stream_id, event, data in read:
+            if _apply(mirror, stream_id, event, data, over_gap=missing):
+                continue
+            # There is nothing more to read: this log lost entries (an older
+            # version trimmed it without a head, or a failover lost writes).
+            logger.error(
+                "Run %s: its log in Redis lacks what comes before %s; that part is missing",
+                mirror.id,
+                stream_id.decode(),
+            )
+            missing = True
+            _apply(mirror, stream_id, event, data, over_gap=True)
+        return _position(read[-1][0]) if read else after
+
     async def _follow(self, mirror: _Run) -> None:
-        """The one blocked XREAD of this worker for this run."""
+        """The one blocked XREAD of this worker for this run.
+
+        An entry that does not continue the mirror means that what came
+        between was compacted into the head before this read (the stream is
+        bounded): it is read again from the head (`_fill`), not skipped.
+        """
         key = self._key(mirror.session_key, "log", mirror.id)
-        last = _stream_id(mirror.position)
+        last = mirror.position
         try:
             while mirror.phase != _FINISHED:
                 try:
-                    reply = await self.redis.xread({key: last}, block=self.block_ms, count=1000)
+                    reply = await self.redis.xread(
+                        {key: _stream_id(last)}, block=self.block_ms, count=1000
+                    )
+                    for _, entries in reply or []:
+                        for stream_id, fields in entries:
+                            if not _apply(mirror, stream_id, fields[b"e"], fields[b"d"]):
+                                last = await self._fill(mirror, last)
+                                break
+                            last = _position(stream_id)
                 except (RedisError, OSError):
                     logger.warning("Redis unreachable; following run %s again soon", mirror.id)
                     await asyncio.sleep(0.5)
-                    continue
-                for _, entries in reply or []:
-                    for stream_id, fields in entries:
-                        _apply(mirror, stream_id, fields)
-                        last = stream_id.decode()
         finally:
             self._readers.pop(mirror.id, None)
 
@@ -707,15 +791,19 @@ class RedisBackend(MemoryBackend):
         reaped = await self._call(
             self.redis.eval(
                 _REAP,
-                3,
+                4,
                 self._key(session_key, "run", run_id),
                 self._key(session_key, "log", run_id),
                 self._key(session_key, "current"),
+                self._key(session_key, "head", run_id),
                 _stream_id(terminal),
                 json.dumps({"status": "interrupted"}),
                 str(time.time()),
                 grace,
                 run_id,
+                self.maxlen,
+                self.keep,
+                HEAD_PIECE,
             )
         )
         if reaped:
@@ -903,18 +991,84 @@ class _SessionLock:
 
 _MISSING, _ENDED = -2, -1
 
+# Lua shared by the scripts below (a script cannot call another).
+#
+# compact: once the run's stream holds more than `maxlen` entries, move all but
+# the newest `keep` into the run's head: a list of (id, event, data) triples in
+# the order of the log, where consecutive deltas are merged into one whose id
+# is the position of its last byte (as in a replay: `_apply` reads it like any
+# entry). The head's last delta goes on growing while it is under `piece`
+# bytes, so a head holds about one entry per `piece` bytes of text plus the
+# run's other events, and each compaction rewrites at most `piece` bytes of it.
+#
+# expire: expire keys at one instant, so that no reader finds a run's head gone
+# and its stream still there (or the other way round).
+_LUA = """
+local function compact(log, head, maxlen, keep, piece)
+  local length = redis.call('xlen', log)
+  if length <= maxlen then return end
+  local function seq(id) return string.match(id, '%-(%d+)$') end
+  local id, parts, size, grown, replace = nil, {}, 0, false, false
+  if redis.call('lindex', head, -2) == 'delta' then
+    local data = redis.call('lindex', head, -1)
+    if #data < piece then
+      id, parts, size = redis.call('lindex', head, -3), {cjson.decode(data).text}, #data
+      replace = true
+    end
+  end
+  local function flush()
+    if grown then
+      local data = cjson.encode({text = table.concat(parts)})
+      if replace then
+        redis.call('lset', head, -3, id)
+        redis.call('lset', head, -1, data)
+      else
+        redis.call('rpush', head, id, 'delta', data)
+      end
+    end
+    id, parts, size, grown, replace = nil, {}, 0, false, false
+  end
+  for _, entry in ipairs(redis.call('xrange', log, '-', '+', 'COUNT', length - keep)) do
+    local fields = {}
+    for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
+    if fields.e == 'delta' then
+      if id ~= nil and (size >= piece or seq(id) ~= seq(entry[1])) then flush() end
+      local text = cjson.decode(fields.d).text
+      table.insert(parts, text)
+      id, size, grown = entry[1], size + #text, true
+    else
+      flush()
+      redis.call('rpush', head, entry[1], fields.e, fields.d)
+    end
+  end
+  flush()
+  redis.call('xtrim', log, 'MAXLEN', keep)
+end
+
+local function expire(keys, ms)
+  local now = redis.call('time')
+  local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ms
+  for _, key in ipairs(keys) do redis.call('pexpireat', key, at) end
+end
+"""
+
 # The writer's append, fenced on the run's status: a worker that lost its run
 # (its lease lapsed and another worker ended it) cannot write past the end.
-# KEYS: log, run hash. ARGV: maxlen, then (stream id, event, data) triples.
-_APPEND = """
+# KEYS: log, run hash, head. ARGV: maxlen, keep, piece, then (stream id, event,
+# data) triples.
+_APPEND = (
+    _LUA
+    + """
 local status = redis.call('hget', KEYS[2], 'status')
 if not status then return -2 end
 if status ~= 'running' then return -1 end
-for i = 2, #ARGV, 3 do
-  redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+for i = 4, #ARGV, 3 do
+  redis.call('xadd', KEYS[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
 end
+compact(KEYS[1], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return 1
 """
+)
 
 # Put a member in a sorted set of runs in flight, scored by when its lease
 # lapses (Redis's clock: every worker's the same); the set goes when no member
@@ -958,15 +1112,32 @@ if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], 'stop', '
 return 1
 """
 
-_REAP = """
+# KEYS: run hash, log, current, head. ARGV: terminal id, its data, finished_at,
+# grace (ms), run id, maxlen, keep, piece.
+_REAP = (
+    _LUA
+    + """
 if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('hset', KEYS[1], 'status', 'interrupted', 'error', '', 'finished_at', ARGV[3])
 redis.call('xadd', KEYS[2], ARGV[1], 'e', 'done', 'd', ARGV[2])
-redis.call('pexpire', KEYS[1], ARGV[4])
-redis.call('pexpire', KEYS[2], ARGV[4])
+compact(KEYS[2], KEYS[4], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+expire({KEYS[1], KEYS[2], KEYS[4]}, tonumber(ARGV[4]))
 if redis.call('get', KEYS[3]) == ARGV[5] then redis.call('pexpire', KEYS[3], ARGV[4]) end
 return 1
 """
+)
+
+# A run's keys expire once it ended; the session's "current" pointer only if
+# it still names this run: a newer run may have taken the session meanwhile (a
+# double send). KEYS: run hash, log, head, current. ARGV: grace (ms), run id.
+_EXPIRE_RUN = (
+    _LUA
+    + """
+expire({KEYS[1], KEYS[2], KEYS[3]}, tonumber(ARGV[1]))
+if redis.call('get', KEYS[4]) == ARGV[2] then redis.call('pexpire', KEYS[4], ARGV[1]) end
+return 1
+"""
+)
 
 # Replace a run's stored meta only if it is still the one read (and the run is
 # still there). KEYS: run hash. ARGV: the meta read, the new meta.
@@ -974,13 +1145,6 @@ _SWAP_META = """
 if redis.call('hget', KEYS[1], 'meta') ~= ARGV[1] then return 0 end
 redis.call('hset', KEYS[1], 'meta', ARGV[2])
 return 1
-"""
-
-# Expire the session's "current" pointer only if it still names this run: a
-# newer run may have taken the session meanwhile (a double send).
-_EXPIRE_CURRENT = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
 """
 
 
@@ -1003,27 +1167,40 @@ def _event_position(event: Event) -> Position:
     return _position(event.id.rpartition(":")[2])
 
 
-def _apply(mirror: _Run, stream_id: bytes, fields: dict[bytes, bytes]) -> None:
-    """Append one stream entry to a mirror (positions follow from the order)."""
+def _apply(
+    mirror: _Run, stream_id: bytes, event: bytes, data: bytes, *, over_gap: bool = False
+) -> bool:
+    """Append one entry of a run's log (of its stream, or a piece of its head)
+    to a mirror; positions follow from the order. False, and nothing appended,
+    if it does not continue the mirror (what comes between is missing), unless
+    ``over_gap``: then it is appended all the same."""
     position = _position(stream_id)
-    if position <= mirror.position:
-        return  # already there (a replay and a read that overlapped)
-    event = fields[b"e"].decode()
-    data = json.loads(fields[b"d"])
-    if event == "delta":
-        text = data["text"].encode()
+    at = mirror.position
+    if position <= at:
+        return True  # already there (a replay and a read that overlapped)
+    kind = event.decode()
+    fields = json.loads(data)
+    if kind == DELTA:
+        text = fields["text"].encode()
         begins = position.text - len(text)
-        if position.seq == mirror.position.seq and begins < mirror.position.text:
-            # A merged delta that overlaps what the mirror has (the stream was
-            # written again after Redis lost it): append only the new part.
-            text = text[mirror.position.text - begins :]
+        if position.seq != at.seq or begins > at.text:
+            if not over_gap:
+                return False
+        elif begins < at.text:
+            # A merged delta that overlaps what the mirror has (a piece of the
+            # head, or the stream written again after Redis lost it): append
+            # only the new part.
+            text = text[at.text - begins :]
         mirror.append_text(text.decode())
+    elif position == Position(at.text, at.seq + 1) or over_gap:
+        mirror.append_event(kind, fields)
     else:
-        mirror.append_event(event, data)
+        return False
     if mirror.position != position:
         logger.error("Run %s: stream id %s does not match the log", mirror.id, position)
-    if event == DONE:
-        mirror.mark_finished(data.get("status", "done"), data.get("error", ""))
+    if kind == DONE:
+        mirror.mark_finished(fields.get("status", "done"), fields.get("error", ""))
+    return True
 
 
 async def _wait_for_change(run: _Run, timeout: float) -> None:
