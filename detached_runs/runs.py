@@ -568,7 +568,7 @@ class RunService:
     def __init__(self, backend: BaseBackend | None = None) -> None:
         self._fixed = backend
         if backend is not None:
-            backend.on_reaped = self._reconcile
+            backend.on_reaped = self._save_ended_elsewhere
         self._backend: BaseBackend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -589,7 +589,7 @@ class RunService:
         loop = asyncio.get_running_loop()
         if self._backend is None or self._loop is not loop:
             self._backend, self._loop = load_backend(), loop
-            self._backend.on_reaped = self._reconcile
+            self._backend.on_reaped = self._save_ended_elsewhere
         return self._backend
 
     def reset(self) -> None:
@@ -855,9 +855,25 @@ class RunService:
     async def _reconcile(self, state: RunState) -> None:
         """A run the backend ended for a dead worker (``interrupted``, rebuilt
         from a shared log) is saved with that output: its worker never will."""
-        if state.status != INTERRUPTED or "uuid" not in state.meta:
+        if state.status == INTERRUPTED:
+            await self._save_ended_elsewhere(state)
+
+    async def _save_ended_elsewhere(self, state: RunState) -> None:
+        """Save the end of a run whose worker is gone (`BaseBackend.on_reaped`),
+        as a shared backend holds it: ``interrupted`` with its log's output for
+        a run the backend reaped, or the run's own end for one whose worker
+        died while retrying its final save. Only a row still ``running`` is
+        written, so that the run is saved, and announced, once."""
+        if state.status == RUNNING or "uuid" not in state.meta:
             return
-        row = await run_sync(_save_reaped, state.meta["uuid"], state.output, state.last_id)
+        row = await run_sync(
+            _save_reaped,
+            state.meta["uuid"],
+            state.output,
+            state.last_id,
+            status=state.status,
+            error=state.error,
+        )
         if row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
 
@@ -1014,10 +1030,16 @@ def _save_end(pk: uuid.UUID, fields: dict[str, Any]) -> int:
     return ended
 
 
-def _save_reaped(pk: str, output: str, last_id: str) -> Run | None:
-    """`RunService._reconcile`'s write: the row, if this call ended it."""
+def _save_reaped(
+    pk: str, output: str, last_id: str, *, status: str = INTERRUPTED, error: str = ""
+) -> Run | None:
+    """`RunService._save_ended_elsewhere`'s write: the row, if this call ended it."""
     updated = Run.objects.filter(pk=pk, status=RUNNING).update(
-        status=INTERRUPTED, output=output, last_event_id=last_id, finished_at=timezone.now()
+        status=status,
+        error=error,
+        output=output,
+        last_event_id=last_id,
+        finished_at=timezone.now(),
     )
     return Run.objects.filter(pk=pk).first() if updated else None
 

@@ -90,3 +90,51 @@ def test_a_run_stopped_while_the_database_refuses_is_saved_stopped_with_its_text
         fault.accept()
     row = _saved(key)
     assert (row.status, row.output) == ("stopped", "lingering ") and text(seen) == "lingering "
+
+
+def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker():
+    """Redis, two workers: A's run ends while the database refuses, and A is
+    killed (-9) while it retries the save. Redis has the run's whole log and
+    its end: B saves them once the database is back, unasked."""
+    pytest.importorskip("redis")
+    from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY
+
+    fault = DatabaseFault()
+    env = fault.env(
+        server_env(
+            TEST_BACKEND="redis",
+            TEST_REDIS_PREFIX=f"dr-e2e-{uuid.uuid4().hex[:8]}",
+            TEST_AGENT_DELAY="0.02",
+            LOG="INFO",
+        )
+    )
+    a, b = start_server(env), start_server(env)
+    try:
+        key = uuid.uuid4().hex[:10]
+        client = Browser(a.port)
+        assert client.request("POST", f"/runs/{key}/", {"prompt": "120"}).status == 202
+        stream = client.stream(f"/runs/{key}/events/")
+        seen = stream.take(40)
+        # B has served a request (its backend, and its sweeps, begin with the first).
+        assert (
+            Browser(b.port, cookies=dict(client.cookies))
+            .request("GET", f"/runs/{key}/")
+            .json()["run"]["status"]
+            == "running"
+        )
+        fault.refuse()
+        try:
+            seen += stream.rest()
+            assert seen[-1].data == {"status": "done", "saved": False}
+            time.sleep(0.5)
+            a.process.kill()
+            a.process.wait(10)
+        finally:
+            fault.accept()
+        row = _saved(key, timeout=LEASE_MS / 1000 + 2 * RENEW_EVERY + 5)
+        assert (row.status, row.output) == ("done", text(seen))
+        assert "died before saving it" in b.output()
+    finally:
+        for server in (a, b):
+            stop_server(server)
+        fault.close()

@@ -108,6 +108,7 @@ async def test_a_refused_final_save_is_visible_in_done_and_saved_again_once_the_
     await eventually(saved, "the end saved after all")
     await eventually(evicted, "evicted once saved")
     assert "saved after all" in caplog.text
+    await runs.get_service().shutdown(1)  # the backend's own tasks end with this loop
 
 
 async def test_refused_checkpoints_are_retried_and_catch_up(caplog):

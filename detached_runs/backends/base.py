@@ -146,9 +146,11 @@ class Subscription:
 class BaseBackend:
     """What every backend supplies. See DESIGN.md, "Behaviour every backend must keep"."""
 
-    #: Called with the state of a run that this backend ended ``interrupted``
-    #: because its process died (a shared log, as Redis's, outlives it), so
-    #: that the run's row is saved with that output; the service sets it.
+    #: Called with the state of a run whose process died, as a shared backend
+    #: (Redis) holds it: ended ``interrupted`` by this backend, with its log's
+    #: output; or ended by its process, which died while retrying the final
+    #: save. The service sets it, to save the row; it may raise (the database
+    #: refuses), and is called again later for the second kind.
     on_reaped: Callable[[RunState], Awaitable[None]] | None = None
     #: For a backend that processes share (Redis): seconds within which a live
     #: worker writes back a run the backend lost (Redis restarted empty). A

@@ -664,6 +664,7 @@ class MemoryBackend(BaseBackend):
             # retries). Subscribers are told that what they got is not saved
             # yet; the run stays here and is saved again (`_save_again`).
             data["saved"] = False
+        if saved is False:
             run.unsaved = True
             again = asyncio.ensure_future(self._save_again(run, end, finalize))
             again.set_name(f"detached_runs:save-again:{run.id}")
@@ -692,6 +693,7 @@ class MemoryBackend(BaseBackend):
             run.session_key,
             end.status,
         )
+        self._unsaved(run)
         delays = iter(SAVE_AGAIN_DELAYS)
         while True:
             if self._closing:
@@ -701,13 +703,21 @@ class MemoryBackend(BaseBackend):
                 with contextlib.suppress(TimeoutError):
                     delay = next(delays, SAVE_AGAIN_DELAYS[-1])
                     await asyncio.wait_for(self._save_now.wait(), delay)
-            if await _save(run, end, finalize):
+            saved = await _save(run, end, finalize)
+            if saved:
                 break
+            if saved is None:
+                return  # cancelled: the loop is closing
         run.unsaved = False
         logger.warning("Run %s of session %s is saved after all", run.id, run.session_key)
         self._saved_after_all(run)
         if run.subscribers == 0:
             self._schedule_eviction(run)
+
+    def _unsaved(self, run: _Run) -> None:
+        """A run whose end could not be saved yet (`_save_again` retries it);
+        for subclasses (a shared backend lets another process save it if
+        this one dies first)."""
 
     def _saved_after_all(self, run: _Run) -> None:
         """A run whose end was saved late (`_save_again`); for subclasses."""
@@ -751,8 +761,10 @@ class MemoryBackend(BaseBackend):
             logger.debug("Evicted run %s of session %s", run.id, run.session_key)
 
 
-async def _save(run: _Run, end: RunEnd, finalize: Finalize) -> bool:
-    """Call the finalize hook; False if it could not save (it said so, or raised)."""
+async def _save(run: _Run, end: RunEnd, finalize: Finalize) -> bool | None:
+    """Call the finalize hook; False if it could not save (it said so, or
+    raised), None if it was cancelled (the event loop is closing: there is
+    no later to save it in)."""
     saving = asyncio.ensure_future(finalize(end))  # a task (named below), owned here
     if isinstance(saving, asyncio.Task):
         saving.set_name(f"detached_runs:finalize:{run.id}")
@@ -765,7 +777,7 @@ async def _save(run: _Run, end: RunEnd, finalize: Finalize) -> bool:
         except Exception:  # noqa: BLE001 - logged just below
             break
     if saving.cancelled():
-        return False
+        return None
     if saving.exception() is not None:
         logger.error("Saving run %s failed", run.id, exc_info=saving.exception())
         return False

@@ -181,6 +181,8 @@ class RedisBackend(MemoryBackend):
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Per run whose final save failed: the task holding it (`_hold_unsaved`).
+        self._holds: dict[str, asyncio.Task[None]] = {}
 
     # -- keys --------------------------------------------------------------
 
@@ -342,9 +344,16 @@ class RedisBackend(MemoryBackend):
         writers = [t for t in self._writers.values() if not t.done()]
         if writers:
             await asyncio.wait(writers, timeout=timeout)
-        for task in [*self._readers.values(), self._listener, self._sweeper]:
-            if task is not None:
-                task.cancel()
+        readers = [
+            t
+            for t in [*self._readers.values(), *self._holds.values(), self._listener, self._sweeper]
+            if t
+        ]
+        for task in readers:
+            task.cancel()
+        # Ended before the client closes: a command cut short by the cancel
+        # hands its connection back to the pool first.
+        await asyncio.gather(*readers, return_exceptions=True)
         await self.redis.aclose()
 
     # -- writing (the worker that drives the run) --------------------------
@@ -498,13 +507,39 @@ class RedisBackend(MemoryBackend):
     def _grace_ms(self) -> int:
         return max(int(self.evict_after * 1000), 1)
 
+    def _unsaved(self, run: _Run) -> None:
+        task = asyncio.create_task(self._hold_unsaved(run), name="detached_runs:redis-unsaved")
+        self._holds[run.id] = task
+        task.add_done_callback(lambda _: self._holds.pop(run.id, None))
+
+    async def _hold_unsaved(self, run: _Run) -> None:
+        """While this worker retries a run's final save, keep the run in
+        ``<prefix>:unsaved`` with a lease: if this worker dies first, another
+        one saves the end from Redis (`_sweep`)."""
+        entry = [(self._unsaved_key(), f"{run.session_key} {run.id}")]
+        while run.unsaved:
+            try:
+                await self._in_sets(entry, add=True)
+            except (RedisError, OSError):
+                pass  # unreachable: the lease may lapse, and the end be saved twice, alike
+            await asyncio.sleep(RENEW_EVERY)
+
     def _saved_after_all(self, run: _Run) -> None:
         # Its keys were kept for want of a save (`_ending`); now they may go.
-        if run.id in self._writers:
-            return  # its end is not in Redis yet: the writer's _ending sets the expiry
-        task = asyncio.create_task(self._expire_saved(run), name="detached_runs:redis-expire")
+        task = asyncio.create_task(self._after_save(run), name="detached_runs:redis-saved")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _after_save(self, run: _Run) -> None:
+        hold = self._holds.pop(run.id, None)
+        if hold is not None:
+            hold.cancel()
+        try:
+            await self.redis.zrem(self._unsaved_key(), f"{run.session_key} {run.id}")
+        except (RedisError, OSError):
+            pass  # its lease lapses; the sweep finds the row saved
+        if run.id not in self._writers:  # else the writer's _ending sets the expiry
+            await self._expire_saved(run)
 
     async def _expire_saved(self, run: _Run) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -688,6 +723,48 @@ class RedisBackend(MemoryBackend):
                     break
                 except Exception:  # the sweeper serves every run: it must go on
                     logger.exception("Could not reap run %s of session %s", run_id, session_key)
+            await self._save_orphaned_ends()
+
+    async def _save_orphaned_ends(self) -> None:
+        """Save the ends of runs whose worker died while retrying their final
+        save (`_hold_unsaved`): Redis has their whole log and status."""
+        try:
+            due = await self.redis.eval(_DUE, 1, self._unsaved_key(), 100)
+        except (RedisError, OSError):
+            return
+        for member in due:
+            session_key, _, run_id = member.decode().partition(" ")
+            try:
+                fields = await self._call(self.redis.hgetall(self._key(session_key, "run", run_id)))
+                info = {k.decode(): v.decode() for k, v in fields.items()}
+                if info.get("status", RUNNING) != RUNNING and self.on_reaped is not None:
+                    log = await self._replay(session_key, run_id)
+                    logger.warning(
+                        "Run %s of session %s ended but its worker died before saving it; "
+                        "saving it here",
+                        run_id,
+                        session_key,
+                    )
+                    await self.on_reaped(
+                        RunState(
+                            run_id=run_id,
+                            session_key=session_key,
+                            status=info["status"],
+                            error=info.get("error", ""),
+                            output=log.output(),
+                            last_id=log.last_id(),
+                            meta=log.meta,
+                            finished_at=float(info.get("finished_at") or time.time()),
+                        )
+                    )
+                    pipe = self.redis.pipeline(transaction=False)
+                    self._expiring(pipe, log, self._grace_ms())
+                    await self._call(pipe.execute())
+                await self._call(self.redis.zrem(self._unsaved_key(), member))
+            except BackendUnavailable:
+                return
+            except Exception:  # the database still refuses: the next sweep tries again
+                logger.warning("Could not save run %s yet", run_id, exc_info=True)
 
     async def _listen(self) -> None:
         while True:
@@ -836,6 +913,11 @@ class RedisBackend(MemoryBackend):
         """The set of runs in flight whose ``meta[key]`` is ``value`` (`count_running`):
         a sorted set of run ids scored by their lease's expiry (ms)."""
         return f"{self.prefix}:{key}:{value}:in-flight"
+
+    def _unsaved_key(self) -> str:
+        """Ended runs whose final save failed (``"<session> <run>"``, scored by
+        the expiry of their worker's hold on them: `_hold_unsaved`)."""
+        return f"{self.prefix}:unsaved"
 
     def _index_key(self) -> str:
         """Every run in flight (``"<session> <run>"``, scored by its lease's expiry):
