@@ -45,7 +45,7 @@ if not _redis_up():
         raise RuntimeError("DETACHED_RUNS_REQUIRE_REDIS=1 but no Redis on 127.0.0.1:6379")
     pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
 
-from detached_runs.backends.redis import RedisBackend  # noqa: E402
+from detached_runs.backends.redis import RENEW_EVERY, RedisBackend  # noqa: E402
 
 WORDS = [f"w{i} " for i in range(40)]
 FULL = "".join(WORDS)
@@ -601,3 +601,29 @@ async def test_a_bounded_runs_head_expires_with_its_other_keys(end, saves):
             return not [key async for key in b.redis.scan_iter(match=f"*{run_id}*")]
 
         await eventually(expired, "a key of the run outlived its grace period")
+
+
+async def test_a_stop_whose_message_is_lost_still_stops_the_run(own_redis, saves):
+    """A stop published while the running worker's stop channel reconnects
+    (here its pub/sub connection is killed, as a Redis restart or a proxy
+    does) is lost; the flag it also sets in the run's hash is read at the
+    writer's next lease renewal, so the run stops all the same."""
+    gate = asyncio.Event()
+
+    async def thinking() -> AsyncIterator[str]:
+        yield "thinking "
+        await gate.wait()
+        yield "never"
+
+    async with two_workers(own_redis.url) as (a, b):
+        try:
+            await start(a, thinking(), saves)
+            subscription = await a.subscribe("s")
+            assert text_of(await subscription.next_batch()) == "thinking "
+            own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert await b.stop("s") is True
+            # Within a renewal (plus slack), or never: the message is gone.
+            events = await asyncio.wait_for(collect(subscription), RENEW_EVERY + 2)
+            assert events[-1].data == {"status": "stopped"}
+        finally:
+            gate.set()
