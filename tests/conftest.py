@@ -109,6 +109,22 @@ async def eventually(check: Any, what: str, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def ended_row(session_key: str, timeout: float, what: str) -> Any:
+    """The session's latest `Run` row once it is no longer ``running`` (polled
+    from the test's thread); fails with ``what`` after ``timeout`` s."""
+    import time
+
+    from detached_runs.models import Run
+
+    deadline = time.monotonic() + timeout
+    while (row := Run.objects.filter(session_key=session_key).latest("started_at")).status == (
+        "running"
+    ):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return row
+
+
 def text_of(events: list[Event]) -> str:
     return "".join(e.data["text"] for e in events if e.event == "delta")
 

@@ -17,7 +17,7 @@ import pytest
 
 from detached_runs.models import Run
 
-from .conftest import server_env, start_server, stop_server
+from .conftest import ended_row, server_env, start_server, stop_server
 from .database_fault import DatabaseFault
 from .http import Browser, text
 
@@ -37,10 +37,7 @@ def refusing_server() -> Any:
 def _saved(key: str, timeout: float = 45) -> Run:
     """The session's row once it is no longer running (the save retries back off
     up to 30 s)."""
-    deadline = time.monotonic() + timeout
-    while (row := Run.objects.get(session_key=key)).status == "running":
-        assert time.monotonic() < deadline, "the end was never saved"
-        time.sleep(0.2)
+    row: Run = ended_row(key, timeout, "the end was never saved")
     return row
 
 

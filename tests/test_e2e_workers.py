@@ -18,7 +18,7 @@ from websockets.typing import Origin
 from detached_runs.events import parse_id
 from detached_runs.models import Run
 
-from .conftest import positions_follow, server_env, start_server, stop_server
+from .conftest import ended_row, positions_follow, server_env, start_server, stop_server
 from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -172,10 +172,7 @@ def test_a_subscriber_on_the_other_worker_gets_the_end_of_a_dead_workers_run_una
 
 def _ended(key: str) -> Run:
     """The session's row once a live worker ended it (a sweep, unasked)."""
-    deadline = time.monotonic() + LEASE_BOUND
-    while (row := Run.objects.get(session_key=key)).status == "running":
-        assert time.monotonic() < deadline, "the dead worker's row was never ended"
-        time.sleep(0.1)
+    row: Run = ended_row(key, LEASE_BOUND, "the dead worker's row was never ended")
     return row
 
 
