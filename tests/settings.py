@@ -70,7 +70,9 @@ def _database() -> dict[str, object]:
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": name,
             "TEST": {"NAME": name},
-            "OPTIONS": {"timeout": 20},
+            # Seconds a write waits for SQLite's lock (a server process of a
+            # fault test waits less, to fail while the test holds the lock).
+            "OPTIONS": {"timeout": float(os.environ.get("TEST_SQLITE_TIMEOUT", "20"))},
         }
     parts = urlparse(url)
     mysql = parts.scheme in ("mysql", "mariadb")
@@ -93,7 +95,7 @@ def _database() -> dict[str, object]:
 DATABASES = {"default": _database()}
 
 DETACHED_RUNS = {
-    "AGENT": "tests.agents.words",
+    "AGENT": os.environ.get("TEST_AGENT", "tests.agents.words"),
     "ALLOW_ANONYMOUS": True,
     "CHECKPOINT_EVERY": 0.2,
     # The end-to-end server process takes these from its environment.
@@ -101,6 +103,8 @@ DETACHED_RUNS = {
     "EVICT_AFTER": float(os.environ.get("TEST_EVICT_AFTER", "180")),
     "SHUTDOWN_TIMEOUT": float(os.environ.get("TEST_SHUTDOWN_TIMEOUT", "10")),
 }
+if "TEST_MAX_ACTIVE_RUNS_PER_OWNER" in os.environ:
+    DETACHED_RUNS["MAX_ACTIVE_RUNS_PER_OWNER"] = int(os.environ["TEST_MAX_ACTIVE_RUNS_PER_OWNER"])
 
 if os.environ.get("TEST_BACKEND") == "redis":
     # The whole suite against the Redis backend (a fresh key prefix per process).
@@ -108,6 +112,9 @@ if os.environ.get("TEST_BACKEND") == "redis":
     DETACHED_RUNS["REDIS_PREFIX"] = os.environ.setdefault(
         "TEST_REDIS_PREFIX", f"dr-suite-{os.getpid()}"
     )
+    if "TEST_REDIS_URL" in os.environ:
+        # A redis-server of the test's own (tests.test_fault_injection).
+        DETACHED_RUNS["REDIS_URL"] = os.environ["TEST_REDIS_URL"]
 
 LOGGING = {
     "version": 1,
