@@ -13,7 +13,9 @@ it, with the wall-clock time and the process id:
   session's previous run ended);
 * ``end``: the agent let go (its ``finally`` ran: done, stopped, interrupted);
 * ``saved``: ``run_finished`` was sent in this process, i.e. a save here ended
-  the run's row (its own final save, or the reaping of a dead worker's run).
+  the run's row (its own final save, or the reaping of a dead worker's run);
+  written by a process once it has loaded the agent, so always by the
+  process that ran the run.
 
 A process killed with SIGKILL writes nothing more: its agents' end is its death,
 which the test knows. Lines are short and appended with ``O_APPEND`` in one

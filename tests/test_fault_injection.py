@@ -30,7 +30,8 @@ workers' agents write their beginnings and ends to (`tests.journal`).
 ``MAX_ACTIVE_RUNS_PER_OWNER`` is 2.
 
 **A scenario** is a function of its seed (`generate`): three owners (browsers
-with a Django session each), four sessions with two tabs each, and a timeline
+with a Django session each) and one for the kills' victims, four sessions with
+two tabs each, and a timeline
 of client steps (start a run of N words, follow its stream to the end or for a
 few events, resume with Last-Event-ID, stop, double-send to both workers,
 read its status) on worker A or B; and the five faults in a random order,
@@ -87,6 +88,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -108,8 +110,6 @@ from .conftest import Server, die_with_the_tests, free_port, server_env, start_s
 from .http import SSE, Browser, Stream
 from .proxy import Proxy
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
 redis = pytest.importorskip("redis")
 
 if shutil.which("redis-server") is None:
@@ -120,9 +120,11 @@ if shutil.which("redis-server") is None:
 from detached_runs.backends.redis import LEASE_MS  # noqa: E402
 from detached_runs.runs import _stale_after  # noqa: E402
 
-#: The seed of the CI run: its scenario kills a worker with runs in flight,
-#: lets the database refuse past the final save's retries and empties Redis
-#: under a run that a start on the other worker then meets.
+#: The seed of the CI run (``test_the_ci_seed_bites`` keeps it so): Redis
+#: emptied under a run that a start on the other worker then meets, a kill
+#: with runs in flight (one that nobody looks at again), the database refusing
+#: for 9 s (past the final save's retries) while the other worker is killed,
+#: then a SIGTERM and a Redis pause; about 30 s of scenario.
 CI_SEED = 295
 SEED = int(os.environ.get("FAULT_SEED", CI_SEED))
 SOAK = float(os.environ.get("FAULT_SOAK", "0"))
@@ -140,7 +142,12 @@ SLACK = 6.0
 #: Seconds a stream's socket waits for a byte (a keep-alive comes every second).
 READ_TIMEOUT = 10.0
 
-pytestmark.append(pytest.mark.timeout(SOAK + 300))
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    # The first test plays the scenario (or the soak); the others judge it.
+    pytest.mark.timeout(SOAK + 300),
+]
 
 SLOTS = ("A", "B")
 
@@ -250,6 +257,10 @@ def generate(seed: int) -> Scenario:
     rng = random.Random(seed)
     owners = ("o0", "o1", "o2")
     sessions = {f"s{i}": rng.choice(owners) for i in range(4)}
+    # The kills' victims have an owner of their own: none of its starts is
+    # refused for the others' runs, and after the bound it has nothing in
+    # flight unless a dead worker's run still counts.
+    victims = "ov"
     tabs = {f"s{i}/t{j}": f"s{i}" for i in range(4) for j in range(2)}
     general = sorted(tabs)
     servers = (rng.choice(("daphne", "uvicorn")), rng.choice(("daphne", "uvicorn")))
@@ -268,7 +279,7 @@ def generate(seed: int) -> Scenario:
             if kind == "kill":
                 # A run nobody will look at again: only the workers can end it.
                 victim = f"v{sum(s.startswith('v') for s in sessions)}"
-                sessions[victim] = rng.choice(owners)
+                sessions[victim] = victims
                 tabs[f"{victim}/t0"] = victim
                 before += [
                     (-0.9, Step(f"{victim}/t0", "start", slot, words=400)),
@@ -371,7 +382,9 @@ def generate(seed: int) -> Scenario:
         else:
             step = Step(tab, kind, slot)
         background.append((t, step))
-    return Scenario(seed, owners, sessions, tabs, servers, tuple(background), tuple(faults))
+    return Scenario(
+        seed, (*owners, victims), sessions, tabs, servers, tuple(background), tuple(faults)
+    )
 
 
 # -- what happened -------------------------------------------------------------
@@ -1266,27 +1279,38 @@ def run_seed(seed: int, workdir: Path) -> Outcome:
 def outcomes(django_db_setup: Any, django_db_blocker: Any) -> Iterator[list[Outcome]]:
     """The observations of the CI seed, or of every seed of a soak."""
     workdir = Path(tempfile.mkdtemp(prefix="fault-injection-"))
+    print(f"\nfault injection: logs in {workdir}")
     found: list[Outcome] = []
+    broken: list[str] = []
     with django_db_blocker.unblock():
         if not SOAK:
-            found.append(run_seed(SEED, workdir))
+            found.append(_summarised(run_seed(SEED, workdir), workdir))
         else:
             seed = int(os.environ.get("FAULT_SEED") or random.randrange(10**6))
             ends = time.monotonic() + SOAK
             while time.monotonic() < ends:
-                found.append(run_seed(seed, workdir))
+                try:
+                    found.append(_summarised(run_seed(seed, workdir), workdir))
+                except Exception:  # noqa: BLE001 - the others' results still count
+                    broken.append(f"seed {seed}:\n{traceback.format_exc()}")
+                    print(f"\nseed {seed}: the harness failed", flush=True)
                 seed += 1
-    for outcome in found:
-        summary = ", ".join(f"{name} {len(check(outcome))}" for name, check in INVARIANTS.items())
-        print(f"\nseed {outcome.seed}: {outcome.seconds:.0f} s; violations: {summary}")
-        reports = [
-            f"invariant {name}:\n{report([outcome], check)}"
-            for name, check in INVARIANTS.items()
-            if check(outcome)
-        ]
-        (workdir / f"violations-{outcome.tag}.txt").write_text("\n\n".join(reports) + "\n")
-    print(f"\nfault-injection logs in {workdir}")
+    if broken:
+        raise RuntimeError("the harness failed:\n" + "\n".join(broken))
     yield found
+
+
+def _summarised(outcome: Outcome, workdir: Path) -> Outcome:
+    """Print a line about ``outcome`` and write its violations next to its log."""
+    counts = ", ".join(f"{name} {len(check(outcome))}" for name, check in INVARIANTS.items())
+    print(f"\nseed {outcome.seed}: {outcome.seconds:.0f} s; violations: {counts}", flush=True)
+    reports = [
+        f"invariant {name}:\n{report([outcome], check)}"
+        for name, check in INVARIANTS.items()
+        if check(outcome)
+    ]
+    (workdir / f"violations-{outcome.tag}.txt").write_text("\n\n".join(reports) + "\n")
+    return outcome
 
 
 # -- the invariants ------------------------------------------------------------------
@@ -1561,3 +1585,21 @@ def test_the_scenario_of_a_seed_is_always_the_same():
     assert generate(SEED) == generate(SEED)
     assert generate(SEED) != generate(SEED + 1)
     assert {f.kind for f in generate(SEED).faults} >= set(FAULT_KINDS)
+
+
+def test_the_ci_seed_bites():
+    """The CI seed's faults come in an order, and last, so that each bites (a
+    change to `generate` changes every seed: choose another then): Redis is
+    emptied before any kill (else it forgets the dead runs' owner counts) for
+    0.6 s (the other worker's start then came before the running worker wrote
+    its run to Redis again, in every run so far); the database refuses longer
+    than the final save's retries; one fault is nested in another."""
+    faults = []
+    for fault in generate(CI_SEED).faults:
+        faults += [fault, *([fault.inner] if fault.inner else [])]
+    kinds = [f.kind for f in faults]
+    assert kinds.index("redis_restart") < kinds.index("kill")
+    assert [f.seconds for f in faults if f.kind == "redis_restart"] == [pytest.approx(0.6, abs=0.1)]
+    assert min(f.seconds for f in faults if f.kind == "db_outage") > 8
+    assert any(f.inner for f in faults)
+    assert generate(CI_SEED).background[-1][0] < 35  # seconds of scenario
