@@ -58,9 +58,7 @@ bound (`LEASE_BOUND`) has passed:
    ``done``, every ``done`` seen of a run (by tabs, by the final replays on
    each worker, in the run's Redis log, as the row's ``last_event_id``) is
    the same event, each Redis log begins with ``start`` and ends with its one
-   ``done``, each session's replay ends with one, whose id gets ``204``, and
-   the run it replays is the session's newest row (what the app serves once
-   Redis no longer holds the run).
+   ``done``, and each session's replay ends with one, whose id gets ``204``.
 3. What a client saw end is in the saved row: the row has that status and its
    output begins with every byte the client was shown, unless the terminal
    event says the save failed (`save_failure_declared`).
@@ -71,6 +69,8 @@ bound (`LEASE_BOUND`) has passed:
 6. Streams and rows hold the agent's words in order: whatever a client
    assembled from replays and resumes, and every saved output, is a prefix of
    the words the agent yields (all of them for ``done``): no gap, no duplicate.
+7. The run a session's replay serves is its newest row (by ``started_at``),
+   which is what the app serves once Redis no longer holds the session.
 """
 
 from __future__ import annotations
@@ -504,6 +504,8 @@ class Outcome:
     dones: list[Seen] = field(default_factory=list)
     #: Things a stream or a replay did that it must never do.
     stream_faults: list[Violation] = field(default_factory=list)
+    #: Sessions whose replay serves another run than their newest row.
+    misordered: list[Violation] = field(default_factory=list)
     #: Each run's Redis log at the end, as (event id, event, data); runs whose
     #: log is gone (expired, or lost with Redis) are absent.
     redis_logs: dict[str, list[tuple[str, str, dict[str, Any]]]] = field(default_factory=dict)
@@ -1163,7 +1165,7 @@ class Harness:
                 if row is not None and row.status != "running":
                     self._expect_204(outcome, key, self.cookies[owner], row.last_event_id, SLOTS)
                 if run != newest[key].id.hex:
-                    outcome.stream_faults.append(
+                    outcome.misordered.append(
                         Violation(
                             f"{key}: the run served is {run}, but the newest row (started_at) "
                             f"is {newest[key].id.hex}, {newest[key].status}: the app serves "
@@ -1519,6 +1521,11 @@ def _diverges(expected: str, text: str) -> str:
     )
 
 
+def newest_row_served(outcome: Outcome) -> list[Violation]:
+    """Invariant 7: sessions whose current run is not their newest row."""
+    return list(outcome.misordered)
+
+
 INVARIANTS: dict[str, Callable[[Outcome], list[Violation]]] = {
     "1 one run in flight": one_run_in_flight,
     "2 one terminal event": one_terminal_event,
@@ -1526,6 +1533,7 @@ INVARIANTS: dict[str, Callable[[Outcome], list[Violation]]] = {
     "4 nothing running past the bound": nothing_running_past_the_bound,
     "5 no owner blocked": no_owner_blocked,
     "6 words in order": words_in_order,
+    "7 newest row served": newest_row_served,
 }
 
 
@@ -1539,13 +1547,16 @@ def report(outcomes: list[Outcome], check: Callable[[Outcome], list[Violation]])
             continue
         keys = {k for v in violations for k in v.keys if k}
         related = [e for e in outcome.log.entries if e.who == "fault" or e.keys & keys]
+        # The answers of an outage, tried again and again, say little more.
+        shown = [e for e in related if " -> 503 " not in e.what]
         parts += [
             f"seed {outcome.seed}: {len(violations)} violations "
             f"(replay: FAULT_SEED={outcome.seed} pytest {__file__} -p no:randomly -s)",
             *(f"  - {v.what}" for v in violations[:25]),
-            f"  action log ({len(related)} of {len(outcome.log.entries)} lines; all in "
-            f"{outcome.log_path}; workers' logs: {' '.join(outcome.worker_logs)}):",
-            *(f"    {line}" for line in outcome.log.lines(related)[:150]),
+            f"  action log: {len(shown)} lines about them ({len(related) - len(shown)} answers "
+            f"503 left out; all {len(outcome.log.entries)} lines in {outcome.log_path}; "
+            f"workers' logs: {' '.join(outcome.worker_logs)}):",
+            *(f"    {line}" for line in outcome.log.lines(shown)[:150]),
         ]
     return "\n".join(parts)
 
@@ -1578,6 +1589,10 @@ def test_no_owner_is_refused_for_the_runs_of_a_dead_worker(outcomes):
 
 def test_streams_and_rows_hold_the_agents_words_in_order(outcomes):
     _check(outcomes, "6 words in order")
+
+
+def test_the_run_a_session_serves_is_its_newest_row(outcomes):
+    _check(outcomes, "7 newest row served")
 
 
 def test_the_scenario_of_a_seed_is_always_the_same():
