@@ -95,7 +95,7 @@ def _database() -> dict[str, object]:
 DATABASES = {"default": _database()}
 
 DETACHED_RUNS = {
-    "AGENT": "tests.agents.words",
+    "AGENT": os.environ.get("TEST_AGENT", "tests.agents.words"),
     "ALLOW_ANONYMOUS": True,
     "CHECKPOINT_EVERY": 0.2,
     # The end-to-end server process takes these from its environment.
