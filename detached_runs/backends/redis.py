@@ -65,6 +65,7 @@ state and is what readers look at anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -726,8 +727,11 @@ class RedisBackend(MemoryBackend):
             await self._save_orphaned_ends()
 
     async def _save_orphaned_ends(self) -> None:
-        """Save the ends of runs whose worker died while retrying their final
-        save (`_hold_unsaved`): Redis has their whole log and status."""
+        """Save the rows of runs that ended in Redis but whose row nobody
+        saved: their worker died while retrying the final save
+        (`_hold_unsaved`), or they were reaped while the database refused, or
+        their reaper died before saving (`_reap`). Redis has their whole log
+        and their end; a row already ended is left as it is."""
         try:
             due = await self.redis.eval(_DUE, 1, self._unsaved_key(), 100)
         except (RedisError, OSError):
@@ -737,11 +741,13 @@ class RedisBackend(MemoryBackend):
             try:
                 fields = await self._call(self.redis.hgetall(self._key(session_key, "run", run_id)))
                 info = {k.decode(): v.decode() for k, v in fields.items()}
-                if info.get("status", RUNNING) != RUNNING and self.on_reaped is not None:
+                if info.get("status") == RUNNING:
+                    continue  # not reaped yet (its reaper died first): the sweep reaps it
+                if info and self.on_reaped is not None:
                     log = await self._replay(session_key, run_id)
                     logger.warning(
-                        "Run %s of session %s ended but its worker died before saving it; "
-                        "saving it here",
+                        "Run %s of session %s ended but its row was not saved (its worker "
+                        "died, or the database refused); saving it here",
                         run_id,
                         session_key,
                     )
@@ -859,9 +865,19 @@ class RedisBackend(MemoryBackend):
         local = self._sessions.get(session_key)
         if local is not None and local.id == run_id:
             return False
-        holder = await self._call(self.redis.get(self._key(session_key, "lease", run_id)))
-        if holder is not None and not _gone(holder.decode()):
+        holder, status = await self._call(
+            self.redis.pipeline(transaction=False)
+            .get(self._key(session_key, "lease", run_id))
+            .hget(self._key(session_key, "run", run_id), "status")
+            .execute()
+        )
+        if status != RUNNING.encode() or (holder is not None and not _gone(holder.decode())):
             return False
+        # Due for a sweep's save before its end is written: if this worker dies
+        # between the two, or the database refuses, the row is still saved
+        # (`_save_orphaned_ends`; saving an end twice writes it once).
+        member = f"{session_key} {run_id}"
+        await self._call(self.redis.zadd(self._unsaved_key(), {member: 0}))
         log = await self._replay(session_key, run_id)
         terminal = Position(log.position.text, log.position.seq + 1)
         grace = max(int(self.evict_after * 1000), 1)
@@ -899,8 +915,13 @@ class RedisBackend(MemoryBackend):
                 )
                 try:
                     await self.on_reaped(state)
-                except Exception:  # the run is ended all the same; its row is resolved later
-                    logger.exception("Recording the end of run %s failed", run_id)
+                except Exception:
+                    # The database refuses: the run is ended all the same, and
+                    # a later sweep saves its row.
+                    logger.warning("Could not save the end of run %s yet", run_id, exc_info=True)
+                    return True
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.zrem(self._unsaved_key(), member)
         return bool(reaped)
 
     # -- helpers -----------------------------------------------------------
@@ -915,8 +936,10 @@ class RedisBackend(MemoryBackend):
         return f"{self.prefix}:{key}:{value}:in-flight"
 
     def _unsaved_key(self) -> str:
-        """Ended runs whose final save failed (``"<session> <run>"``, scored by
-        the expiry of their worker's hold on them: `_hold_unsaved`)."""
+        """Ended runs whose row is not saved yet (``"<session> <run>"``): scored
+        by the expiry of their worker's hold on them while it retries their
+        final save (`_hold_unsaved`), or 0 for a run reaped while the database
+        refused (`_reap`). A sweep saves those that are due."""
         return f"{self.prefix}:unsaved"
 
     def _index_key(self) -> str:
