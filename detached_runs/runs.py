@@ -672,20 +672,21 @@ class RunService:
             # agent does and always before run_finished.
             await self._announce(run_started, run)
             recorder = _Recorder(self, backend, run, agent, history)
+            meta = {
+                "owner": run.owner,
+                "prompt": prompt,
+                "uuid": str(run.id),
+                "started_at": run.started_at.timestamp(),
+                # Counted by, for an anonymous owner; not kept in the row.
+                **({"address": network} if network else {}),
+            }
             try:
                 await backend.start(
                     session_key,
                     run.id.hex,
                     recorder.source(),
                     start_data={"run": str(run.id), "prompt": prompt},
-                    meta={
-                        "owner": run.owner,
-                        "prompt": prompt,
-                        "uuid": str(run.id),
-                        "started_at": run.started_at.timestamp(),
-                        # Counted by, for an anonymous owner; not kept in the row.
-                        **({"address": network} if network else {}),
-                    },
+                    meta=meta,
                     finalize=recorder.finalize,
                     timeout=get_config()["RUN_TIMEOUT"],
                 )
@@ -695,6 +696,14 @@ class RunService:
                 # if the request was cancelled meanwhile.
                 await asyncio.shield(run_sync(Run.objects.filter(pk=run.pk).delete))
                 raise
+            if meta["started_at"] != run.started_at.timestamp():
+                # The backend ordered the session's starts (across processes):
+                # the rows follow its order, so the latest row is the current run.
+                run.started_at = datetime.fromtimestamp(meta["started_at"], UTC)
+                try:
+                    await run_sync(Run.objects.filter(pk=run.pk).update, started_at=run.started_at)
+                except database_errors():
+                    logger.warning("Could not store the start time of run %s", run.id.hex)
             if not self._signals_installed:
                 self._signals_installed = install_signal_handlers(self.shutdown)
         logger.info("Run %s of session %s started", run.id.hex, session_key)

@@ -627,3 +627,52 @@ async def test_a_stop_whose_message_is_lost_still_stops_the_run(own_redis, saves
             assert events[-1].data == {"status": "stopped"}
         finally:
             gate.set()
+
+
+async def test_a_start_refused_by_a_shutdown_begun_meanwhile_leaves_nothing_in_redis(saves):
+    """The shutdown begins while the start waits for Redis: the start is
+    refused, and the run it had written (its hash, its lease, the session's
+    current pointer, its place in the sets of runs in flight) goes with it.
+    It was left behind, and later reaped as a lone terminal event."""
+    async with two_workers() as (a, b):
+        starting = asyncio.ensure_future(start(a, paced(["x "]), saves))
+        await asyncio.sleep(0)  # into start(), past its first check
+        await a.shutdown(1)
+        with pytest.raises(BackendUnavailable):
+            await starting
+        assert await b.get("s") is None
+        assert await b.count_running("o") == 0
+        assert [key async for key in b.redis.scan_iter(match=f"*{b.prefix}*")] == []
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_latest_row_of_a_session_is_its_current_run_whatever_order_the_starts_took():
+    """A double send balanced to two workers: each service writes its row,
+    then the starts take the session's Redis lock, in either order. The rows
+    follow the lock's order (the backend's start time), so that the latest
+    row, which the app serves once Redis forgets the session, is the run that
+    won. Several rounds, since which start takes the lock first is luck."""
+    from detached_runs.models import Run
+    from detached_runs.runs import RunService
+
+    async with two_workers() as (a, b):
+        first, second = RunService(a), RunService(b)
+        for round_ in range(6):
+            session = f"double-{round_}"
+            lock = a._key(session, "lock")
+            await a.redis.set(lock, "held by the test", px=5000)
+            starts = [
+                asyncio.ensure_future(
+                    service.start(session, prompt="3", agent="tests.agents.words")
+                )
+                for service in (first, second)
+            ]
+            await asyncio.sleep(0.05)  # both rows written, both starts waiting for the lock
+            await a.redis.delete(lock)
+            await asyncio.gather(*starts)
+            current = await a.get(session)
+            assert current is not None
+            latest = await Run.objects.filter(session_key=session).alatest("started_at")
+            assert latest.id.hex == current.run_id, f"round {round_}"
+            for service in (first, second):
+                await service.stop(session)

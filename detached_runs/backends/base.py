@@ -184,6 +184,11 @@ class BaseBackend:
         The ``start`` event (with ``start_data``) is in the log at once. A
         source still going ``timeout`` seconds after it began ends as
         ``error``. Raises `BackendUnavailable` once `shutdown` has begun.
+
+        A backend that orders the starts of a session across processes sets
+        ``meta["started_at"]`` (epoch seconds) to when the run became the
+        session's current one, by its own clock; the service then stores it
+        on the run's row, so that the latest row is the current run.
         """
         raise NotImplementedError("subclasses of BaseBackend must provide start()")
 

@@ -207,6 +207,11 @@ class RedisBackend(MemoryBackend):
         await self._ensure_listener()
         async with self._session_lock(session_key):
             remote = await self._stop_remote_previous(session_key)
+            # Runs of a session start in the order of this lock, whichever
+            # worker's service wrote its row first: the start time is taken
+            # here, from Redis's clock, and the service stores it on the row.
+            seconds, micros = await self._call(self.redis.time())
+            meta["started_at"] = seconds + micros / 1_000_000
             fields = {
                 "worker": self.worker,
                 "status": RUNNING,
@@ -223,22 +228,40 @@ class RedisBackend(MemoryBackend):
                 .set(self._key(session_key, "current"), run_id)
                 .execute()
             )
-            await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
-            await super().start(
-                session_key,
-                run_id,
-                source,
-                start_data=start_data,
-                meta=meta,
-                finalize=finalize,
-                timeout=timeout,
-            )
+            try:
+                await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
+                await super().start(
+                    session_key,
+                    run_id,
+                    source,
+                    start_data=start_data,
+                    meta=meta,
+                    finalize=finalize,
+                    timeout=timeout,
+                )
+            except BaseException:
+                # Refused (a shutdown began meanwhile): a refused start changes
+                # nothing, so what it wrote goes.
+                await self._forget(session_key, run_id, meta)
+                raise
             run = self._sessions[session_key]
             if remote is not None and run.previous is None:
                 run.previous = remote  # type: ignore[assignment]
             self._writers[run_id] = asyncio.create_task(
                 self._write(run, fields), name=f"detached_runs:redis-writer:{run_id}"
             )
+
+    async def _forget(self, session_key: str, run_id: str, meta: dict[str, Any]) -> None:
+        """Take back what `start` wrote of a run it then refused (best effort)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(*(self._key(session_key, part, run_id) for part in ("run", "lease", "log")))
+        pipe.eval(_DROP_CURRENT, 1, self._key(session_key, "current"), run_id)
+        for key, member in self._tracked(session_key, run_id, meta):
+            pipe.zrem(key, member)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError):
+            logger.warning("Could not take back the refused run %s from Redis", run_id)
 
     async def subscribe(
         self, session_key: str, after: tuple[str, Position] | None = None
@@ -1243,6 +1266,13 @@ if redis.call('get', KEYS[4]) == ARGV[2] then redis.call('pexpire', KEYS[4], ARG
 return 1
 """
 )
+
+# Drop the session's "current" pointer if it names this run. KEYS: current.
+# ARGV: run id.
+_DROP_CURRENT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 # Replace a run's stored meta only if it is still the one read (and the run is
 # still there). KEYS: run hash. ARGV: the meta read, the new meta.
