@@ -867,15 +867,19 @@ class RunService:
         if state.status == INTERRUPTED:
             await self._save_ended_elsewhere(state)
 
-    async def _save_ended_elsewhere(self, state: RunState) -> None:
+    async def _save_ended_elsewhere(self, state: RunState) -> bool:
         """Save the end of a run whose worker is gone (`BaseBackend.on_reaped`),
         as a shared backend holds it: ``interrupted`` with its log's output for
         a run the backend reaped, or the run's own end for one whose worker
         died while retrying its final save. Only a row still ``running`` is
-        written, so that the run is saved, and announced, once."""
+        written, so that the run is saved, and announced, once.
+
+        False if the row holds another end already: its worker saved it, but
+        died before its log reached the backend (a shutdown while Redis paused
+        its writes), so the row, not the backend's copy, is the run's end."""
         if state.status == RUNNING or "uuid" not in state.meta:
-            return
-        row = await run_sync(
+            return True
+        row, ended = await run_sync(
             _save_reaped,
             state.meta["uuid"],
             state.output,
@@ -883,8 +887,9 @@ class RunService:
             status=state.status,
             error=state.error,
         )
-        if row is not None:
+        if ended and row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
+        return row is None or row.last_event_id == state.last_id or ended
 
     async def _rejoined(
         self, backend: BaseBackend, session_key: str, within: float
@@ -1041,8 +1046,9 @@ def _save_end(pk: uuid.UUID, fields: dict[str, Any]) -> int:
 
 def _save_reaped(
     pk: str, output: str, last_id: str, *, status: str = INTERRUPTED, error: str = ""
-) -> Run | None:
-    """`RunService._save_ended_elsewhere`'s write: the row, if this call ended it."""
+) -> tuple[Run | None, bool]:
+    """`RunService._save_ended_elsewhere`'s write: the row (without its
+    output), and whether this call ended it."""
     updated = Run.objects.filter(pk=pk, status=RUNNING).update(
         status=status,
         error=error,
@@ -1050,7 +1056,8 @@ def _save_reaped(
         last_event_id=last_id,
         finished_at=timezone.now(),
     )
-    return Run.objects.filter(pk=pk).first() if updated else None
+    rows = Run.objects.filter(pk=pk)
+    return (rows.first() if updated else rows.defer("output").first()), bool(updated)
 
 
 def _latest_row(session_key: str, *, output: bool = True) -> Run | None:

@@ -17,13 +17,15 @@ import pytest
 
 from detached_runs.models import Run
 
-from .conftest import server_env, start_server, stop_server
+from .conftest import ended_row, server_env, start_server, stop_server
 from .http import Browser, text
 from .redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 pytest.importorskip("redis")
+
+from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY  # noqa: E402 - needs redis-py
 
 
 @pytest.fixture
@@ -84,3 +86,52 @@ def test_a_start_after_redis_restarted_empty_still_replaces_the_run_in_flight(
     assert first.finished_at is not None and first_word_at is not None
     assert first.finished_at <= first_word_at, "two runs of the session were in flight"
     assert second.status == "done"
+
+
+def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_saved(
+    own_redis,
+):
+    """SIGTERM while Redis pauses the worker's writes: the worker saves the run
+    (``interrupted``, all its text) but its log never reaches Redis, and it
+    exits. When the lease lapses, another worker reaps the run from the
+    shorter log in Redis; the row's end must win (it is what the worker's
+    clients were told), not a second, different terminal event."""
+    env = server_env(
+        TEST_BACKEND="redis",
+        TEST_REDIS_URL=own_redis.url,
+        TEST_REDIS_PREFIX="dr-e2e",
+        TEST_AGENT_DELAY="0.02",
+        TEST_KEEPALIVE="1",
+        TEST_SHUTDOWN_TIMEOUT="2",
+        LOG="INFO",
+    )
+    a, b = start_server(env), start_server(env)
+    try:
+        key = uuid.uuid4().hex[:10]
+        on_a = Browser(a.port)
+        assert on_a.request("POST", f"/runs/{key}/", {"prompt": "2000"}).status == 202
+        on_b = Browser(b.port, cookies=dict(on_a.cookies))
+        assert on_b.request("GET", f"/runs/{key}/").status == 200  # B sweeps from now on
+        stream = on_a.stream(f"/runs/{key}/events/")
+        seen = stream.take(20)
+        own_redis.command("CLIENT", "PAUSE", "6000", "WRITE")
+        seen += stream.take(30)  # more than Redis will ever get
+        a.process.terminate()
+        seen += stream.rest()
+        a.process.wait(15)
+        assert seen[-1].data == {"status": "interrupted"}
+        row = ended_row(key, 5, "the worker did not save its run")
+        assert (row.status, row.output, row.last_event_id) == (
+            "interrupted",
+            text(seen),
+            seen[-1].id,
+        )
+        time.sleep(LEASE_MS / 1000 + 2 * RENEW_EVERY)  # the lease lapses; B sweeps
+        replay = on_b.stream(f"/runs/{key}/events/").rest()
+        assert text(replay) == text(seen) and replay[-1].id == seen[-1].id
+        assert (
+            on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": seen[-1].id or ""}).status == 204
+        )
+    finally:
+        for server in (a, b):
+            stop_server(server)

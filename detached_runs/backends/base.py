@@ -150,8 +150,10 @@ class BaseBackend:
     #: (Redis) holds it: ended ``interrupted`` by this backend, with its log's
     #: output; or ended by its process, which died while retrying the final
     #: save. The service sets it, to save the row; it may raise (the database
-    #: refuses), and is called again later for the second kind.
-    on_reaped: Callable[[RunState], Awaitable[None]] | None = None
+    #: refuses: it is called again later). It returns False if the row holds
+    #: another end of the run (its worker saved it, but its log never reached
+    #: the backend): the backend then drops its copy, and the row is served.
+    on_reaped: Callable[[RunState], Awaitable[bool]] | None = None
     #: For a backend that processes share (Redis): seconds within which a live
     #: worker writes back a run the backend lost (Redis restarted empty). A
     #: start then waits that long for a run the database shows in flight but

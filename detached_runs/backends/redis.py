@@ -252,9 +252,11 @@ class RedisBackend(MemoryBackend):
             )
 
     async def _forget(self, session_key: str, run_id: str, meta: dict[str, Any]) -> None:
-        """Take back what `start` wrote of a run it then refused (best effort)."""
+        """Drop what Redis holds of a run (best effort): one `start` refused
+        after writing it, or one whose row holds another end (`on_reaped`)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*(self._key(session_key, part, run_id) for part in ("run", "lease", "log")))
+        parts = ("run", "lease", "log", "head")
+        pipe.delete(*(self._key(session_key, part, run_id) for part in parts))
         pipe.eval(_DROP_CURRENT, 1, self._key(session_key, "current"), run_id)
         for key, member in self._tracked(session_key, run_id, meta):
             pipe.zrem(key, member)
@@ -774,7 +776,7 @@ class RedisBackend(MemoryBackend):
                         run_id,
                         session_key,
                     )
-                    await self.on_reaped(
+                    agreed = await self.on_reaped(
                         RunState(
                             run_id=run_id,
                             session_key=session_key,
@@ -786,9 +788,12 @@ class RedisBackend(MemoryBackend):
                             finished_at=float(info.get("finished_at") or time.time()),
                         )
                     )
-                    pipe = self.redis.pipeline(transaction=False)
-                    self._expiring(pipe, log, self._grace_ms())
-                    await self._call(pipe.execute())
+                    if agreed:
+                        pipe = self.redis.pipeline(transaction=False)
+                        self._expiring(pipe, log, self._grace_ms())
+                        await self._call(pipe.execute())
+                    else:
+                        await self._forget(session_key, run_id, log.meta)
                 await self._call(self.redis.zrem(self._unsaved_key(), member))
             except BackendUnavailable:
                 return
@@ -937,7 +942,8 @@ class RedisBackend(MemoryBackend):
                     finished_at=time.time(),
                 )
                 try:
-                    await self.on_reaped(state)
+                    if not await self.on_reaped(state):
+                        await self._forget(session_key, run_id, log.meta)
                 except Exception:
                     # The database refuses: the run is ended all the same, and
                     # a later sweep saves its row.
