@@ -696,3 +696,28 @@ async def test_a_run_timeout_ends_an_agent_that_will_not_let_go(saves, monkeypat
     events = await asyncio.wait_for(collect(await backend.subscribe("s")), 2)
     assert events[-1].data == {"status": "error", "error": "The run took too long."}
     await backend.shutdown(1)
+
+
+async def test_a_second_stop_during_the_agents_clean_up_lets_it_finish(backend, saves, released):
+    """A double click on Stop while the agent cleans up (its finally): the
+    second stop does nothing and says so; it used to cancel the clean-up."""
+    cleaned: list[str] = []
+
+    async def tidy() -> AsyncIterator[str]:
+        try:
+            yield "first "
+            await asyncio.sleep(3600)
+        finally:
+            await released.wait()
+            cleaned.append("done")
+
+    await start(backend, tidy(), saves)
+    await asyncio.sleep(0.05)  # in the agent, after its first word
+    subscription = await backend.subscribe("s")
+    assert text_of(await subscription.next_batch()) == "first "
+    assert await backend.stop("s") is True
+    await asyncio.sleep(0.05)  # in its clean-up now
+    assert await backend.stop("s") is False
+    released.set()
+    events = await collect(subscription)
+    assert events[-1].data == {"status": "stopped"} and cleaned == ["done"]

@@ -676,3 +676,81 @@ async def test_the_latest_row_of_a_session_is_its_current_run_whatever_order_the
             assert latest.id.hex == current.run_id, f"round {round_}"
             for service in (first, second):
                 await service.stop(session)
+
+
+async def test_a_run_whose_workers_all_died_is_swept_by_a_worker_that_comes_later(
+    saves, monkeypatch
+):
+    """Every worker dies (their tasks stop, as at kill -9; leases of 1 s here)
+    and a new one starts only after two leases: it still finds and ends the
+    dead run unasked. The set of runs in flight that sweeps read used to
+    expire with its last renewal, and the run stayed running for good."""
+    monkeypatch.setattr("detached_runs.backends.redis.LEASE_MS", 1000)
+    monkeypatch.setattr("detached_runs.backends.redis.RENEW_EVERY", 0.3)
+    gate = asyncio.Event()
+
+    async def thinking() -> AsyncIterator[str]:
+        yield "thinking "
+        await gate.wait()
+
+    async with two_workers() as (a, b):
+        run_id = await start(a, thinking(), saves)
+        await asyncio.sleep(0.2)  # its start and first word are in Redis
+        # a dies: nothing of it runs any more, nothing is ended
+        for task in [a._sweeper, a._listener, *a._writers.values()]:
+            if task is not None:
+                task.cancel()
+        await asyncio.sleep(2.5)  # past two leases, with no worker alive
+        assert await b.count_running("o") == 0  # b's first call: its sweeps begin
+        key = b._key("s", "run", run_id)
+        deadline = asyncio.get_running_loop().time() + 3
+        while await b.redis.hget(key, "status") != b"interrupted":
+            assert asyncio.get_running_loop().time() < deadline, "never swept"
+            await asyncio.sleep(0.1)
+        gate.set()
+
+
+async def test_a_start_waits_for_the_sessions_runs_on_both_workers(saves):
+    """Two tabs, two workers: R1 runs on A and takes a while to let go; a start
+    on B (R3) asks A to stop it and waits; then a start on A (R2) replaces R1
+    locally and R3 remotely. R2's agent must begin only once R3 is saved too:
+    it used to wait for R1 alone."""
+    order: list[str] = []
+
+    async def lingering() -> AsyncIterator[str]:
+        try:
+            yield "r1 "
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.5)
+
+    def agent(name: str) -> AsyncIterator[str]:
+        async def run() -> AsyncIterator[str]:
+            order.append(f"{name} begins")
+            yield f"{name} "
+            await asyncio.sleep(3600)
+
+        return run()
+
+    async def logged(end: Any) -> None:
+        await saves(end)
+        order.append(f"{names[end.run_id]} saved")
+
+    async with two_workers() as (a, b):
+        names: dict[str, str] = {}
+        for backend, source, name in ((a, lingering(), "r1"), (b, agent("r3"), "r3")):
+            run_id = new_id()
+            names[run_id] = name
+            await backend.start(
+                "s", run_id, source, start_data={}, meta={"owner": "o"}, finalize=logged
+            )
+            await asyncio.sleep(0.2)
+        run_id = new_id()
+        names[run_id] = "r2"
+        await a.start("s", run_id, agent("r2"), start_data={}, meta={"owner": "o"}, finalize=logged)
+        deadline = asyncio.get_running_loop().time() + 5
+        while "r2 begins" not in order:
+            assert asyncio.get_running_loop().time() < deadline, order
+            await asyncio.sleep(0.05)
+        assert order.index("r3 saved") < order.index("r2 begins"), order
+        await a.stop("s")

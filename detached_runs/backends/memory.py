@@ -530,14 +530,18 @@ class MemoryBackend(BaseBackend):
             self._arm_abandon(run, grace)  # its clean-up may never end either
         if run.phase >= _CLOSING:
             return False
-        if run.stop_reason is None or reason[0] != STOPPED:
-            run.stop_reason = reason
+        first = run.stop_reason is None
+        if first or reason[0] != STOPPED:
+            run.stop_reason = reason  # a shutdown's or a timeout's reason wins
         # Only a task inside the agent is cancelled; a waiting one (or one that
         # has not run yet: cancelling it would skip its ending) sees the flag.
+        # Only once: a second cancel would cut short the agent's own clean-up
+        # (its finally, its aclose), which the first one started.
         if run.phase == _RUNNING and run.task is not None:
-            run.task.cancel()
+            if first:
+                run.task.cancel()
             self._arm_abandon(run, grace)
-        return True
+        return first
 
     def _arm_abandon(self, run: _Run, grace: float) -> None:
         loop = asyncio.get_running_loop()

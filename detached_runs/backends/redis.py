@@ -142,6 +142,19 @@ class _Remote:
         self.finished = asyncio.Event()
 
 
+class _Both(_Remote):
+    """Two previous runs, waited on as one: ``finished`` once both are."""
+
+    def __init__(self, *runs: Any) -> None:
+        super().__init__()
+        self._task = asyncio.ensure_future(self._wait(runs))
+
+    async def _wait(self, runs: tuple[Any, ...]) -> None:
+        for run in runs:
+            await run.finished.wait()
+        self.finished.set()
+
+
 class RedisBackend(MemoryBackend):
     """Runs logged in Redis Streams; see the module docstring."""
 
@@ -245,8 +258,12 @@ class RedisBackend(MemoryBackend):
                 await self._forget(session_key, run_id, meta)
                 raise
             run = self._sessions[session_key]
-            if remote is not None and run.previous is None:
-                run.previous = remote  # type: ignore[assignment]
+            if remote is not None:
+                # Wait for both: a local run this start replaced, and the
+                # session's run on another worker (a double send from two tabs
+                # balanced to two workers).
+                local = run.previous
+                run.previous = remote if local is None else _Both(local, remote)  # type: ignore[assignment]
             self._writers[run_id] = asyncio.create_task(
                 self._write(run, fields), name=f"detached_runs:redis-writer:{run_id}"
             )
@@ -1002,11 +1019,11 @@ class RedisBackend(MemoryBackend):
                 pipe.zrem(key, member)
         await pipe.execute()
 
-    @staticmethod
-    def _touch(pipe: Any, entries: list[tuple[str, str]]) -> None:
+    def _touch(self, pipe: Any, entries: list[tuple[str, str]]) -> None:
         # One key per script: each set may live in another Cluster slot.
+        swept = (self._index_key(), self._unsaved_key())
         for key, member in entries:
-            pipe.eval(_TOUCH, 1, key, member, LEASE_MS)
+            pipe.eval(_TOUCH, 1, key, member, LEASE_MS, "0" if key in swept else "1")
 
     # -- adopting (a visitor who logs in) ------------------------------------
 
@@ -1205,13 +1222,15 @@ return 1
 )
 
 # Put a member in a sorted set of runs in flight, scored by when its lease
-# lapses (Redis's clock: every worker's the same); the set goes when no member
-# has been renewed for two leases. KEYS: the set. ARGV: member, lease ms.
+# lapses (Redis's clock: every worker's the same). With ARGV[3] = '1' the set
+# goes when no member has been renewed for two leases (an owner's, an
+# address's); the sets the sweeps read never do, or the runs of workers that
+# all died would be forgotten. KEYS: the set. ARGV: member, lease ms, expire.
 _TOUCH = """
 local now = redis.call('time')
 local ms = tonumber(ARGV[2])
 redis.call('zadd', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000) + ms, ARGV[1])
-redis.call('pexpire', KEYS[1], 2 * ms)
+if ARGV[3] == '1' then redis.call('pexpire', KEYS[1], 2 * ms) end
 return 1
 """
 
