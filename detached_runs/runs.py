@@ -664,7 +664,7 @@ class RunService:
                 check_owner=current is None,
                 history=(
                     int(get_config()["HISTORY_LIMIT"])
-                    if current is None or current.status != RUNNING
+                    if current is None or (current.status != RUNNING and current.saved)
                     else None
                 ),
             )

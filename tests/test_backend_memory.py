@@ -721,3 +721,33 @@ async def test_a_second_stop_during_the_agents_clean_up_lets_it_finish(backend, 
     released.set()
     events = await collect(subscription)
     assert events[-1].data == {"status": "stopped"} and cleaned == ["done"]
+
+
+async def test_the_next_run_waits_for_the_previous_runs_end_to_be_saved_after_all(
+    backend, monkeypatch
+):
+    """The first run's end was refused (``"saved": false``) and is retried
+    with back-off (here a minute); the session's next run asks for another
+    attempt at once and its agent begins only once that end is saved, so
+    the saves keep their order and the agent's history has that answer."""
+    monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (60.0,))
+    order: list[str] = []
+    refusing = True
+
+    async def finalize(end: Any) -> bool:
+        if refusing:
+            return False
+        order.append(f"saved {end.output.strip()}")
+        return True
+
+    async def agent(name: str) -> AsyncIterator[str]:
+        order.append(f"{name} begins")
+        yield f"{name} "
+
+    await backend.start("s", new_id(), agent("one"), start_data={}, meta={}, finalize=finalize)
+    events = await collect(await backend.subscribe("s"))
+    assert events[-1].data == {"status": "done", "saved": False}
+    refusing = False  # the database is back; the next attempt is a minute away
+    await backend.start("s", new_id(), agent("two"), start_data={}, meta={}, finalize=finalize)
+    await asyncio.wait_for(collect(await backend.subscribe("s")), 5)
+    assert order == ["one begins", "saved one", "two begins", "saved two"]

@@ -83,6 +83,9 @@ class RunState:
     meta: dict[str, Any]
     #: Wall-clock (time.time()) end of the run, None while it runs.
     finished_at: float | None
+    #: False while the run's end is not saved in the database (its final save
+    #: failed and is being retried: `Finalize`).
+    saved: bool = True
 
 
 class Subscription:

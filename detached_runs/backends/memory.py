@@ -24,7 +24,6 @@ How it keeps DESIGN.md's promises:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -71,6 +70,9 @@ COALESCE_FOR = 0.01
 #: Seconds an agent has to let go after a stop, a timeout or a shutdown
 #: cancelled it, before its run ends without it (`MemoryBackend._abandon`).
 STOP_GRACE = 5.0
+#: Seconds a run waits, before its agent begins, for the end of the session's
+#: previous run to be saved, if its first save failed (`_save_again`).
+UNSAVED_WAIT = 10.0
 #: Up to this many subscribers waiting on a run are woken at each append.
 WAKE_AT_ONCE_UP_TO = 8
 
@@ -109,9 +111,11 @@ class _Run:
         "phase",
         "position",
         "previous",
+        "retry",
         "session_key",
         "status",
         "stop_reason",
+        "stored",
         "subscribers",
         "task",
         "timer",
@@ -148,6 +152,11 @@ class _Run:
         # Its end is not in the database yet (the final save failed): it is
         # saved again later and not evicted before (`MemoryBackend._save_again`).
         self.unsaved = False
+        # Set to ask for another attempt of that save at once (a shutdown; the
+        # session's next run, which waits for it).
+        self.retry = asyncio.Event()
+        # Set once its end is saved (at once, or by `_save_again`).
+        self.stored = asyncio.Event()
         self.finished_at: float | None = None  # wall clock
         # The last read: (after, position, events, end). Subscribers that are
         # level share it, so a fan-out encodes each event once.
@@ -300,6 +309,7 @@ class _Run:
             last_id=self.last_id(),
             meta=self.meta,
             finished_at=self.finished_at,
+            saved=not self.unsaved,
         )
 
 
@@ -419,6 +429,8 @@ class MemoryBackend(BaseBackend):
             if previous.phase != _FINISHED:
                 run.previous = previous
                 self._request_stop(previous)
+            elif previous.unsaved:
+                run.previous = previous  # waited for until its end is saved after all
         self._sessions[session_key] = run
         # A context of its own: the run outlives the request that starts it, and
         # under Django's ASGI handler the request's context carries asgiref's
@@ -590,6 +602,22 @@ class MemoryBackend(BaseBackend):
                         await previous.finished.wait()
                     except asyncio.CancelledError:
                         interrupted = True
+                if getattr(previous, "unsaved", False) and not interrupted:
+                    # Its end is not saved yet: one more attempt now (the
+                    # database took this run's row a moment ago), and this
+                    # run waits for it a while, so that the two saves keep
+                    # their order and this agent's history has that answer.
+                    previous.retry.set()
+                    try:
+                        await asyncio.wait_for(previous.stored.wait(), UNSAVED_WAIT)
+                    except TimeoutError:
+                        logger.warning(
+                            "Run %s starts before run %s of its session is saved",
+                            run.id,
+                            previous.id,
+                        )
+                    except asyncio.CancelledError:
+                        interrupted = True
                 del previous
             if run.stop_reason is None and not interrupted:
                 run.phase = _RUNNING
@@ -668,6 +696,8 @@ class MemoryBackend(BaseBackend):
             # retries). Subscribers are told that what they got is not saved
             # yet; the run stays here and is saved again (`_save_again`).
             data["saved"] = False
+        if saved:
+            run.stored.set()
         if saved is False:
             run.unsaved = True
             again = asyncio.ensure_future(self._save_again(run, end, finalize))
@@ -690,6 +720,9 @@ class MemoryBackend(BaseBackend):
         every half second, once shutdown began); then let it be evicted."""
         if self._save_now is None:
             self._save_now = asyncio.Event()
+        # A shutdown (every run) or the session's next run (this one) asks
+        # for an attempt at once.
+        retry = asyncio.ensure_future(_either(self._save_now, run.retry))
         logger.warning(
             "Run %s of session %s ended (%s) but could not be saved; it stays in memory "
             "and is saved again later",
@@ -703,16 +736,20 @@ class MemoryBackend(BaseBackend):
             if self._closing:
                 await asyncio.sleep(0.5)
             else:
-                # Shutdown sets _save_now: one more attempt at once.
-                with contextlib.suppress(TimeoutError):
-                    delay = next(delays, SAVE_AGAIN_DELAYS[-1])
-                    await asyncio.wait_for(self._save_now.wait(), delay)
+                delay = next(delays, SAVE_AGAIN_DELAYS[-1])
+                await asyncio.wait({retry}, timeout=delay)
+                if retry.done():
+                    run.retry.clear()
+                    retry = asyncio.ensure_future(_either(self._save_now, run.retry))
             saved = await _save(run, end, finalize)
             if saved:
                 break
             if saved is None:
+                retry.cancel()
                 return  # cancelled: the loop is closing
+        retry.cancel()
         run.unsaved = False
+        run.stored.set()
         logger.warning("Run %s of session %s is saved after all", run.id, run.session_key)
         self._saved_after_all(run)
         if run.subscribers == 0:
@@ -763,6 +800,16 @@ class MemoryBackend(BaseBackend):
         if run.subscribers == 0 and self._sessions.get(run.session_key) is run:
             del self._sessions[run.session_key]
             logger.debug("Evicted run %s of session %s", run.id, run.session_key)
+
+
+async def _either(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _save(run: _Run, end: RunEnd, finalize: Finalize) -> bool | None:
