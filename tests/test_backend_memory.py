@@ -751,3 +751,17 @@ async def test_the_next_run_waits_for_the_previous_runs_end_to_be_saved_after_al
     await backend.start("s", new_id(), agent("two"), start_data={}, meta={}, finalize=finalize)
     await asyncio.wait_for(collect(await backend.subscribe("s")), 5)
     assert order == ["one begins", "saved one", "two begins", "saved two"]
+
+
+async def test_a_position_that_is_not_on_this_log_is_an_unknown_id(backend, saves):
+    """``(2, 2)`` claims two events before the third byte, where this log had
+    one: a position of another log of the run (a worker cut off from Redis and
+    the worker that reaped its run each ended it). It used to be read as a
+    point in this log, and the whole text was sent again."""
+    run_id = await start(backend, paced(["abc", "def"]), saves)
+    await collect(await backend.subscribe("s"))
+    for bad in (Position(2, 2), Position(3, 3), Position(0, 2)):
+        with pytest.raises(BadEventId):
+            await backend.subscribe("s", (run_id, bad))
+    for good in (Position(0, 0), Position(0, 1), Position(2, 1), Position(6, 1), Position(6, 2)):
+        await backend.subscribe("s", (run_id, good))

@@ -297,7 +297,13 @@ async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_h
     await b.shutdown(2)
 
 
-async def test_a_worker_that_lost_its_run_cannot_write_past_its_end(workers, saves):
+async def test_a_worker_that_lost_its_run_cannot_write_past_its_end_and_its_save_wins(
+    workers, saves
+):
+    """A is cut off from Redis past its lease and B reaps the run. A cannot
+    append past the end B wrote; it stops its copy and saves it, with what
+    its own clients saw (its save has the last word in the row); then Redis
+    drops the reaped copy, so that every worker serves that one end."""
     a, b = workers
     step = asyncio.Event()
 
@@ -317,9 +323,14 @@ async def test_a_worker_that_lost_its_run_cannot_write_past_its_end(workers, sav
     local = await collect(await a.subscribe("s"))
     assert local[-1].data == {"status": "interrupted"}  # A stopped its copy too
     entries = await b.redis.xrange(b._key("s", "log", run_id))
-    kinds = [fields[b"e"] for _, fields in entries]
-    assert kinds.count(b"done") == 1 and kinds[-1] == b"done"
     assert b"after the reaping" not in b"".join(f[b"d"] for _, f in entries)
+    assert saves.ends[-1].output == text_of(local) == "before after the reaping "
+
+    async def dropped() -> bool:
+        gone = not await b.redis.exists(b._key("s", "log", run_id))
+        return gone and await b.get("s") is None
+
+    await eventually(dropped, "Redis kept the reaped copy")
 
 
 async def test_a_workers_reader_stops_when_its_last_local_subscriber_leaves(workers, saves):

@@ -242,15 +242,22 @@ class _Run:
         return self.position if self.phase == _FINISHED else None
 
     def check_after(self, after: Position) -> None:
+        """`BadEventId` unless ``after`` is a position of this log: the end of
+        an entry, or a character boundary inside a text block (whose events
+        count, ``seq``, is the block's). A position of another log of the same
+        run (one that a worker cut off from Redis and the worker that reaped
+        it each ended) is refused, not read as a point in this one."""
         if after > self.position:
             raise BadEventId("Unknown event id.")
         index = bisect_right(self.ends, after)
-        if index < len(self.entries):
-            entry = self.entries[index]
-            if isinstance(entry, _Text) and after.seq == entry.seq and after.text > entry.start:
-                offset = after.text - entry.start
-                if offset < len(entry.buf) and (entry.buf[offset] & 0xC0) == 0x80:
-                    raise BadEventId("Unknown event id.")
+        if after == ORIGIN or (index > 0 and self.ends[index - 1] == after):
+            return  # the start, or the end of an entry
+        entry = self.entries[index]
+        if not isinstance(entry, _Text) or after.seq != entry.seq:
+            raise BadEventId("Unknown event id.")
+        offset = after.text - entry.start
+        if offset < len(entry.buf) and (entry.buf[offset] & 0xC0) == 0x80:
+            raise BadEventId("Unknown event id.")
 
     def read(self, after: Position, limit: int = READ_CHUNK) -> tuple[list[Event], Position]:
         """The events after ``after``, consecutive deltas merged into one, up

@@ -460,6 +460,11 @@ class RedisBackend(MemoryBackend):
                         # were cut off): it is not ours to write or finish any more.
                         logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
                         self._request_stop(run, ("interrupted", ""))
+                        task = asyncio.create_task(
+                            self._yield_to_row(run), name="detached_runs:redis-yield"
+                        )
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
                         return
                     if ended:
                         pipe = self.redis.pipeline(transaction=False)
@@ -480,6 +485,15 @@ class RedisBackend(MemoryBackend):
                     return
         finally:
             self._writers.pop(run.id, None)
+
+    async def _yield_to_row(self, run: _Run) -> None:
+        """A run that another worker reaped while this one was cut off from
+        Redis: this worker's clients saw more than Redis holds, and its own
+        save of the run, made after the reap, has the last word in the row.
+        Once that save is in, Redis drops its copy (the reaped end), so that
+        every worker serves the row: one end for the run, not two."""
+        await run.stored.wait()
+        await self._forget(run.session_key, run.id, run.meta)
 
     async def _resync(self, run: _Run, record: dict[str, str]) -> Position:
         """Where the run's stream ends; re-create the run's keys if Redis lost them."""
