@@ -60,7 +60,11 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-started_at"]
-        indexes = [models.Index(fields=["session_key", "-started_at"], name="detached_run_session")]
+        indexes = [
+            models.Index(fields=["session_key", "-started_at"], name="detached_run_session"),
+            # The sweep for rows left running by a dead process (`RunService.sweep`).
+            models.Index(fields=["status", "updated_at"], name="detached_run_heartbeat"),
+        ]
         verbose_name = _("run")
         verbose_name_plural = _("runs")
 

@@ -569,6 +569,7 @@ class RunService:
         self._fixed = backend
         if backend is not None:
             backend.on_reaped = self._save_ended_elsewhere
+            backend.on_sweep = self.sweep
         self._backend: BaseBackend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -590,6 +591,7 @@ class RunService:
         if self._backend is None or self._loop is not loop:
             self._backend, self._loop = load_backend(), loop
             self._backend.on_reaped = self._save_ended_elsewhere
+            self._backend.on_sweep = self.sweep
         return self._backend
 
     def reset(self) -> None:
@@ -834,6 +836,23 @@ class RunService:
             )
         return resolved
 
+    async def sweep(self, limit: int = 100) -> int:
+        """Resolve the rows left ``running`` whose heartbeat is stale (`resolve`:
+        marked ``interrupted`` with their last checkpoint) and that the backend
+        does not hold, without waiting for someone to read them; return how
+        many were ended. A backend whose log outlives its workers (Redis) ends
+        their runs itself; this finds what it lost too (a worker killed while
+        Redis restarted empty). The Redis backend calls it about every 30 s
+        (`BaseBackend.on_sweep`); call it from a periodic job otherwise."""
+        ended = 0
+        for row in await run_sync(_stale_rows, limit):
+            state = await self.backend.get(row.session_key)
+            if state is not None and state.run_id == row.id.hex:
+                continue  # the backend holds it: its end comes from there
+            if (await self.resolve(row, output=False)).status != RUNNING:
+                ended += 1
+        return ended
+
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop every run in flight and wait for their saves (graceful shutdown)."""
         if timeout is None:
@@ -1058,6 +1077,14 @@ def _save_reaped(
     )
     rows = Run.objects.filter(pk=pk)
     return (rows.first() if updated else rows.defer("output").first()), bool(updated)
+
+
+def _stale_rows(limit: int) -> list[Run]:
+    """Up to ``limit`` running rows whose heartbeat is older than `_stale_after`
+    (their output deferred), the oldest first."""
+    stale = timezone.now() - _stale_after()
+    rows = Run.objects.filter(status=RUNNING, updated_at__lt=stale).defer("output")
+    return list(rows.order_by("updated_at")[:limit])
 
 
 def _latest_row(session_key: str, *, output: bool = True) -> Run | None:

@@ -765,3 +765,26 @@ async def test_a_start_waits_for_the_sessions_runs_on_both_workers(saves):
             await asyncio.sleep(0.05)
         assert order.index("r3 saved") < order.index("r2 begins"), order
         await a.stop("s")
+
+
+async def test_the_sweeps_call_the_services_sweep_of_rows_now_and_then(monkeypatch):
+    """Every `SWEEP_ROWS_EVERY` sweeps the backend calls ``on_sweep`` (the
+    service's sweep of rows left running, which finds what Redis lost), even
+    when that sweep fails (the database refuses) now and then."""
+    monkeypatch.setattr("detached_runs.backends.redis.RENEW_EVERY", 0.05)
+    monkeypatch.setattr("detached_runs.backends.redis.SWEEP_ROWS_EVERY", 2)
+    calls: list[int] = []
+
+    async def sweep() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise OSError("the database refuses")
+
+    async with two_workers() as (a, _b):
+        a.on_sweep = sweep
+        assert await a.count_running("o") == 0  # its sweeps begin
+        await eventually(lambda: _at_least(calls, 3), "the service's sweep was not called")
+
+
+async def _at_least(calls: list[int], count: int) -> bool:
+    return len(calls) >= count

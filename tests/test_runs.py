@@ -342,3 +342,31 @@ async def test_a_start_refused_after_its_row_was_written_leaves_no_row():
     finally:
         run_started.disconnect(shutting_down, sender=Run)
     assert not await Run.objects.filter(session_key="chat").aexists()
+
+
+async def test_a_sweep_ends_rows_left_running_by_a_dead_process_that_the_backend_lost(config):
+    """A process died and the backend lost its run as well (Redis restarted
+    empty): only the row is left, running, its heartbeat stale. The sweep
+    ends it ``interrupted`` with its checkpoint, without waiting for a read;
+    it leaves alone a row whose heartbeat is fresh and a run the backend
+    holds."""
+    service = get_service()
+    long_ago = timezone.now() - timedelta(minutes=10)
+    dead = await Run.objects.acreate(
+        session_key="dead", prompt="p", output="so far ", worker="elsewhere:1:x"
+    )
+    await Run.objects.filter(pk=dead.pk).aupdate(updated_at=long_ago)
+    fresh = await Run.objects.acreate(session_key="fresh", prompt="p", worker="elsewhere:1:x")
+    held = await runs.start("held", prompt="3", agent=_hang)
+    await Run.objects.filter(pk=held.pk).aupdate(updated_at=long_ago)
+    assert await service.sweep() == 1
+    dead_row = await Run.objects.aget(pk=dead.pk)
+    assert (dead_row.status, dead_row.output) == ("interrupted", "so far ")
+    assert (await Run.objects.aget(pk=fresh.pk)).status == "running"
+    assert (await Run.objects.aget(pk=held.pk)).status == "running"
+    await runs.stop("held")
+
+
+async def _hang(ctx: Any) -> AsyncIterator[str]:
+    yield "thinking "
+    await asyncio.sleep(3600)

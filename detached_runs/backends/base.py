@@ -157,6 +157,11 @@ class BaseBackend:
     #: another end of the run (its worker saved it, but its log never reached
     #: the backend): the backend then drops its copy, and the row is served.
     on_reaped: Callable[[RunState], Awaitable[bool]] | None = None
+    #: Called now and then by a backend that sweeps for dead workers' runs
+    #: (Redis, about every 30 s): the service's sweep of the rows left running
+    #: by a process that died while the backend lost its run as well
+    #: (`RunService.sweep`). The service sets it.
+    on_sweep: Callable[[], Awaitable[object]] | None = None
     #: For a backend that processes share (Redis): seconds within which a live
     #: worker writes back a run the backend lost (Redis restarted empty). A
     #: start then waits that long for a run the database shows in flight but

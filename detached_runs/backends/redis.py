@@ -119,6 +119,10 @@ HEAD_PIECE = 8192
 #: newest entries as it can, which followers read without going to the head.
 COMPACT_AT_MOST = 1000
 LEASE_MS = 10_000
+#: Every this many sweeps (of `RENEW_EVERY` s), the service's sweep of rows
+#: left running is called too (`BaseBackend.on_sweep`): it finds what Redis
+#: itself lost (a worker killed while Redis restarted empty).
+SWEEP_ROWS_EVERY = 10
 RENEW_EVERY = 3.0
 LOCK_MS = 10_000
 #: Milliseconds an ended run's keys are kept while its end is not saved in the
@@ -759,8 +763,15 @@ class RedisBackend(MemoryBackend):
         bound (``LEASE_MS`` plus a sweep), their subscribers on every worker
         get the terminal event, and their rows are saved (`on_reaped`),
         whether or not anybody asks for them."""
+        sweeps = 0
         while True:
             await asyncio.sleep(RENEW_EVERY)
+            sweeps += 1
+            if self.on_sweep is not None and sweeps % SWEEP_ROWS_EVERY == 0:
+                try:
+                    await self.on_sweep()
+                except Exception:  # the database refuses: the next time, then
+                    logger.warning("Could not sweep the rows left running", exc_info=True)
             try:
                 due = await self.redis.eval(_DUE, 1, self._index_key(), 100)
             except (RedisError, OSError):
