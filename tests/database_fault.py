@@ -1,6 +1,7 @@
 """A database that refuses for a while, for tests of real server processes.
 
-PostgreSQL and MariaDB are reached through `tests.proxy.Proxy`, which can cut
+PostgreSQL and MariaDB are reached through `tests.proxy.Proxy` (which lets
+MariaDB speak first), which can cut
 the connections open now and close new ones unanswered (as a database restart
 or a failover does). SQLite has no connection to cut: the test process holds
 its file's exclusive lock instead, and the server, started with a short
@@ -24,18 +25,22 @@ from .proxy import Proxy
 
 
 class DatabaseFault:
-    def __init__(self) -> None:
+    def __init__(self, *, sqlite_timeout: float = 0.3) -> None:
         self.vendor = connection.vendor
+        self.sqlite_timeout = sqlite_timeout
         self.proxy: Proxy | None = None
         self._lock: sqlite3.Connection | None = None
         if self.vendor != "sqlite":
-            self.proxy = Proxy(upstream=int(connection.settings_dict["PORT"]))
+            self.proxy = Proxy(
+                upstream=int(connection.settings_dict["PORT"]),
+                server_first=self.vendor == "mysql",  # MySQL's greeting comes first
+            )
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
         """``env`` (from `tests.conftest.server_env`) with the server's database
         reached through this fault."""
         if self.proxy is None:
-            return {**env, "TEST_SQLITE_TIMEOUT": "0.3"}
+            return {**env, "TEST_SQLITE_TIMEOUT": str(self.sqlite_timeout)}
         url = urlparse(env["DATABASE_URL"])
         user, at, _host = url.netloc.rpartition("@")
         netloc = f"{user}{at}127.0.0.1:{self.proxy.port}"

@@ -38,9 +38,14 @@ DROP: Mode = ("drop", b"")
 
 
 class Proxy:
-    def __init__(self, upstream: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream: int, host: str = "127.0.0.1", *, server_first: bool = False
+    ) -> None:
         self.upstream = upstream
         self.host = host
+        #: The server speaks first (MySQL's greeting): the mode is chosen when a
+        #: connection is accepted, since its client sends nothing before.
+        self.server_first = server_first
         self._mode: Mode = FORWARD
         #: Every stream writer open now, both sides of forwarded connections.
         self._open: set[asyncio.StreamWriter] = set()
@@ -104,8 +109,8 @@ class Proxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open.add(writer)
         try:
-            first = await reader.read(65536)
-            if not first:
+            first = b"" if self.server_first else await reader.read(65536)
+            if not first and not self.server_first:
                 return
             kind, head = self._mode
             if kind == "forward":
@@ -145,8 +150,9 @@ class Proxy:
         upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.upstream)
         self._open.add(upstream_writer)
         try:
-            upstream_writer.write(first)
-            await upstream_writer.drain()
+            if first:
+                upstream_writer.write(first)
+                await upstream_writer.drain()
             await asyncio.gather(
                 self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
             )

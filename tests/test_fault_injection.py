@@ -16,12 +16,11 @@ Run it::
 ``FAULT_SOAK`` runs seeds ``FAULT_SEED, FAULT_SEED + 1, ...`` (from a random
 one if ``FAULT_SEED`` is unset) until that many seconds have passed, each with
 fresh workers, Redis and key prefix, and prints a line per seed. With
-``DATABASE_URL=postgres://...`` the database is PostgreSQL (the workers reach
-it through `tests.proxy.Proxy`, which refuses and cuts connections during an
-outage); on SQLite the test holds the file's exclusive lock during an outage
-and the workers wait 0.1 s for it (``TEST_SQLITE_TIMEOUT``). MariaDB speaks
-first on a connection, which the proxy does not forward: there the outage is
-skipped (and logged).
+``DATABASE_URL=postgres://...`` (or ``mysql://...``) the database is
+PostgreSQL (or MariaDB), which the workers reach through `tests.proxy.Proxy`:
+it refuses and cuts connections during an outage. On SQLite the test holds the
+file's exclusive lock during an outage and the workers wait 0.1 s for it
+(``TEST_SQLITE_TIMEOUT``). See `tests.database_fault`.
 
 **The cluster.** Workers A and B (daphne or uvicorn, as the seed chooses, and
 again at each restart), one redis-server of the test's own (so pausing or
@@ -86,7 +85,6 @@ import os
 import random
 import shutil
 import socket
-import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -98,10 +96,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import pytest
-from django.db import connection
 
 from detached_runs.events import Position, parse_id
 from detached_runs.exceptions import BadEventId
@@ -110,8 +106,8 @@ from detached_runs.models import Run
 from . import journal
 from .agents import numbered
 from .conftest import Server, die_with_the_tests, free_port, server_env, start_server, stop_server
+from .database_fault import DatabaseFault
 from .http import SSE, Browser, Stream
-from .proxy import Proxy
 
 redis = pytest.importorskip("redis")
 
@@ -560,56 +556,15 @@ class OwnRedis:
             self.process.wait()
 
 
-class DatabaseOutage:
-    """Makes the workers' database refuse for a while: a proxy in front of
-    PostgreSQL that closes new connections and cuts the open ones; on SQLite,
-    the file's exclusive lock held by the test (the workers wait 0.1 s)."""
+class DatabaseOutage(DatabaseFault):
+    """Makes the workers' database refuse for a while (`tests.database_fault`):
+    a proxy in front of PostgreSQL or MariaDB that closes new connections and
+    cuts the open ones; on SQLite, the file's exclusive lock held by the test
+    (the workers wait 0.1 s: every query of a worker goes through its one
+    database thread, so during an outage each waits for those queued before)."""
 
     def __init__(self) -> None:
-        self.vendor = connection.vendor
-        self.proxy: Proxy | None = None
-        self._lock: sqlite3.Connection | None = None
-        if self.vendor == "postgresql":
-            self.proxy = Proxy(upstream=int(connection.settings_dict["PORT"] or 5432))
-
-    @property
-    def possible(self) -> bool:
-        return self.vendor in ("sqlite", "postgresql")
-
-    def env(self, env: dict[str, str]) -> dict[str, str]:
-        if self.vendor == "sqlite":
-            # Short: every query of a worker goes through its one database
-            # thread, so during an outage each waits for those queued before.
-            return {**env, "TEST_SQLITE_TIMEOUT": "0.1"}
-        if self.proxy is None:
-            return env
-        url = urlparse(env["DATABASE_URL"])
-        user, at, _host = url.netloc.rpartition("@")
-        netloc = f"{user}{at}127.0.0.1:{self.proxy.port}"
-        return {**env, "DATABASE_URL": urlunparse(url._replace(netloc=netloc))}
-
-    def refuse(self) -> None:
-        if self.proxy is not None:
-            self.proxy.drop()
-            self.proxy.cut()
-        elif self.vendor == "sqlite":
-            self._lock = sqlite3.connect(
-                str(connection.settings_dict["NAME"]), timeout=30, isolation_level=None
-            )
-            self._lock.execute("BEGIN EXCLUSIVE")
-
-    def accept(self) -> None:
-        if self.proxy is not None:
-            self.proxy.forward()
-        if self._lock is not None:
-            self._lock.execute("ROLLBACK")
-            self._lock.close()
-            self._lock = None
-
-    def close(self) -> None:
-        self.accept()
-        if self.proxy is not None:
-            self.proxy.close()
+        super().__init__(sqlite_timeout=0.1)
 
 
 class Workers:
@@ -839,10 +794,8 @@ class Harness:
             client.close()
         elif fault.kind == "redis_restart":
             self.redis.kill()
-        elif self.database.possible:
-            self.database.refuse()
         else:
-            self.log.note("fault", f"(no database outage on {self.database.vendor})")
+            self.database.refuse()
         began = time.monotonic() - self.log.began
         inner = fault.inner
         for offset, step in fault.during:
