@@ -570,6 +570,7 @@ class RunService:
         if backend is not None:
             backend.on_reaped = self._save_ended_elsewhere
             backend.on_sweep = self.sweep
+            backend.saved_end = self._saved_end
         self._backend: BaseBackend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -592,6 +593,7 @@ class RunService:
             self._backend, self._loop = load_backend(), loop
             self._backend.on_reaped = self._save_ended_elsewhere
             self._backend.on_sweep = self.sweep
+            self._backend.saved_end = self._saved_end
         return self._backend
 
     def reset(self) -> None:
@@ -909,6 +911,13 @@ class RunService:
         if ended and row is not None:
             await self._announce(run_finished, row, status=row.status, output=row.output)
         return row is None or row.last_event_id == state.last_id or ended
+
+    async def _saved_end(self, pk: str) -> tuple[str, str, str, str] | None:
+        """`BaseBackend.saved_end`: the end the row of run ``pk`` holds, if any."""
+        row = await run_sync(Run.objects.filter(pk=pk).exclude(status=RUNNING).first)
+        if row is None:
+            return None
+        return row.status, row.error, row.output, row.last_event_id
 
     async def _rejoined(
         self, backend: BaseBackend, session_key: str, within: float

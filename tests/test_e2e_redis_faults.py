@@ -25,8 +25,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 pytest.importorskip("redis")
 
-from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY  # noqa: E402 - needs redis-py
-
 
 @pytest.fixture
 def workers(own_redis: RedisServer) -> Any:
@@ -93,9 +91,10 @@ def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_sa
 ):
     """SIGTERM while Redis pauses the worker's writes: the worker saves the run
     (``interrupted``, all its text) but its log never reaches Redis, and it
-    exits. When the lease lapses, another worker reaps the run from the
-    shorter log in Redis; the row's end must win (it is what the worker's
-    clients were told), not a second, different terminal event."""
+    exits. When the lease lapses, another worker reaps the run: with the
+    row's end and the text Redis lacks, not a second, different terminal
+    event from the shorter log in Redis, for a client that follows the run
+    on that worker all along as for one that comes later."""
     env = server_env(
         TEST_BACKEND="redis",
         TEST_REDIS_URL=own_redis.url,
@@ -114,6 +113,8 @@ def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_sa
         assert on_b.request("GET", f"/runs/{key}/").status == 200  # B sweeps from now on
         stream = on_a.stream(f"/runs/{key}/events/")
         seen = stream.take(20)
+        follower = on_b.stream(f"/runs/{key}/events/")
+        followed = follower.take(3)
         own_redis.command("CLIENT", "PAUSE", "6000", "WRITE")
         seen += stream.take(30)  # more than Redis will ever get
         a.process.terminate()
@@ -126,7 +127,9 @@ def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_sa
             text(seen),
             seen[-1].id,
         )
-        time.sleep(LEASE_MS / 1000 + 2 * RENEW_EVERY)  # the lease lapses; B sweeps
+        followed += follower.rest()  # the lease lapses; B sweeps
+        assert text(followed) == text(seen) and followed[-1].id == seen[-1].id
+        assert followed[-1].data == {"status": "interrupted"}
         replay = on_b.stream(f"/runs/{key}/events/").rest()
         assert text(replay) == text(seen) and replay[-1].id == seen[-1].id
         assert (

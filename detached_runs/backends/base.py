@@ -157,6 +157,12 @@ class BaseBackend:
     #: another end of the run (its worker saved it, but its log never reached
     #: the backend): the backend then drops its copy, and the row is served.
     on_reaped: Callable[[RunState], Awaitable[bool]] | None = None
+    #: Given a run's uuid (``meta["uuid"]``), the end its row holds if the row
+    #: is no longer running: ``(status, error, output, terminal event id)``;
+    #: else None. A backend that reaps a dead worker's run asks it first: the
+    #: worker may have saved more than reached the backend's log. The service
+    #: sets it.
+    saved_end: Callable[[str], Awaitable[tuple[str, str, str, str] | None]] | None = None
     #: Called now and then by a backend that sweeps for dead workers' runs
     #: (Redis, about every 30 s): the service's sweep of the rows left running
     #: by a process that died while the backend lost its run as well

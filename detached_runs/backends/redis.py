@@ -75,8 +75,8 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id
-from ..exceptions import BackendUnavailable, RunNotFound, TooManySubscribers
+from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
+from ..exceptions import BackendUnavailable, BadEventId, RunNotFound, TooManySubscribers
 from .base import (
     INTERRUPTED,
     RUNNING,
@@ -950,7 +950,16 @@ class RedisBackend(MemoryBackend):
         await self._call(self.redis.zadd(self._unsaved_key(), {member: 0}))
         log = await self._replay(session_key, run_id)
         terminal = Position(log.position.text, log.position.seq + 1)
+        status_, error, output, rest = INTERRUPTED, "", log.output(), ""
+        saved = await self._saved_end(log)
+        if saved is not None:
+            # Its worker saved it, then died before its log reached Redis (a
+            # shutdown or a kill while Redis paused its writes): the end is
+            # the row's, and the text Redis lacks goes in with it, so that
+            # followers on every worker get the one end the row has.
+            status_, error, output, rest, terminal = saved
         grace = max(int(self.evict_after * 1000), 1)
+        done: dict[str, Any] = {"status": status_, **({"error": error} if error else {})}
         reaped = await self._call(
             self.redis.eval(
                 _REAP,
@@ -960,25 +969,29 @@ class RedisBackend(MemoryBackend):
                 self._key(session_key, "current"),
                 self._key(session_key, "head", run_id),
                 _stream_id(terminal),
-                json.dumps({"status": "interrupted"}),
+                json.dumps(done),
                 str(time.time()),
                 grace,
                 run_id,
                 self.maxlen,
                 self.keep,
                 HEAD_PIECE,
+                status_,
+                error,
+                _stream_id(Position(terminal.text, terminal.seq - 1)) if rest else "",
+                json.dumps({"text": rest}) if rest else "",
             )
         )
         if reaped:
-            logger.warning("Run %s of session %s lost its worker: interrupted", run_id, session_key)
+            logger.warning("Run %s of session %s lost its worker: %s", run_id, session_key, status_)
             await self._call(self._in_sets(self._tracked(session_key, run_id, log.meta), add=False))
             if self.on_reaped is not None:
                 state = RunState(
                     run_id=run_id,
                     session_key=session_key,
-                    status=INTERRUPTED,
-                    error="",
-                    output=log.output(),
+                    status=status_,
+                    error=error,
+                    output=output,
                     last_id=make_id(run_id, terminal),
                     meta=log.meta,
                     finished_at=time.time(),
@@ -994,6 +1007,34 @@ class RedisBackend(MemoryBackend):
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self._unsaved_key(), member)
         return bool(reaped)
+
+    async def _saved_end(self, log: _Run) -> tuple[str, str, str, str, Position] | None:
+        """The end the run's row holds, if its worker saved one that continues
+        what Redis has (the same text and more, no event missing): ``(status,
+        error, output, the text Redis lacks, terminal position)``; else None."""
+        if self.saved_end is None or "uuid" not in log.meta:
+            return None
+        try:
+            saved = await self.saved_end(log.meta["uuid"])
+        except Exception:  # the database refuses: reaped from Redis alone
+            logger.warning("Could not read the row of run %s", log.id, exc_info=True)
+            return None
+        if saved is None:
+            return None
+        status, error, output, last_id = saved
+        try:
+            run_id, terminal = parse_id(last_id)
+        except BadEventId:
+            return None
+        data, have = output.encode(), log.output().encode()
+        if (
+            run_id != log.id
+            or terminal.text != len(data)
+            or terminal.seq != log.position.seq + 1
+            or not data.startswith(have)
+        ):
+            return None
+        return status, error, output, data[len(have) :].decode(), terminal
 
     # -- helpers -----------------------------------------------------------
 
@@ -1291,12 +1332,15 @@ return 1
 """
 
 # KEYS: run hash, log, current, head. ARGV: terminal id, its data, finished_at,
-# grace (ms), run id, maxlen, keep, piece.
+# grace (ms), run id, maxlen, keep, piece, status, error, and the id and data
+# of a last delta (or two empty strings): the text its worker saved but never
+# wrote to Redis.
 _REAP = (
     _LUA
     + """
 if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('hset', KEYS[1], 'status', 'interrupted', 'error', '', 'finished_at', ARGV[3])
+redis.call('hset', KEYS[1], 'status', ARGV[9], 'error', ARGV[10], 'finished_at', ARGV[3])
+if ARGV[11] ~= '' then redis.call('xadd', KEYS[2], ARGV[11], 'e', 'delta', 'd', ARGV[12]) end
 redis.call('xadd', KEYS[2], ARGV[1], 'e', 'done', 'd', ARGV[2])
 compact(KEYS[2], KEYS[4], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
 expire({KEYS[1], KEYS[2], KEYS[4]}, tonumber(ARGV[4]))
