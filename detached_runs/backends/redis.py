@@ -399,8 +399,10 @@ class RedisBackend(MemoryBackend):
         for task in readers:
             task.cancel()
         # Ended before the client closes: a command cut short by the cancel
-        # hands its connection back to the pool first.
-        await asyncio.gather(*readers, return_exceptions=True)
+        # hands its connection back to the pool first (bounded: a task that
+        # swallowed its cancel must not hold the shutdown).
+        if readers:
+            await asyncio.wait(readers, timeout=min(timeout, 2.0))
         await self.redis.aclose()
 
     # -- writing (the worker that drives the run) --------------------------
@@ -764,7 +766,7 @@ class RedisBackend(MemoryBackend):
         get the terminal event, and their rows are saved (`on_reaped`),
         whether or not anybody asks for them."""
         sweeps = 0
-        while True:
+        while not self._closing:
             await asyncio.sleep(RENEW_EVERY)
             sweeps += 1
             if self.on_sweep is not None and sweeps % SWEEP_ROWS_EVERY == 0:
