@@ -813,7 +813,10 @@ class RunService:
     async def resolve(self, row: Run, *, output: bool = True) -> Run:
         """Re-read a row. A ``running`` row that no live process holds is marked
         ``interrupted`` with the output of its last checkpoint, and its terminal
-        event id, so that it is never shown running forever.
+        event id, so that it is never shown running forever; unless the
+        backend still holds the run (`BaseBackend.find`): then its end, if it
+        has one, is saved instead (`_save_ended_elsewhere`), and a run it has
+        in flight is left running.
 
         How a process knows a row is orphaned when several share the database:
         each row names the process that runs it (``worker``: host, pid, a
@@ -825,7 +828,18 @@ class RunService:
         With ``output=False`` the row's output is deferred (not read) unless
         this call marked it interrupted.
         """
-        resolved, updated = await run_sync(_resolve_row, row, output=output)
+        fresh = await run_sync(_fresh_row, row, output=output)
+        if fresh.status != RUNNING or not _orphaned(fresh):
+            return fresh
+        # Its process is gone, but a shared backend may hold its end and whole
+        # text (its worker died while retrying the final save), or the run may
+        # be in flight there: the backend's end wins over the checkpoint.
+        state = await self.backend.find(fresh.session_key, fresh.id.hex)
+        if state is not None:
+            if state.status != RUNNING:
+                await self._save_ended_elsewhere(state)
+            return await run_sync(_fresh_row, fresh, output=output)
+        resolved, updated = await run_sync(_mark_orphaned, fresh)
         if updated:
             logger.warning(
                 "Run %s of session %s was orphaned (worker %s): marked interrupted",
@@ -848,9 +862,6 @@ class RunService:
         (`BaseBackend.on_sweep`); call it from a periodic job otherwise."""
         ended = 0
         for row in await run_sync(_stale_rows, limit):
-            state = await self.backend.get(row.session_key)
-            if state is not None and state.run_id == row.id.hex:
-                continue  # the backend holds it: its end comes from there
             if (await self.resolve(row, output=False)).status != RUNNING:
                 ended += 1
         return ended
@@ -1101,14 +1112,18 @@ def _latest_row(session_key: str, *, output: bool = True) -> Run | None:
     return (rows if output else rows.defer("output")).first()
 
 
-def _resolve_row(row: Run, *, output: bool = True) -> tuple[Run, bool]:
-    """`RunService.resolve`'s reads and write (sync, on the database thread):
-    the fresh row (its output deferred, unless ``output``), and whether this
-    call marked it interrupted (then with its output)."""
+def _fresh_row(row: Run, *, output: bool = True) -> Run:
+    """``row`` read again (its output deferred, unless ``output``); ``row``
+    itself if it is gone."""
     rows = Run.objects.filter(pk=row.pk)
-    fresh = (rows if output else rows.defer("output")).first() or row
-    if fresh.status != RUNNING or not _orphaned(fresh):
-        return fresh, False
+    return (rows if output else rows.defer("output")).first() or row
+
+
+def _mark_orphaned(fresh: Run) -> tuple[Run, bool]:
+    """`RunService.resolve`'s write (sync, on the database thread): mark the
+    orphaned ``fresh`` row interrupted at its last checkpoint, unless it
+    changed since it was read; the row read again (with its output), and
+    whether this call marked it."""
     terminal = make_id(fresh.id.hex, terminal_position(fresh))
     updated = Run.objects.filter(pk=fresh.pk, status=RUNNING, updated_at=fresh.updated_at).update(
         status=Run.Status.INTERRUPTED, finished_at=timezone.now(), last_event_id=terminal

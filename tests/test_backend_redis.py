@@ -788,3 +788,35 @@ async def test_the_sweeps_call_the_services_sweep_of_rows_now_and_then(monkeypat
 
 async def _at_least(calls: list[int], count: int) -> bool:
     return len(calls) >= count
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_row_whose_heartbeat_lapsed_stays_running_while_redis_has_the_run_in_flight(
+    config,
+):
+    """The database refused a run's checkpoints for a while, so its row's
+    heartbeat is stale (set here as such an outage leaves it), but the run goes
+    on on worker A. Another worker resolving the row (the row sweep, a stored
+    subscription) used to mark it ``interrupted`` at its checkpoint while it
+    still streamed; the run in flight in Redis wins, and it is saved whole."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from detached_runs.models import Run
+    from detached_runs.runs import RunService
+
+    config(CHECKPOINT_EVERY=60)
+    async with two_workers() as (a, b):
+        first, second = RunService(a), RunService(b)
+        run = await first.start("s", prompt="60", agent="tests.agents.words")
+        await asyncio.sleep(0.1)
+        stale = timezone.now() - timedelta(minutes=10)
+        await Run.objects.filter(pk=run.pk).aupdate(updated_at=stale)
+        resolved = await second.resolve(await Run.objects.aget(pk=run.pk))
+        assert resolved.status == "running"
+        async with await first.open("s") as subscription:
+            events = [event async for event in subscription]
+        assert events[-1].event == "done" and events[-1].data["status"] == "done"
+        row = await Run.objects.aget(pk=run.pk)
+        assert (row.status, row.output) == ("done", "".join(f"w{i} " for i in range(60)))

@@ -89,18 +89,28 @@ def test_a_run_stopped_while_the_database_refuses_is_saved_stopped_with_its_text
     assert (row.status, row.output) == ("stopped", "lingering ") and text(seen) == "lingering "
 
 
-def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker():
+@pytest.mark.parametrize("read_first", [False, True], ids=["unasked", "row-read-first"])
+def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker(read_first):
     """Redis, two workers: A's run ends while the database refuses, and A is
     killed (-9) while it retries the save. Redis has the run's whole log and
-    its end: B saves them once the database is back, unasked."""
+    its end: B saves them once the database is back, unasked.
+
+    ``row-read-first``: before B's sweep gets to it (A's hold on the run
+    lapses first), a third worker resolves the row, whose process is gone, as
+    the row sweep or a stored subscription does. It used to mark it
+    ``interrupted`` at its last checkpoint, and the end Redis held was lost."""
     pytest.importorskip("redis")
-    from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY
+    from asgiref.sync import async_to_sync
+
+    from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY, RedisBackend
+    from detached_runs.runs import RunService
 
     fault = DatabaseFault()
+    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
     env = fault.env(
         server_env(
             TEST_BACKEND="redis",
-            TEST_REDIS_PREFIX=f"dr-e2e-{uuid.uuid4().hex[:8]}",
+            TEST_REDIS_PREFIX=prefix,
             TEST_AGENT_DELAY="0.02",
             LOG="INFO",
         )
@@ -128,9 +138,27 @@ def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker():
             a.process.wait(10)
         finally:
             fault.accept()
-        row = _saved(key, timeout=LEASE_MS / 1000 + 2 * RENEW_EVERY + 5)
-        assert (row.status, row.output) == ("done", text(seen))
+        if read_first:
+
+            async def resolve(row: Run) -> Run:
+                url = env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+                backend = RedisBackend(redis_url=url, redis_prefix=prefix)
+                try:
+                    return await RunService(backend).resolve(row)
+                finally:
+                    await backend.shutdown(2)
+
+            row = async_to_sync(resolve)(Run.objects.get(session_key=key))
+            assert (row.status, row.output) == ("done", text(seen))
+        bound = LEASE_MS / 1000 + 2 * RENEW_EVERY + 5
+        row = _saved(key, timeout=bound)
+        deadline = time.monotonic() + bound
+        while "its row was not saved" not in b.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert "its row was not saved" in b.output()
+        time.sleep(0.5)  # B's save of what it found, which must change nothing now
+        row.refresh_from_db()
+        assert (row.status, row.output) == ("done", text(seen))
     finally:
         for server in (a, b):
             stop_server(server)

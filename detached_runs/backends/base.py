@@ -237,6 +237,19 @@ class BaseBackend:
         """The session's current run, if the backend still holds it."""
         raise NotImplementedError("subclasses of BaseBackend must provide get()")
 
+    async def find(self, session_key: str, run_id: str) -> RunState | None:
+        """The run ``run_id`` (hex) of the session, if the backend still holds
+        it, in flight or ended, whether or not it is the session's current
+        run; None otherwise.
+
+        The service asks before it marks a row whose process is gone
+        ``interrupted`` (`RunService.resolve`): a backend whose log outlives
+        its workers (Redis) may hold that run's end and whole text, or the run
+        may still be in flight. This default knows the current run only.
+        """
+        state = await self.get(session_key)
+        return state if state is not None and state.run_id == run_id else None
+
     async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
         """How many runs are in flight of ``owner`` (``meta["owner"]``) or, given
         ``address`` instead, from that client address (``meta["address"]``,

@@ -337,22 +337,27 @@ class RedisBackend(MemoryBackend):
     async def get(self, session_key: str) -> RunState | None:
         self._ensure_sweeper()
         current = await self._current(session_key)
-        if current is None:
-            return None
+        return None if current is None else await self.find(session_key, current)
+
+    async def find(self, session_key: str, run_id: str) -> RunState | None:
+        """See `BaseBackend.find`: any run whose keys Redis still holds (an
+        ended run's for ``EVICT_AFTER``, or until its row is saved). A run in
+        flight whose worker is gone is reaped first (`_reap`)."""
+        self._ensure_sweeper()
         local = self._sessions.get(session_key)
-        if local is not None and local.id == current:
+        if local is not None and local.id == run_id:
             return local.state()
-        fields = await self._call(self.redis.hgetall(self._key(session_key, "run", current)))
+        fields = await self._call(self.redis.hgetall(self._key(session_key, "run", run_id)))
         if not fields:
             return None
         info = {k.decode(): v.decode() for k, v in fields.items()}
-        if info.get("status") == RUNNING and await self._reap(session_key, current):
-            return await self.get(session_key)
-        mirror = self._mirrors.get(current)
+        if info.get("status") == RUNNING and await self._reap(session_key, run_id):
+            return await self.find(session_key, run_id)
+        mirror = self._mirrors.get(run_id)
         if mirror is None:
-            mirror = await self._replay(session_key, current)
+            mirror = await self._replay(session_key, run_id)
         return RunState(
-            run_id=current,
+            run_id=run_id,
             session_key=session_key,
             status=info.get("status", RUNNING),
             error=info.get("error", ""),
