@@ -8,7 +8,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 
 from detached_runs.models import Run
 from detached_runs.owners import request_owner
-from detached_runs.runs import SESSION_KEY_RE
+from detached_runs.validation import SESSION_KEY_RE
 
 
 @ensure_csrf_cookie

@@ -35,6 +35,7 @@ from .conf import get_config
 from .exceptions import DetachedRunsError, InvalidInput, NotAllowed, RunNotFound, error_status
 from .owners import ANONYMOUS, requester, scope_address, scope_owner, scope_owner_now
 from .text import loads
+from .validation import validate_session_key
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class RunConsumer(AsyncWebsocketConsumer):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         after = (query.get("after") or [None])[0] or None
         try:
-            runs.validate_session_key(self.session_key)
+            validate_session_key(self.session_key)
             self.owner = await _owner(self.scope)
             try:
                 subscription = await runs.subscribe(self.session_key, after=after, owner=self.owner)

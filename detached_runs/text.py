@@ -19,7 +19,7 @@ Untrusted JSON (request bodies, WebSocket frames) is parsed with `loads`,
 which turns every way a text can fail to parse, including nesting deeper
 than Python's recursion limit, into `InvalidInput`. It does not clean: a
 value the app uses is cleaned where it is validated (a prompt by
-`detached_runs.runs.validate_prompt`), so a body's other fields, which
+`detached_runs.validation.validate_prompt`), so a body's other fields, which
 nothing reads, cost no walk through them.
 """
 

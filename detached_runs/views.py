@@ -32,6 +32,7 @@ from .events import KEEPALIVE_SSE, encode_sse
 from .exceptions import BadPrompt, RunNotFound, error_status
 from .owners import forget_new_owner, request_owner, requester
 from .text import loads
+from .validation import validate_session_key
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _prompt_of(request: HttpRequest) -> Any:
 @api("GET", "POST")
 async def session(request: HttpRequest, session_key: str) -> HttpResponse:
     """``POST``: start a run (202). ``GET``: the session's latest run."""
-    runs.validate_session_key(session_key)
+    validate_session_key(session_key)
     if request.method == "POST":
         owner = await _owner(request, create=True)
         try:
@@ -137,7 +138,7 @@ async def session(request: HttpRequest, session_key: str) -> HttpResponse:
 @api("GET")
 async def events(request: HttpRequest, session_key: str) -> HttpResponseBase:
     """SSE: replay the current run (after Last-Event-ID / ``?after=``), then follow it."""
-    runs.validate_session_key(session_key)
+    validate_session_key(session_key)
     owner = await _owner(request)
     after = request.headers.get("Last-Event-ID") or request.GET.get("after") or None
     subscription = await runs.subscribe(session_key, after=after, owner=owner)
@@ -182,6 +183,6 @@ async def _events(subscription: Subscription, keepalive: float) -> AsyncIterator
 @api("POST")
 async def stop(request: HttpRequest, session_key: str) -> HttpResponse:
     """Stop the run in flight: ``{"stopped": true|false}``."""
-    runs.validate_session_key(session_key)
+    validate_session_key(session_key)
     stopped = await runs.stop(session_key, owner=await _owner(request))
     return JsonResponse({"stopped": stopped})

@@ -117,7 +117,7 @@ if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed", allow_module_level=True)
 
 from detached_runs.backends.redis import LEASE_MS  # noqa: E402
-from detached_runs.runs import _stale_after  # noqa: E402
+from detached_runs.workers import stale_after  # noqa: E402
 
 #: The seed of the CI run (``test_the_ci_seed_bites`` keeps it so): Redis
 #: emptied under a run that a start on the other worker then meets, a kill
@@ -134,8 +134,8 @@ OWNER_LIMIT = 2
 SHUTDOWN_TIMEOUT = 5.0
 #: Seconds after which a run whose worker is gone must have been ended by the
 #: others: its Redis lease lapses (``LEASE_MS``), and its row's heartbeat is
-#: stale (`detached_runs.runs._stale_after`: three beats plus 5 s).
-LEASE_BOUND = max(LEASE_MS / 1000, _stale_after().total_seconds())
+#: stale (`detached_runs.workers.stale_after`: three beats plus 5 s).
+LEASE_BOUND = max(LEASE_MS / 1000, stale_after().total_seconds())
 #: Time on top of the bound for the machine (two cores, other tests).
 SLACK = 6.0
 #: Seconds a stream's socket waits for a byte (a keep-alive comes every second).

@@ -84,7 +84,7 @@ async def test_a_refused_final_save_is_visible_in_done_and_saved_again_once_the_
     kept in memory past ``EVICT_AFTER`` (status still answers with its text)
     and saved again with back-off until the database takes it."""
     config(EVICT_AFTER=0.05)
-    monkeypatch.setattr("detached_runs.runs.SAVE_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr("detached_runs.recording.SAVE_RETRY_DELAYS", (0.01, 0.01))
     monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (0.1,))
     caplog.set_level(logging.WARNING, logger="detached_runs")
     async with refusing(final_save) as counts:
@@ -267,7 +267,7 @@ def stall(port: int, path: str, browser: Browser, count: int = 3) -> Iterator[so
 async def test_after_the_database_dropped_the_connection_the_save_reconnects(monkeypatch):
     """A database restart leaves the runs' thread with a dead connection that
     no request end would recycle: the retry must open a new one."""
-    monkeypatch.setattr("detached_runs.runs.SAVE_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr("detached_runs.recording.SAVE_RETRY_DELAYS", (0.01, 0.01))
     run = await runs.start("chat", prompt="x", agent=hang)
     await asyncio.sleep(0.1)
 

@@ -14,11 +14,11 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from detached_runs import runs
+from detached_runs.agents import AgentContext
 from detached_runs.agents.openai import OpenAIAgent
 from detached_runs.checks import check_settings
 from detached_runs.events import Event
 from detached_runs.models import Run
-from detached_runs.runs import AgentContext
 
 from .conftest import free_port, text_of
 from .fake_openai import FakeOpenAI, Reply, chunk, text_chunks

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detached_runs.exceptions import InvalidInput
-from detached_runs.runs import validate_prompt
 from detached_runs.text import REPLACEMENT, clean_json, clean_text, loads
+from detached_runs.validation import validate_prompt
 
 any_text = st.text(st.characters(exclude_categories=()))
 json_data = st.recursive(

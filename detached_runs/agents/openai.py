@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
     from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
 
-    from ..runs import AgentContext
+    from .base import AgentContext
 
 __all__ = ["KEYS", "MissingDependency", "OpenAIAgent", "OpenAIConfig", "agent"]
 

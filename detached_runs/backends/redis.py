@@ -68,8 +68,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Collection
@@ -77,6 +75,7 @@ from typing import Any
 
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
 from ..exceptions import BackendUnavailable, BadEventId, RunNotFound, TooManySubscribers
+from ..workers import process_gone, worker_id
 from .base import (
     INTERRUPTED,
     RUNNING,
@@ -182,9 +181,6 @@ class RedisBackend(MemoryBackend):
         # How many entries a compaction leaves in the stream: at least one, the
         # last, which tells a writer after a failure where the stream ends.
         self.keep = max(1, (stream_maxlen + 1) // 2, stream_maxlen - COMPACT_AT_MOST)
-        # host:pid:boot, so that a restarted process on the same host can tell
-        # at once that the worker holding a lease is gone.
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # redis-py's type hints mix its sync and async clients; typed loosely here.
         # A socket_timeout in the URL wins over SOCKET_TIMEOUT.
         self.redis: Any = aioredis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT)
@@ -230,7 +226,7 @@ class RedisBackend(MemoryBackend):
             seconds, micros = await self._call(self.redis.time())
             meta["started_at"] = seconds + micros / 1_000_000
             fields = {
-                "worker": self.worker,
+                "worker": worker_id(),
                 "status": RUNNING,
                 "error": "",
                 "started_at": str(time.time()),
@@ -241,7 +237,7 @@ class RedisBackend(MemoryBackend):
             await self._call(
                 self.redis.pipeline(transaction=True)
                 .hset(self._key(session_key, "run", run_id), mapping=fields)
-                .set(self._key(session_key, "lease", run_id), self.worker, px=LEASE_MS)
+                .set(self._key(session_key, "lease", run_id), worker_id(), px=LEASE_MS)
                 .set(self._key(session_key, "current"), run_id)
                 .execute()
             )
@@ -521,7 +517,7 @@ class RedisBackend(MemoryBackend):
                 self._key(run.session_key, "run", run.id),
                 mapping={**record, "meta": json.dumps(run.meta)},
             )
-            .set(self._key(run.session_key, "lease", run.id), self.worker, px=LEASE_MS)
+            .set(self._key(run.session_key, "lease", run.id), worker_id(), px=LEASE_MS)
             .set(self._key(run.session_key, "current"), run.id, nx=True)
             .execute()
         )
@@ -627,7 +623,7 @@ class RedisBackend(MemoryBackend):
             2,
             self._key(run.session_key, "lease", run.id),
             self._key(run.session_key, "run", run.id),
-            self.worker,
+            worker_id(),
             LEASE_MS,
         )
         self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
@@ -948,7 +944,7 @@ class RedisBackend(MemoryBackend):
             .hget(self._key(session_key, "run", run_id), "status")
             .execute()
         )
-        if status != RUNNING.encode() or (holder is not None and not _gone(holder.decode())):
+        if status != RUNNING.encode() or (holder is not None and not process_gone(holder.decode())):
             return False
         # Due for a sweep's save before its end is written: if this worker dies
         # between the two, or the database refuses, the row is still saved
@@ -1382,21 +1378,6 @@ if redis.call('hget', KEYS[1], 'meta') ~= ARGV[1] then return 0 end
 redis.call('hset', KEYS[1], 'meta', ARGV[2])
 return 1
 """
-
-
-def _gone(worker: str) -> bool:
-    """Whether a worker id (host:pid:boot) names a dead process of this host."""
-    host, _, rest = worker.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _event_position(event: Event) -> Position:
