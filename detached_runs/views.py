@@ -43,12 +43,14 @@ def error_response(status: int, message: str) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
 
 
-class _CsrfCheck(CsrfViewMiddleware):
-    def _reject(self, request: HttpRequest, reason: str) -> HttpResponse:
-        return error_response(403, f"CSRF check failed: {reason}")
-
-
-_csrf = _CsrfCheck(lambda request: HttpResponse())
+#: Django's own CSRF check, called through its public ``process_view``: a
+#: refusal (whatever the project's ``CSRF_FAILURE_VIEW`` answers) becomes our
+#: JSON 403; Django logs the reason (logger ``django.security.csrf``).
+_csrf = CsrfViewMiddleware(lambda request: HttpResponse())
+CSRF_FAILED = (
+    "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header "
+    "(and, over HTTPS, a Referer or Origin of a trusted origin)."
+)
 
 
 def api(*methods: str) -> Callable[[View], Any]:
@@ -85,11 +87,10 @@ def api(*methods: str) -> Callable[[View], Any]:
 async def _checked(
     view: View, wrapper: Any, request: HttpRequest, *args: Any, **kwargs: Any
 ) -> HttpResponseBase:
-    if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
-        # Reads request.POST for the form field: its parse errors are the client's.
-        rejected = _csrf.process_view(request, wrapper, args, kwargs)
-        if rejected is not None:
-            return rejected
+    # Reads request.POST for the form field: its parse errors are the client's.
+    unsafe = request.method not in ("GET", "HEAD", "OPTIONS", "TRACE")
+    if unsafe and _csrf.process_view(request, wrapper, args, kwargs) is not None:
+        return error_response(403, CSRF_FAILED)
     return await view(request, *args, **kwargs)
 
 
