@@ -67,6 +67,18 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="detached_runs.E001",
             )
         )
+    else:
+        from .backends import backend_options_problem
+
+        problem = backend_options_problem(backend, config["BACKEND_OPTIONS"])
+        if problem is not None:
+            errors.append(
+                Error(
+                    problem,
+                    hint="BACKEND_OPTIONS are the keyword arguments of the backend's class.",
+                    id="detached_runs.E007",
+                )
+            )
 
     if config["AGENT"] is None:
         errors.append(

@@ -17,6 +17,9 @@ DEFAULTS: dict[str, Any] = {
     # Dotted path to (or the callable itself) ``agent(ctx) -> AsyncIterator[str | dict]``.
     "AGENT": None,
     "BACKEND": "detached_runs.backends.memory.MemoryBackend",
+    # Keyword arguments of the backend's class, over those it reads from the
+    # keys below (EVICT_AFTER...): {"connection_kwargs": {...}} for Redis.
+    "BACKEND_OPTIONS": {},
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     # Prefix of every Redis key (several projects can share one Redis).
     "REDIS_PREFIX": "detached_runs",

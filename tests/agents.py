@@ -86,3 +86,9 @@ def same_team(requester: str, run_owner: str, session_key: str) -> bool:
     """A PERMISSION hook for the tests: users 1 and 2 are one team."""
     team = {"user:1", "user:2"}
     return requester == run_owner or (requester in team and run_owner in team)
+
+
+async def forever(ctx: Any) -> AsyncIterator[str]:
+    """Says ``thinking`` and then nothing for 30 s: a run in flight until stopped."""
+    yield "thinking "
+    await asyncio.sleep(30)

@@ -15,6 +15,7 @@ from detached_runs.events import ORIGIN, Event, Position, make_id
 from detached_runs.runs import get_service
 
 if TYPE_CHECKING:
+    from .database_fault import DatabaseFault
     from .redis_server import RedisServer
 
 
@@ -153,10 +154,12 @@ def positions_follow(events: list[Any], run_id: str, after: Position = ORIGIN) -
 
 
 class Server:
-    def __init__(self, port: int, process: Any, log: Any) -> None:
+    def __init__(self, port: int, process: Any, log: Any, env: dict[str, str]) -> None:
         self.port = port
         self.process = process
         self.log = log
+        #: The environment it runs with.
+        self.env = env
 
     def output(self) -> str:
         self.log.flush()
@@ -235,7 +238,7 @@ def start_server(
             raise RuntimeError(f"{kind} exited:\n{Path(log.name).read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return Server(port, process, log)
+            return Server(port, process, log, env)
         except OSError:
             time.sleep(0.05)
     process.kill()
@@ -278,6 +281,67 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.kill()
+
+
+# -- two workers sharing Redis and the database ----------------------------------
+
+
+@pytest.fixture
+def database_fault() -> Iterator[DatabaseFault]:
+    """A database the test can make refuse (`tests.database_fault`); request
+    it before `start_workers`, so that the workers stop before it goes."""
+    from .database_fault import DatabaseFault
+
+    fault = DatabaseFault()
+    yield fault
+    fault.close()
+
+
+@pytest.fixture
+def start_workers() -> Iterator[Any]:
+    """``start_workers(**env)``: two daphne workers sharing Redis and the
+    database, ``env`` overriding their ``TEST_*`` settings (``TEST_REDIS_URL``,
+    ``TEST_SHUTDOWN_TIMEOUT``...); ``start_workers(fault, **env)`` puts their
+    database behind ``fault`` (`database_fault`). Returns the pair; they are
+    stopped, and their Redis keys deleted, afterwards. The key prefix is
+    ``pair[0].env["TEST_REDIS_PREFIX"]``."""
+    pytest.importorskip("redis")
+    import redis
+
+    started: list[tuple[tuple[Server, Server], str, str]] = []
+
+    def start(fault: DatabaseFault | None = None, **env: str) -> tuple[Server, Server]:
+        prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
+        environment = server_env(
+            **{
+                "TEST_BACKEND": "redis",
+                "TEST_REDIS_PREFIX": prefix,
+                "TEST_AGENT_DELAY": "0.02",
+                "TEST_EVICT_AFTER": "30",
+                # A stream waiting for a dead worker's run stays open.
+                "TEST_KEEPALIVE": "1",
+                "LOG": "INFO",
+                **env,
+            }
+        )
+        if fault is not None:
+            environment = fault.env(environment)
+        pair = start_server(environment), start_server(environment)
+        started.append((pair, prefix, env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")))
+        return pair
+
+    yield start
+    for pair, prefix, url in started:
+        for server in pair:
+            stop_server(server)
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"*{prefix}*"))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass  # the test's own Redis is gone already
+        client.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -15,13 +16,17 @@ from .conftest import die_with_the_tests, free_port
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """Started at once unless ``start=False`` (then call `start`, from the
+    main thread: a child dies with the thread that started it)."""
+
+    def __init__(self, *, start: bool = True) -> None:
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
-        self.start()
+        if start:
+            self.start()
 
     def start(self) -> None:
         """Start it (empty: no RDB, no AOF) and wait until it answers."""
@@ -51,6 +56,12 @@ class RedisServer:
         """Kill it and start it again on the same port with nothing in it."""
         self.kill()
         self.start()
+
+    def client(self) -> Any:
+        """A (sync) redis-py client of it."""
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
 
     def command(self, *args: str) -> bytes:
         """One command with redis-cli (``CLIENT PAUSE 3000 WRITE``...)."""

@@ -35,16 +35,12 @@ from detached_runs.owners import ANON_SESSION_KEY, address_group, adopt_scope_ru
 from detached_runs.runs import get_service
 from tests.asgi import application
 
+from .agents import forever
 from .conftest import Saves, collect, eventually, new_id
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HOME = "203.0.113.7"  # one household's NAT, say
-
-
-async def forever(ctx: Any) -> AsyncIterator[str]:
-    yield "thinking "
-    await asyncio.sleep(30)
 
 
 async def running_from(address: str) -> int:

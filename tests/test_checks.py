@@ -39,6 +39,9 @@ def test_the_test_settings_pass(configured):
         ({"REDIS_STREAM_MAXLEN": None}, "detached_runs.E004"),
         ({"PERMISSION": "tests.nothing.here"}, "detached_runs.E005"),
         ({"EVICT_AFTERR": 3}, "detached_runs.W002"),
+        ({"BACKEND_OPTIONS": {"evict_afterr": 3}}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"redis_url": "redis://x"}}, "detached_runs.E007"),  # memory's
+        ({"BACKEND_OPTIONS": [("evict_after", 3)]}, "detached_runs.E007"),
     ],
 )
 def test_a_wrong_setting_is_reported_with_its_id(configured, values, expected):
@@ -56,3 +59,11 @@ def test_manage_py_check_fails_on_an_error(settings):
     settings.DETACHED_RUNS = {"AGENT": "tests.agents.words", "EVICT_AFTER": -5}
     with pytest.raises(SystemCheckError, match="EVICT_AFTER"):
         call_command("check")
+
+
+def test_the_options_of_the_redis_backend_pass(configured):
+    pytest.importorskip("redis")
+    backend = "detached_runs.backends.redis.RedisBackend"
+    options = {"redis_prefix": "x", "connection_kwargs": {"client_name": "y"}, "evict_after": 1}
+    assert configured(BACKEND=backend, BACKEND_OPTIONS=options) == set()
+    assert "detached_runs.E007" in configured(BACKEND=backend, BACKEND_OPTIONS={"prefix": "x"})

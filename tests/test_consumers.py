@@ -22,14 +22,11 @@ from detached_runs.owners import ANON_SESSION_KEY
 from detached_runs.runs import get_service
 from tests.asgi import application
 
+from .agents import forever
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 OWNER = "anon:0123456789abcdef0123456789abcdef"
-
-
-async def forever(ctx: Any) -> AsyncIterator[str]:
-    yield "thinking "
-    await asyncio.sleep(30)
 
 
 async def cookie_for(owner: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from detached_runs.models import Run
 
-from .conftest import ended_row, server_env, start_server, stop_server
+from .conftest import ended_row
 from .http import Browser, text
 from .redis_server import RedisServer
 
@@ -27,19 +27,8 @@ pytest.importorskip("redis")
 
 
 @pytest.fixture
-def workers(own_redis: RedisServer) -> Any:
-    env = server_env(
-        TEST_BACKEND="redis",
-        TEST_REDIS_URL=own_redis.url,
-        TEST_REDIS_PREFIX="dr-e2e",
-        TEST_AGENT_DELAY="0.02",
-        TEST_KEEPALIVE="1",
-        LOG="INFO",
-    )
-    a, b = start_server(env), start_server(env)
-    yield a, b
-    for server in (a, b):
-        stop_server(server)
+def workers(own_redis: RedisServer, start_workers: Any) -> Any:
+    return start_workers(TEST_REDIS_URL=own_redis.url, TEST_EVICT_AFTER="180")
 
 
 def _start_when_redis_answers(client: Browser, key: str, prompt: str) -> None:
@@ -87,7 +76,7 @@ def test_a_start_after_redis_restarted_empty_still_replaces_the_run_in_flight(
 
 
 def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_saved(
-    own_redis,
+    own_redis, start_workers
 ):
     """SIGTERM while Redis pauses the worker's writes: the worker saves the run
     (``interrupted``, all its text) but its log never reaches Redis, and it
@@ -95,46 +84,33 @@ def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_sa
     row's end and the text Redis lacks, not a second, different terminal
     event from the shorter log in Redis, for a client that follows the run
     on that worker all along as for one that comes later."""
-    env = server_env(
-        TEST_BACKEND="redis",
-        TEST_REDIS_URL=own_redis.url,
-        TEST_REDIS_PREFIX="dr-e2e",
-        TEST_AGENT_DELAY="0.02",
-        TEST_KEEPALIVE="1",
-        TEST_SHUTDOWN_TIMEOUT="2",
-        LOG="INFO",
+    a, b = start_workers(
+        TEST_REDIS_URL=own_redis.url, TEST_EVICT_AFTER="180", TEST_SHUTDOWN_TIMEOUT="2"
     )
-    a, b = start_server(env), start_server(env)
-    try:
-        key = uuid.uuid4().hex[:10]
-        on_a = Browser(a.port)
-        assert on_a.request("POST", f"/runs/{key}/", {"prompt": "2000"}).status == 202
-        on_b = Browser(b.port, cookies=dict(on_a.cookies))
-        assert on_b.request("GET", f"/runs/{key}/").status == 200  # B sweeps from now on
-        stream = on_a.stream(f"/runs/{key}/events/")
-        seen = stream.take(20)
-        follower = on_b.stream(f"/runs/{key}/events/")
-        followed = follower.take(3)
-        own_redis.command("CLIENT", "PAUSE", "6000", "WRITE")
-        seen += stream.take(30)  # more than Redis will ever get
-        a.process.terminate()
-        seen += stream.rest()
-        a.process.wait(15)
-        assert seen[-1].data == {"status": "interrupted"}
-        row = ended_row(key, 5, "the worker did not save its run")
-        assert (row.status, row.output, row.last_event_id) == (
-            "interrupted",
-            text(seen),
-            seen[-1].id,
-        )
-        followed += follower.rest()  # the lease lapses; B sweeps
-        assert text(followed) == text(seen) and followed[-1].id == seen[-1].id
-        assert followed[-1].data == {"status": "interrupted"}
-        replay = on_b.stream(f"/runs/{key}/events/").rest()
-        assert text(replay) == text(seen) and replay[-1].id == seen[-1].id
-        assert (
-            on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": seen[-1].id or ""}).status == 204
-        )
-    finally:
-        for server in (a, b):
-            stop_server(server)
+    key = uuid.uuid4().hex[:10]
+    on_a = Browser(a.port)
+    assert on_a.request("POST", f"/runs/{key}/", {"prompt": "2000"}).status == 202
+    on_b = Browser(b.port, cookies=dict(on_a.cookies))
+    assert on_b.request("GET", f"/runs/{key}/").status == 200  # B sweeps from now on
+    stream = on_a.stream(f"/runs/{key}/events/")
+    seen = stream.take(20)
+    follower = on_b.stream(f"/runs/{key}/events/")
+    followed = follower.take(3)
+    own_redis.command("CLIENT", "PAUSE", "6000", "WRITE")
+    seen += stream.take(30)  # more than Redis will ever get
+    a.process.terminate()
+    seen += stream.rest()
+    a.process.wait(15)
+    assert seen[-1].data == {"status": "interrupted"}
+    row = ended_row(key, 5, "the worker did not save its run")
+    assert (row.status, row.output, row.last_event_id) == (
+        "interrupted",
+        text(seen),
+        seen[-1].id,
+    )
+    followed += follower.rest()  # the lease lapses; B sweeps
+    assert text(followed) == text(seen) and followed[-1].id == seen[-1].id
+    assert followed[-1].data == {"status": "interrupted"}
+    replay = on_b.stream(f"/runs/{key}/events/").rest()
+    assert text(replay) == text(seen) and replay[-1].id == seen[-1].id
+    assert on_b.stream(f"/runs/{key}/events/", {"Last-Event-ID": seen[-1].id or ""}).status == 204

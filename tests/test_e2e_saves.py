@@ -25,13 +25,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def refusing_server() -> Any:
-    fault = DatabaseFault()
+def refusing_server(database_fault: DatabaseFault) -> Any:
     env = server_env(TEST_AGENT_DELAY="0.02", TEST_EVICT_AFTER="0.5", LOG="INFO")
-    server = start_server(fault.env(env))
-    yield server, fault
+    server = start_server(database_fault.env(env))
+    yield server, database_fault
     stop_server(server)
-    fault.close()
 
 
 def _saved(key: str, timeout: float = 45) -> Run:
@@ -90,7 +88,9 @@ def test_a_run_stopped_while_the_database_refuses_is_saved_stopped_with_its_text
 
 
 @pytest.mark.parametrize("read_first", [False, True], ids=["unasked", "row-read-first"])
-def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker(read_first):
+def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker(
+    read_first, database_fault, start_workers
+):
     """Redis, two workers: A's run ends while the database refuses, and A is
     killed (-9) while it retries the save. Redis has the run's whole log and
     its end: B saves them once the database is back, unasked.
@@ -99,67 +99,52 @@ def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker(read
     lapses first), a third worker resolves the row, whose process is gone, as
     the row sweep or a stored subscription does. It used to mark it
     ``interrupted`` at its last checkpoint, and the end Redis held was lost."""
-    pytest.importorskip("redis")
     from asgiref.sync import async_to_sync
 
     from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY, RedisBackend
     from detached_runs.runs import RunService
 
-    fault = DatabaseFault()
-    prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
-    env = fault.env(
-        server_env(
-            TEST_BACKEND="redis",
-            TEST_REDIS_PREFIX=prefix,
-            TEST_AGENT_DELAY="0.02",
-            LOG="INFO",
-        )
+    fault = database_fault
+    a, b = start_workers(fault, TEST_EVICT_AFTER="180")
+    key = uuid.uuid4().hex[:10]
+    client = Browser(a.port)
+    assert client.request("POST", f"/runs/{key}/", {"prompt": "120"}).status == 202
+    stream = client.stream(f"/runs/{key}/events/")
+    seen = stream.take(40)
+    # B has served a request (its backend, and its sweeps, begin with the first).
+    assert (
+        Browser(b.port, cookies=dict(client.cookies))
+        .request("GET", f"/runs/{key}/")
+        .json()["run"]["status"]
+        == "running"
     )
-    a, b = start_server(env), start_server(env)
+    fault.refuse()
     try:
-        key = uuid.uuid4().hex[:10]
-        client = Browser(a.port)
-        assert client.request("POST", f"/runs/{key}/", {"prompt": "120"}).status == 202
-        stream = client.stream(f"/runs/{key}/events/")
-        seen = stream.take(40)
-        # B has served a request (its backend, and its sweeps, begin with the first).
-        assert (
-            Browser(b.port, cookies=dict(client.cookies))
-            .request("GET", f"/runs/{key}/")
-            .json()["run"]["status"]
-            == "running"
-        )
-        fault.refuse()
-        try:
-            seen += stream.rest()
-            assert seen[-1].data == {"status": "done", "saved": False}
-            time.sleep(0.5)
-            a.process.kill()
-            a.process.wait(10)
-        finally:
-            fault.accept()
-        if read_first:
-
-            async def resolve(row: Run) -> Run:
-                url = env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-                backend = RedisBackend(redis_url=url, redis_prefix=prefix)
-                try:
-                    return await RunService(backend).resolve(row)
-                finally:
-                    await backend.shutdown(2)
-
-            row = async_to_sync(resolve)(Run.objects.get(session_key=key))
-            assert (row.status, row.output) == ("done", text(seen))
-        bound = LEASE_MS / 1000 + 2 * RENEW_EVERY + 5
-        row = _saved(key, timeout=bound)
-        deadline = time.monotonic() + bound
-        while "its row was not saved" not in b.output() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "its row was not saved" in b.output()
-        time.sleep(0.5)  # B's save of what it found, which must change nothing now
-        row.refresh_from_db()
-        assert (row.status, row.output) == ("done", text(seen))
+        seen += stream.rest()
+        assert seen[-1].data == {"status": "done", "saved": False}
+        time.sleep(0.5)
+        a.process.kill()
+        a.process.wait(10)
     finally:
-        for server in (a, b):
-            stop_server(server)
-        fault.close()
+        fault.accept()
+    if read_first:
+
+        async def resolve(row: Run) -> Run:
+            url = a.env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+            backend = RedisBackend(redis_url=url, redis_prefix=a.env["TEST_REDIS_PREFIX"])
+            try:
+                return await RunService(backend).resolve(row)
+            finally:
+                await backend.shutdown(2)
+
+        row = async_to_sync(resolve)(Run.objects.get(session_key=key))
+        assert (row.status, row.output) == ("done", text(seen))
+    bound = LEASE_MS / 1000 + 2 * RENEW_EVERY + 5
+    row = _saved(key, timeout=bound)
+    deadline = time.monotonic() + bound
+    while "its row was not saved" not in b.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "its row was not saved" in b.output()
+    time.sleep(0.5)  # B's save of what it found, which must change nothing now
+    row.refresh_from_db()
+    assert (row.status, row.output) == ("done", text(seen))

@@ -18,7 +18,7 @@ from websockets.typing import Origin
 from detached_runs.events import parse_id
 from detached_runs.models import Run
 
-from .conftest import ended_row, positions_follow, server_env, start_server, stop_server
+from .conftest import ended_row, positions_follow
 from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -45,42 +45,6 @@ ALL_500 = "".join(f"w{i} " for i in range(500))
 #: its lease lapses (LEASE_MS), then a sweep (every RENEW_EVERY) finds it.
 LEASE_BOUND = LEASE_MS / 1000 + 2 * RENEW_EVERY + 3
 ALL_400 = "".join(f"w{i} " for i in range(400))
-
-
-@pytest.fixture
-def start_workers() -> Any:
-    """``start_workers(**env)``: two daphne workers sharing Redis and the
-    database, ``env`` overriding their ``TEST_*`` settings (``TEST_REDIS_URL``,
-    ``TEST_REDIS_STREAM_MAXLEN``); stopped, and their keys deleted, afterwards."""
-    started: list[tuple[tuple[Any, Any], str, str]] = []
-
-    def start(**env: str) -> tuple[Any, Any]:
-        prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
-        environment = server_env(
-            **{
-                "TEST_BACKEND": "redis",
-                "TEST_REDIS_PREFIX": prefix,
-                "TEST_AGENT_DELAY": "0.02",
-                "TEST_EVICT_AFTER": "30",
-                # A stream waiting for a dead worker's run stays open.
-                "TEST_KEEPALIVE": "1",
-                "LOG": "INFO",
-                **env,
-            }
-        )
-        pair = start_server(environment), start_server(environment)
-        started.append((pair, prefix, env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")))
-        return pair
-
-    yield start
-    for pair, prefix, url in started:
-        for server in pair:
-            stop_server(server)
-        client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=f"*{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @pytest.fixture

@@ -105,9 +105,10 @@ from detached_runs.models import Run
 
 from . import journal
 from .agents import numbered
-from .conftest import Server, die_with_the_tests, free_port, server_env, start_server, stop_server
+from .conftest import Server, server_env, start_server, stop_server
 from .database_fault import DatabaseFault
 from .http import SSE, Browser, Stream
+from .redis_server import RedisServer
 
 redis = pytest.importorskip("redis")
 
@@ -519,43 +520,6 @@ class Outcome:
 # -- the parts -------------------------------------------------------------------
 
 
-class OwnRedis:
-    """A redis-server of the test's own on a free port, without persistence:
-    restarted, it comes back empty."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        # From the main thread: a child dies with the thread that started it.
-        self.process = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-            preexec_fn=die_with_the_tests,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def client(self) -> Any:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 class DatabaseOutage(DatabaseFault):
     """Makes the workers' database refuse for a while (`tests.database_fault`):
     a proxy in front of PostgreSQL or MariaDB that closes new connections and
@@ -661,7 +625,7 @@ class Harness:
         self.log = ActionLog()
         self.workdir = workdir
         self.journal = workdir / f"journal-{self.tag}.jsonl"
-        self.redis = OwnRedis()
+        self.redis = RedisServer(start=False)
         self.database = DatabaseOutage()
         self.workers: Workers | None = None
         self.cookies: dict[str, dict[str, str]] = {}
@@ -692,7 +656,7 @@ class Harness:
         self.redis.start()
         env = server_env(
             TEST_BACKEND="redis",
-            TEST_REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
+            TEST_REDIS_URL=self.redis.url,
             TEST_REDIS_PREFIX=self.tag,
             TEST_AGENT="tests.journal.journaled",
             TEST_AGENT_JOURNAL=str(self.journal),

@@ -3,7 +3,6 @@ failing receiver cannot break."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from detached_runs import runs
 from detached_runs.models import Run
 from detached_runs.runs import get_service
 from detached_runs.signals import run_finished, run_started
+
+from .agents import forever
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,11 +71,6 @@ def received() -> Iterator[Received]:
 
 def _extra(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in ("status", "output")}
-
-
-async def forever(ctx: Any) -> AsyncIterator[str]:
-    yield "thinking "
-    await asyncio.sleep(30)
 
 
 async def until_done(session_key: str) -> list[Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,12 +20,9 @@ from detached_runs import runs
 from detached_runs.models import Run
 from detached_runs.runs import get_service
 
+from .agents import forever
+
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-async def forever(ctx: Any) -> AsyncIterator[str]:
-    yield "thinking "
-    await asyncio.sleep(30)
 
 
 @pytest.fixture

@@ -12,7 +12,14 @@ from .base import BaseBackend
 
 
 def load_backend(path: str | None = None, **overrides: Any) -> BaseBackend:
-    """Instantiate the configured backend (``DETACHED_RUNS["BACKEND"]``)."""
+    """Instantiate the configured backend (``DETACHED_RUNS["BACKEND"]``).
+
+    Its options, as with Channels' ``CHANNEL_LAYERS[...]["CONFIG"]``: those it
+    takes from ``DETACHED_RUNS``'s own keys (`BaseBackend.options_from_settings`),
+    then ``DETACHED_RUNS["BACKEND_OPTIONS"]``, then ``overrides``. An option
+    the backend does not take raises `ImproperlyConfigured` (``manage.py
+    check`` reports it too, as ``detached_runs.E007``).
+    """
     config = get_config()
     path = path or config["BACKEND"]
     try:
@@ -23,12 +30,22 @@ def load_backend(path: str | None = None, **overrides: Any) -> BaseBackend:
         ) from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
         raise ImproperlyConfigured(f"DETACHED_RUNS['BACKEND'] = {path!r} is not a backend class.")
-    options: dict[str, Any] = {
-        "evict_after": float(config["EVICT_AFTER"]),
-        "max_subscribers": config["MAX_SUBSCRIBERS_PER_RUN"],
-        "redis_url": config["REDIS_URL"],
-        "redis_prefix": config["REDIS_PREFIX"],
-        "stream_maxlen": config["REDIS_STREAM_MAXLEN"],
-    }
-    options.update(overrides)
+    problem = backend_options_problem(cls, config["BACKEND_OPTIONS"])
+    if problem is not None:
+        raise ImproperlyConfigured(problem)
+    options = {**cls.options_from_settings(config), **config["BACKEND_OPTIONS"], **overrides}
     return cls(**options)
+
+
+def backend_options_problem(cls: type[BaseBackend], options: Any) -> str | None:
+    """What is wrong with ``options`` (``BACKEND_OPTIONS``) for backend ``cls``:
+    not a dict, or names an option ``cls`` does not take; None if nothing."""
+    if not isinstance(options, dict):
+        return f"DETACHED_RUNS['BACKEND_OPTIONS'] must be a dict, not {type(options).__name__}."
+    unknown = sorted(str(name) for name in set(options) - cls.option_names())
+    if unknown:
+        return (
+            f"DETACHED_RUNS['BACKEND_OPTIONS'] has options {cls.__name__} does not take: "
+            f"{', '.join(unknown)} (it takes: {', '.join(sorted(cls.option_names()))})."
+        )
+    return None

@@ -11,7 +11,8 @@ event. Pick one with ``DETACHED_RUNS["BACKEND"]``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,12 +175,41 @@ class BaseBackend:
     #: the backend does not know (`RunService.start`). None: one process.
     rejoin_within: float | None = None
 
-    def __init__(
-        self, *, evict_after: float = 180.0, max_subscribers: int | None = None, **options: Any
-    ) -> None:
+    def __init__(self, *, evict_after: float = 180.0, max_subscribers: int | None = None) -> None:
+        """``evict_after``: seconds an ended run stays after its end (and its
+        last subscriber); ``max_subscribers``: subscribers per run, or None
+        for no limit (`TooManySubscribers`). A subclass takes options of its
+        own as keyword arguments (``DETACHED_RUNS["BACKEND_OPTIONS"]``); an
+        unknown one is an error, not dropped (`option_names`)."""
         self.evict_after = evict_after
         self.max_subscribers = max_subscribers
-        self.options = options
+
+    @classmethod
+    def options_from_settings(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The options this backend takes from ``DETACHED_RUNS``'s own keys
+        (``config``, merged with the defaults), which ``BACKEND_OPTIONS``
+        then overrides: ``EVICT_AFTER`` and ``MAX_SUBSCRIBERS_PER_RUN`` here."""
+        return {
+            "evict_after": float(config["EVICT_AFTER"]),
+            "max_subscribers": config["MAX_SUBSCRIBERS_PER_RUN"],
+        }
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The keyword options the constructor accepts: the parameters of each
+        ``__init__`` up the class's MRO, as far as they pass ``**kwargs`` on."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            parameters = list(inspect.signature(init).parameters.values())[1:]
+            names |= {
+                p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            }
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                break
+        return frozenset(names)
 
     async def start(
         self,

@@ -70,7 +70,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
@@ -171,8 +171,15 @@ class RedisBackend(MemoryBackend):
         redis_url: str = "redis://127.0.0.1:6379/0",
         redis_prefix: str = "detached_runs",
         stream_maxlen: int = 100_000,
+        connection_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        """``redis_url``, ``redis_prefix`` and ``stream_maxlen`` default to
+        ``REDIS_URL``, ``REDIS_PREFIX`` and ``REDIS_STREAM_MAXLEN``;
+        ``connection_kwargs`` go to redis-py as they are
+        (``redis.asyncio.Redis.from_url(redis_url, **connection_kwargs)``:
+        ``socket_timeout``, ``ssl_ca_certs``, ``health_check_interval``...).
+        Other keyword arguments are `BaseBackend`'s."""
         super().__init__(**kwargs)
         self.prefix = redis_prefix
         if stream_maxlen < 1:
@@ -183,7 +190,9 @@ class RedisBackend(MemoryBackend):
         self.keep = max(1, (stream_maxlen + 1) // 2, stream_maxlen - COMPACT_AT_MOST)
         # redis-py's type hints mix its sync and async clients; typed loosely here.
         # A socket_timeout in the URL wins over SOCKET_TIMEOUT.
-        self.redis: Any = aioredis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT)
+        self.redis: Any = aioredis.Redis.from_url(
+            redis_url, **{"socket_timeout": SOCKET_TIMEOUT, **(connection_kwargs or {})}
+        )
         # The mirror's blocking read returns well within the socket's timeout:
         # a read that outlasts it is taken for a dead connection (redis-py's own
         # default is 5 s, as long as the block was), and a healthy, idle Redis
@@ -204,6 +213,17 @@ class RedisBackend(MemoryBackend):
         return ":".join([f"{{{self.prefix}:{session_key}}}", *parts])
 
     # -- the interface -----------------------------------------------------
+
+    @classmethod
+    def options_from_settings(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`BaseBackend.options_from_settings`, and ``REDIS_URL``,
+        ``REDIS_PREFIX`` and ``REDIS_STREAM_MAXLEN``."""
+        return {
+            **super().options_from_settings(config),
+            "redis_url": config["REDIS_URL"],
+            "redis_prefix": config["REDIS_PREFIX"],
+            "stream_maxlen": config["REDIS_STREAM_MAXLEN"],
+        }
 
     async def start(
         self,
