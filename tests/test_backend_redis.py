@@ -190,7 +190,7 @@ async def test_runs_in_flight_are_counted_across_workers(workers, saves):
 
 
 async def test_an_unreachable_redis_is_a_named_error():
-    dead = RedisBackend(redis_url="redis://127.0.0.1:1/0", socket_timeout=1)
+    dead = RedisBackend(redis_url="redis://127.0.0.1:1/0", connection_kwargs={"socket_timeout": 1})
     with pytest.raises(BackendUnavailable):
         await dead.subscribe("s")
     with pytest.raises(BackendUnavailable):
@@ -265,8 +265,8 @@ async def test_while_redis_is_down_the_run_goes_on_and_afterwards_every_worker_h
     own_redis, saves
 ):
     url = f"redis://127.0.0.1:{own_redis.port}/0"
-    a = RedisBackend(redis_url=url, evict_after=30, socket_timeout=1)
-    b = RedisBackend(redis_url=url, evict_after=30, socket_timeout=1)
+    a = RedisBackend(redis_url=url, evict_after=30, connection_kwargs={"socket_timeout": 1})
+    b = RedisBackend(redis_url=url, evict_after=30, connection_kwargs={"socket_timeout": 1})
     words = [f"w{i} " for i in range(60)]
     await start(a, paced(words, 0.02), saves)
     local = await a.subscribe("s")

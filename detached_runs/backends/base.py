@@ -10,13 +10,16 @@ event. Pick one with ``DETACHED_RUNS["BACKEND"]``.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..events import Event, Position
+from ..events import ORIGIN, Event, Position
+from ..exceptions import RunNotFound, TooManySubscribers
+
+if TYPE_CHECKING:
+    from .log import RunLog
 
 #: What a source yields: a text delta, or a custom ``(event type, data)``.
 Item = str | tuple[str, dict[str, Any]]
@@ -251,9 +254,47 @@ class BaseBackend:
 
         ``after`` is a parsed event id: if it names this run, only what follows
         it is delivered; if it names another run, the run is replayed from its
-        start.
+        start. `BadEventId` if it names this run but no position of its log
+        (after waiting, `catch_up`, for a position ahead of the log), and
+        `TooManySubscribers` past ``max_subscribers``.
+
+        The same for every backend: the session's current log, whatever holds
+        it (`current_log`), read through a `detached_runs.backends.log.LogSubscription`.
         """
-        raise NotImplementedError("subclasses of BaseBackend must provide subscribe()")
+        from .log import LogSubscription  # log.py builds on this module
+
+        log = await self.current_log(session_key)
+        if log is None:
+            raise RunNotFound("No run for this session.")
+        if self.max_subscribers is not None and log.subscribers >= self.max_subscribers:
+            raise TooManySubscribers("Too many subscribers for this run.")
+        cursor = ORIGIN
+        if after is not None and after[0] == log.id:
+            try:
+                if after[1] > log.position:
+                    await self.catch_up(log, after[1])
+                log.check_after(after[1])
+            except BaseException:
+                if log.subscribers == 0:
+                    self.released(log)  # a log fetched for this subscriber alone
+                raise
+            cursor = after[1]
+        return LogSubscription(log, cursor, self.released)
+
+    async def current_log(self, session_key: str) -> RunLog | None:
+        """The log of the session's current run as this process holds it (the
+        run it drives, or its copy of a run another process drives), or None
+        if the backend has no run for the session."""
+        raise NotImplementedError("subclasses of BaseBackend must provide current_log()")
+
+    async def catch_up(self, log: RunLog, position: Position) -> None:
+        """Wait (bounded) until ``log`` reaches ``position``, an id ahead of it:
+        for a backend whose copy of a log may lag behind the process writing
+        it. By default it returns at once."""
+
+    def released(self, log: RunLog) -> None:
+        """``log``'s last subscriber left (`subscribe`); called from whatever
+        thread closed it. By default nothing happens."""
 
     async def stop(self, session_key: str, run_id: str | None = None) -> bool:
         """Ask the session's run in flight (only ``run_id``, if given) to stop.
@@ -327,8 +368,3 @@ def _adopt_meta(meta: dict[str, Any], new_owner: str) -> None:
     """A run's meta once ``new_owner`` adopted it (in place: subscriptions share it)."""
     meta["owner"] = new_owner
     meta.pop("address", None)
-
-
-def _set_if_pending(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

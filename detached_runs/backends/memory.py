@@ -7,11 +7,11 @@ what the database holds); use the Redis backend for that.
 
 How it keeps DESIGN.md's promises:
 
-* Each run has one log. Consecutive text deltas are stored as one UTF-8
-  buffer, so memory is O(output) and replay is compact by construction.
-* A subscriber is a cursor (a `Position`) into that log and a per-run list of
-  wake-up futures; it holds no queue. Whatever piled up while it was busy is
-  read in one go, as one batch.
+* Each run has one log (`detached_runs.backends.log.RunLog`, which the Redis
+  backend's copies of other workers' runs are too): consecutive text deltas
+  are one UTF-8 buffer, so memory is O(output) and replay is compact by
+  construction; a subscriber is a cursor into it (`BaseBackend.subscribe`),
+  with no queue of its own.
 * Runs of a session form a chain: each waits for its predecessor's
   ``finished`` before its source is iterated, so saves never interleave
   (a FIFO lock per session, without a lock object that could be cancelled
@@ -27,18 +27,11 @@ import asyncio
 import contextvars
 import logging
 import time
-from bisect import bisect_right
 from collections.abc import Collection
 from typing import Any
 
-from ..events import DELTA, DONE, ORIGIN, START, Event, Position, make_id
-from ..exceptions import (
-    AgentError,
-    BackendUnavailable,
-    BadEventId,
-    RunNotFound,
-    TooManySubscribers,
-)
+from ..events import DONE, START, Position, make_id
+from ..exceptions import AgentError, BackendUnavailable
 from ..text import clean_text
 from .base import (
     DONE as STATUS_DONE,
@@ -46,8 +39,6 @@ from .base import (
 from .base import (
     ERROR,
     INTERRUPTED,
-    READ_CHUNK,
-    RUNNING,
     SAVE_AGAIN_DELAYS,
     STOPPED,
     BaseBackend,
@@ -55,26 +46,19 @@ from .base import (
     RunEnd,
     RunState,
     Source,
-    Subscription,
     _adopt_meta,
     _counted,
-    _set_if_pending,
-    piece_end,
 )
+from .log import RunLog
 
 logger = logging.getLogger(__name__)
 
-#: How long subscribers may be kept waiting while a producer appends on every
-#: turn of the loop, so that they take a burst in one write (seconds).
-COALESCE_FOR = 0.01
 #: Seconds an agent has to let go after a stop, a timeout or a shutdown
 #: cancelled it, before its run ends without it (`MemoryBackend._abandon`).
 STOP_GRACE = 5.0
 #: Seconds a run waits, before its agent begins, for the end of the session's
 #: previous run to be saved, if its first save failed (`_save_again`).
 UNSAVED_WAIT = 10.0
-#: Up to this many subscribers waiting on a run are woken at each append.
-WAKE_AT_ONCE_UP_TO = 8
 
 # Phases of a run's task.
 # _CLOSING: the agent's own clean-up (``aclose``) runs; a stop changes nothing
@@ -82,57 +66,23 @@ WAKE_AT_ONCE_UP_TO = 8
 _WAITING, _RUNNING, _CLOSING, _FINISHING, _FINISHED = range(5)
 
 
-class _Text:
-    """Consecutive deltas: positions ``(start, seq)`` exclusive to ``(start+len, seq)``."""
+class _Run(RunLog):
+    """A run this process drives: its log, and the state of its driving."""
 
-    __slots__ = ("buf", "seq", "start")
-
-    def __init__(self, start: int, seq: int) -> None:
-        self.start = start
-        self.seq = seq
-        self.buf: bytearray | bytes = bytearray()
-
-
-class _Run:
     __slots__ = (
-        "_cache",
-        "_flush",
         "abandon",
-        "ended_at",
-        "ends",
-        "entries",
-        "error",
-        "evict_handle",
         "finalize",
-        "finished",
-        "finished_at",
-        "id",
-        "meta",
         "phase",
-        "position",
         "previous",
         "retry",
-        "session_key",
-        "status",
         "stop_reason",
         "stored",
-        "subscribers",
         "task",
         "timer",
-        "unsaved",
-        "waiters",
     )
 
     def __init__(self, run_id: str, session_key: str, meta: dict[str, Any]) -> None:
-        self.id = run_id
-        self.session_key = session_key
-        self.meta = meta
-        # The log: Events and _Text blocks; ends[i] is the position of entries[i]'s last byte.
-        self.entries: list[Event | _Text] = []
-        self.ends: list[Position] = []
-        self.position = ORIGIN
-        self.status = RUNNING
-        self.error = ""
+        super().__init__(run_id, session_key, meta)
         self.phase = _WAITING
         # Why it must end early: (status, error) of a stop, a timeout or a shutdown.
         self.stop_reason: tuple[str, str] | None = None
@@ -143,260 +93,11 @@ class _Run:
         self.finalize: Finalize | None = None
         self.task: asyncio.Task[None] | None = None
         self.previous: _Run | None = None
-        self.finished = asyncio.Event()
-        self.waiters: list[asyncio.Future[None]] = []
-        self._flush: asyncio.Handle | None = None
-        self.subscribers = 0
-        self.evict_handle: asyncio.TimerHandle | None = None
-        self.ended_at: float | None = None  # loop time
-        # Its end is not in the database yet (the final save failed): it is
-        # saved again later and not evicted before (`MemoryBackend._save_again`).
-        self.unsaved = False
-        # Set to ask for another attempt of that save at once (a shutdown; the
-        # session's next run, which waits for it).
+        # Set to ask for another attempt of a failed final save at once (a
+        # shutdown; the session's next run, which waits for it).
         self.retry = asyncio.Event()
-        # Set once its end is saved (at once, or by `_save_again`).
+        # Set once its end is saved (at once, or by `MemoryBackend._save_again`).
         self.stored = asyncio.Event()
-        self.finished_at: float | None = None  # wall clock
-        # The last read: (after, position, events, end). Subscribers that are
-        # level share it, so a fan-out encodes each event once.
-        self._cache: tuple[Position, Position, list[Event], Position] | None = None
-
-    # -- writing -----------------------------------------------------------
-
-    def append_text(self, text: str) -> None:
-        data = text.encode()
-        if not data:
-            return
-        last = self.entries[-1] if self.entries else None
-        if isinstance(last, _Text) and isinstance(last.buf, bytearray):
-            last.buf += data
-            self.position = Position(self.position.text + len(data), self.position.seq)
-            self.ends[-1] = self.position
-        else:
-            block = _Text(self.position.text, self.position.seq)
-            block.buf += data
-            self.position = Position(self.position.text + len(data), self.position.seq)
-            self.entries.append(block)
-            self.ends.append(self.position)
-        self._wake()
-
-    def append_event(self, event: str, data: dict[str, Any]) -> Event:
-        position = Position(self.position.text, self.position.seq + 1)
-        item = Event(make_id(self.id, position), event, data)
-        item.sse  # encoded once, here; raises TypeError for data that is not JSON  # noqa: B018
-        self.position = position
-        self.entries.append(item)
-        self.ends.append(self.position)
-        self._wake()
-        return item
-
-    def _wake(self) -> None:
-        # Subscribers are woken from the loop: their tasks run on its next
-        # turn, after whatever else the producer appends in this one. A few
-        # (a chat's tab or two) are woken at each append, so a paced agent's
-        # token goes out on the next turn. Many are not woken on every turn
-        # while the producer appends on every turn (a burst): each would
-        # write a sliver per turn, and the turns, busy with their writes,
-        # would hold the producer back. They wake when it pauses for a turn,
-        # or after COALESCE_FOR at most, and take what piled up as one write.
-        if not self.waiters or self._flush is not None:
-            return
-        if len(self.waiters) <= WAKE_AT_ONCE_UP_TO:
-            self._wake_waiters()
-        else:
-            loop = asyncio.get_running_loop()
-            self._flush = loop.call_soon(self._flush_waiters, self.position, loop.time())
-
-    def _flush_waiters(self, seen: Position, since: float) -> None:
-        loop = asyncio.get_running_loop()
-        if self.position != seen and loop.time() - since < COALESCE_FOR:
-            self._flush = loop.call_soon(self._flush_waiters, self.position, since)
-            return
-        self._flush = None
-        self._wake_waiters()
-
-    def _wake_waiters(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for future in waiters:
-            _set_if_pending(future)
-
-    def mark_finished(self, status: str, error: str) -> None:
-        """End the run's state (after its terminal event is in the log)."""
-        self.status, self.error = status, error
-        self.finished_at = time.time()
-        self.ended_at = asyncio.get_running_loop().time()
-        self.phase = _FINISHED
-        self.finished.set()
-
-    def compact(self) -> None:
-        """Once finished, text blocks shrink to exact-size immutable bytes."""
-        for entry in self.entries:
-            if isinstance(entry, _Text):
-                entry.buf = bytes(entry.buf)
-        self._cache = None
-
-    # -- reading -----------------------------------------------------------
-
-    def terminal(self) -> Position | None:
-        return self.position if self.phase == _FINISHED else None
-
-    def check_after(self, after: Position) -> None:
-        """`BadEventId` unless ``after`` is a position of this log: the end of
-        an entry, or a character boundary inside a text block (whose events
-        count, ``seq``, is the block's). A position of another log of the same
-        run (one that a worker cut off from Redis and the worker that reaped
-        it each ended) is refused, not read as a point in this one."""
-        if after > self.position:
-            raise BadEventId("Unknown event id.")
-        index = bisect_right(self.ends, after)
-        if after == ORIGIN or (index > 0 and self.ends[index - 1] == after):
-            return  # the start, or the end of an entry
-        entry = self.entries[index]
-        if not isinstance(entry, _Text) or after.seq != entry.seq:
-            raise BadEventId("Unknown event id.")
-        offset = after.text - entry.start
-        if offset < len(entry.buf) and (entry.buf[offset] & 0xC0) == 0x80:
-            raise BadEventId("Unknown event id.")
-
-    def read(self, after: Position, limit: int = READ_CHUNK) -> tuple[list[Event], Position]:
-        """The events after ``after``, consecutive deltas merged into one, up
-        to about ``limit`` bytes (of text, and of the other events' encoding:
-        always at least one event); and the position the last one ends at.
-
-        So a replay of a long answer goes out as pieces of at most ``limit``
-        bytes, each read once the previous one was written: a subscriber
-        whose client does not read holds one piece, not a copy of the answer.
-        A delta cut short ends at a character boundary, at a position that is
-        a valid resume point like any other delta's.
-        """
-        if after >= self.position:
-            return [], after
-        cache = self._cache
-        if cache is not None and cache[0] == after and cache[1] == self.position:
-            return cache[2], cache[3]
-        events: list[Event] = []
-        size, end = 0, after
-        first = bisect_right(self.ends, after)
-        for index in range(first, len(self.entries)):
-            if size >= limit:
-                break
-            entry = self.entries[index]
-            if isinstance(entry, Event):
-                events.append(entry)
-                size += len(entry.sse)
-                end = self.ends[index]
-                continue
-            begin = 0
-            if after.seq == entry.seq and after.text > entry.start:
-                begin = after.text - entry.start
-            stop = piece_end(entry.buf, begin, limit - size)
-            end = Position(entry.start + stop, entry.seq)
-            text = bytes(entry.buf[begin:stop]).decode()
-            events.append(Event(make_id(self.id, end), DELTA, {"text": text}))
-            size += stop - begin
-            if stop < len(entry.buf):
-                break  # cut short: the rest of it, and what follows, is the next read's
-        self._cache = (after, self.position, events, end)
-        return events, end
-
-    def output(self) -> str:
-        return b"".join(e.buf for e in self.entries if isinstance(e, _Text)).decode()
-
-    def last_id(self) -> str:
-        return make_id(self.id, self.position)
-
-    def state(self) -> RunState:
-        return RunState(
-            run_id=self.id,
-            session_key=self.session_key,
-            status=self.status,
-            error=self.error,
-            output=self.output(),
-            last_id=self.last_id(),
-            meta=self.meta,
-            finished_at=self.finished_at,
-            saved=not self.unsaved,
-        )
-
-
-class MemorySubscription(Subscription):
-    def __init__(self, backend: MemoryBackend, run: _Run, cursor: Position) -> None:
-        self._backend = backend
-        self._run = run
-        self._cursor = cursor
-        self._closed = False
-        # Keep-alive: one timer per quiet spell, not one per wait (a wait per
-        # token would cost a timer per token); see _keepalive_due.
-        self._waiting: asyncio.Future[None] | None = None
-        self._quiet_since: float | None = None
-        self._timeout = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timed_out = False
-        self.run_id = run.id
-        self.meta = run.meta
-        run.subscribers += 1
-        if run.evict_handle is not None:
-            run.evict_handle.cancel()
-            run.evict_handle = None
-
-    @property
-    def ended(self) -> bool:
-        terminal = self._run.terminal()
-        return terminal is not None and self._cursor >= terminal
-
-    async def next_batch(self, timeout: float | None = None) -> list[Event]:
-        run = self._run
-        while True:
-            if self._closed or self.ended:
-                raise StopAsyncIteration
-            batch, end = run.read(self._cursor)
-            if batch:
-                self._cursor = end
-                self._quiet_since = None
-                return batch
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[None] = loop.create_future()
-            run.waiters.append(future)
-            if timeout:
-                self._timeout = timeout
-                if self._quiet_since is None:
-                    self._quiet_since = loop.time()
-                if self._timer is None:
-                    self._timer = loop.call_at(self._quiet_since + timeout, self._keepalive_due)
-            self._waiting = future
-            try:
-                await future
-            finally:
-                self._waiting = None
-            if self._timed_out:
-                self._timed_out = False
-                if self._cursor >= run.position and not self.ended:
-                    self._quiet_since = None
-                    return []
-
-    def _keepalive_due(self) -> None:
-        self._timer = None
-        if self._waiting is None or self._quiet_since is None:
-            return  # not waiting now: the next wait arms the timer again
-        loop = asyncio.get_running_loop()
-        due = self._quiet_since + self._timeout
-        if loop.time() < due:  # it went quiet again since the timer was set
-            self._timer = loop.call_at(due, self._keepalive_due)
-            return
-        self._timed_out = True
-        _set_if_pending(self._waiting)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._run.subscribers -= 1
-        if self._run.subscribers == 0:
-            self._backend._in_loop(self._backend._released, self._run)
 
 
 class MemoryBackend(BaseBackend):
@@ -458,20 +159,12 @@ class MemoryBackend(BaseBackend):
         if self._closing:
             raise BackendUnavailable("The server is shutting down; try again in a moment.")
 
-    async def subscribe(
-        self, session_key: str, after: tuple[str, Position] | None = None
-    ) -> Subscription:
+    async def current_log(self, session_key: str) -> RunLog | None:
         self._loop = asyncio.get_running_loop()
-        run = self._sessions.get(session_key)
-        if run is None:
-            raise RunNotFound("No run for this session.")
-        if self.max_subscribers is not None and run.subscribers >= self.max_subscribers:
-            raise TooManySubscribers("Too many subscribers for this run.")
-        cursor = ORIGIN
-        if after is not None and after[0] == run.id:
-            run.check_after(after[1])
-            cursor = after[1]
-        return MemorySubscription(self, run, cursor)
+        return self._sessions.get(session_key)
+
+    def released(self, log: RunLog) -> None:
+        self._in_loop(self._released, log)
 
     async def stop(self, session_key: str, run_id: str | None = None) -> bool:
         run = self._sessions.get(session_key)
@@ -714,6 +407,7 @@ class MemoryBackend(BaseBackend):
         run.finished_at = time.time()
         run.ended_at = asyncio.get_running_loop().time()
         run.phase = _FINISHED
+        run.closed = True  # before its terminal event: subscribers woken by it see the end
         run.append_event(DONE, data)
         run.compact()
         run.finished.set()
@@ -782,12 +476,12 @@ class MemoryBackend(BaseBackend):
         elif self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(function, *args)
 
-    def _released(self, run: _Run) -> None:
+    def _released(self, run: RunLog) -> None:
         """The run's last subscriber left."""
-        if run.phase == _FINISHED:
+        if run.closed:
             self._schedule_eviction(run)
 
-    def _schedule_eviction(self, run: _Run) -> None:
+    def _schedule_eviction(self, run: RunLog) -> None:
         if run.evict_handle is not None:
             run.evict_handle.cancel()
         if run.unsaved:
@@ -802,7 +496,7 @@ class MemoryBackend(BaseBackend):
         else:
             run.evict_handle = loop.call_at(deadline, self._evict, run)
 
-    def _evict(self, run: _Run) -> None:
+    def _evict(self, run: RunLog) -> None:
         run.evict_handle = None
         if run.subscribers == 0 and self._sessions.get(run.session_key) is run:
             del self._sessions[run.session_key]

@@ -74,7 +74,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
-from ..exceptions import BackendUnavailable, BadEventId, RunNotFound, TooManySubscribers
+from ..exceptions import BackendUnavailable, BadEventId
 from ..workers import process_gone, worker_id
 from .base import (
     INTERRUPTED,
@@ -82,12 +82,11 @@ from .base import (
     Finalize,
     RunState,
     Source,
-    Subscription,
     _adopt_meta,
     _counted,
-    _set_if_pending,
 )
-from .memory import _FINISHED, MemoryBackend, MemorySubscription, _Run
+from .log import RunLog
+from .memory import MemoryBackend, _Run
 
 try:
     import redis.asyncio as aioredis
@@ -199,7 +198,7 @@ class RedisBackend(MemoryBackend):
         # was reported unreachable every few seconds.
         timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
         self.block_ms = int(min(READ_BLOCK, timeout / 2 if timeout else READ_BLOCK) * 1000) or 1
-        self._mirrors: dict[str, _Run] = {}
+        self._mirrors: dict[str, RunLog] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -302,40 +301,19 @@ class RedisBackend(MemoryBackend):
         except (RedisError, OSError):
             logger.warning("Could not take back the refused run %s from Redis", run_id)
 
-    async def subscribe(
-        self, session_key: str, after: tuple[str, Position] | None = None
-    ) -> Subscription:
-        self._loop = asyncio.get_running_loop()
-        self._ensure_sweeper()
-        run = await self._bound_run(session_key)
-        if run is None:
-            raise RunNotFound("No run for this session.")
-        if self.max_subscribers is not None and run.subscribers >= self.max_subscribers:
-            raise TooManySubscribers("Too many subscribers for this run.")
-        cursor = ORIGIN
-        if after is not None and after[0] == run.id:
-            try:
-                if after[1] > run.position and run is self._mirrors.get(run.id):
-                    await self._catch_up(run, after[1])
-                run.check_after(after[1])
-            except BaseException:
-                if run.subscribers == 0:
-                    self._released(run)  # a mirror made for this subscriber alone
-                raise
-            cursor = after[1]
-        return MemorySubscription(self, run, cursor)
-
-    async def _catch_up(self, mirror: _Run, position: Position) -> None:
+    async def catch_up(self, log: RunLog, position: Position) -> None:
         """Wait (up to `CATCH_UP` seconds) until a mirror holds ``position``:
         an id of the run's worker that is ahead of what Redis has given this
         worker yet (its writes lag, or Redis paused them) is valid a moment
         later, and a 400 would end the client's stream for good."""
+        if log is not self._mirrors.get(log.id):
+            return  # the run this worker drives: it has all there is
         deadline = asyncio.get_running_loop().time() + CATCH_UP
-        while mirror.position < position and mirror.phase != _FINISHED:
+        while log.position < position and not log.closed:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
                 return
-            await _wait_for_change(mirror, left)
+            await log.wait_for_change(left)
 
     async def stop(self, session_key: str, run_id: str | None = None) -> bool:
         local = self._sessions.get(session_key)
@@ -459,7 +437,7 @@ class RedisBackend(MemoryBackend):
                         resync = True  # Redis lost the run; an idle writer learns it here
                         continue
                 if not events:
-                    await _wait_for_change(run, max(renewed + RENEW_EVERY - loop.time(), 0.01))
+                    await run.wait_for_change(max(renewed + RENEW_EVERY - loop.time(), 0.01))
                     continue
                 try:
                     ended = events[-1].event == DONE
@@ -574,7 +552,7 @@ class RedisBackend(MemoryBackend):
         pipe.delete(self._key(run.session_key, "lease", run.id))
         self._expiring(pipe, run, grace)
 
-    def _expiring(self, pipe: Any, run: _Run, grace: int) -> None:
+    def _expiring(self, pipe: Any, run: RunLog, grace: int) -> None:
         """Queue on ``pipe`` the expiry of an ended run's keys (its hash, log
         and head at one instant), ``grace`` ms from now."""
         pipe.eval(
@@ -658,7 +636,11 @@ class RedisBackend(MemoryBackend):
 
     # -- reading (any worker with subscribers) -----------------------------
 
-    async def _bound_run(self, session_key: str) -> _Run | None:
+    async def current_log(self, session_key: str) -> RunLog | None:
+        """The run this worker drives, or its mirror of the run another one
+        drives (a reader follows it while it has subscribers here)."""
+        self._loop = asyncio.get_running_loop()
+        self._ensure_sweeper()
         current = await self._current(session_key)
         if current is None:
             return None
@@ -677,20 +659,20 @@ class RedisBackend(MemoryBackend):
                 # not written its start yet. It is followed like any other.)
                 return None
             self._mirrors[current] = mirror
-            if mirror.phase != _FINISHED:
+            if not mirror.closed:
                 self._readers[current] = asyncio.create_task(
                     self._follow(mirror), name=f"detached_runs:redis-reader:{current}"
                 )
         return mirror
 
-    async def _replay(self, session_key: str, run_id: str) -> _Run:
-        mirror = _Run(run_id, session_key, {})
+    async def _replay(self, session_key: str, run_id: str) -> RunLog:
+        mirror = RunLog(run_id, session_key, {})
         meta = await self._call(self.redis.hget(self._key(session_key, "run", run_id), "meta"))
         mirror.meta = json.loads(meta) if meta else {}
         await self._call(self._fill(mirror, ORIGIN))
         return mirror
 
-    async def _fill(self, mirror: _Run, after: Position) -> Position:
+    async def _fill(self, mirror: RunLog, after: Position) -> Position:
         """Apply to a mirror what Redis holds of its run past ``after`` (an id
         read before): the pieces of the head that end past it, then the
         stream's entries. Return the last id read (``after`` if none).
@@ -731,7 +713,7 @@ class RedisBackend(MemoryBackend):
             _apply(mirror, stream_id, event, data, over_gap=True)
         return _position(read[-1][0]) if read else after
 
-    async def _follow(self, mirror: _Run) -> None:
+    async def _follow(self, mirror: RunLog) -> None:
         """The one blocked XREAD of this worker for this run.
 
         An entry that does not continue the mirror means that what came
@@ -741,7 +723,7 @@ class RedisBackend(MemoryBackend):
         key = self._key(mirror.session_key, "log", mirror.id)
         last = mirror.position
         try:
-            while mirror.phase != _FINISHED:
+            while not mirror.closed:
                 try:
                     reply = await self.redis.xread(
                         {key: _stream_id(last)}, block=self.block_ms, count=1000
@@ -758,7 +740,7 @@ class RedisBackend(MemoryBackend):
         finally:
             self._readers.pop(mirror.id, None)
 
-    def _released(self, run: _Run) -> None:
+    def _released(self, run: RunLog) -> None:
         mirror = self._mirrors.get(run.id)
         if mirror is run:
             # The last local subscriber left: stop reading, forget the mirror.
@@ -1031,7 +1013,7 @@ class RedisBackend(MemoryBackend):
                 await self.redis.zrem(self._unsaved_key(), member)
         return bool(reaped)
 
-    async def _saved_end(self, log: _Run) -> tuple[str, str, str, str, Position] | None:
+    async def _saved_end(self, log: RunLog) -> tuple[str, str, str, str, Position] | None:
         """The end the run's row holds, if its worker saved one that continues
         what Redis has (the same text and more, no event missing): ``(status,
         error, output, the text Redis lacks, terminal position)``; else None."""
@@ -1126,7 +1108,7 @@ class RedisBackend(MemoryBackend):
         # All at once, before any await: the end of a run takes it out of the
         # sets its meta names when the end is written, which may come next.
         moves = [
-            (run, [(key, run.id) for key in self._counted_keys(run.meta)], run.phase != _FINISHED)
+            (run, [(key, run.id) for key in self._counted_keys(run.meta)], not run.closed)
             for run in driven
         ]
         for run in driven:
@@ -1137,7 +1119,7 @@ class RedisBackend(MemoryBackend):
             await self._call(self._in_sets(old_sets, add=False))
             if in_flight:
                 await self._call(self._in_sets([(new_set, run.id)], add=True))
-                if run.phase == _FINISHED:
+                if run.closed:
                     # It ended meanwhile: its end may have left the new owner's
                     # set before this worker put it there.
                     await self._call(self.redis.zrem(new_set, run.id))
@@ -1405,7 +1387,7 @@ def _event_position(event: Event) -> Position:
 
 
 def _apply(
-    mirror: _Run, stream_id: bytes, event: bytes, data: bytes, *, over_gap: bool = False
+    mirror: RunLog, stream_id: bytes, event: bytes, data: bytes, *, over_gap: bool = False
 ) -> bool:
     """Append one entry of a run's log (of its stream, or a piece of its head)
     to a mirror; positions follow from the order. False, and nothing appended,
@@ -1438,14 +1420,3 @@ def _apply(
     if kind == DONE:
         mirror.mark_finished(fields.get("status", "done"), fields.get("error", ""))
     return True
-
-
-async def _wait_for_change(run: _Run, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    run.waiters.append(future)
-    timer = loop.call_later(timeout, _set_if_pending, future)
-    try:
-        await future
-    finally:
-        timer.cancel()
