@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from detached_runs.backends.base import RunEnd
+from detached_runs.backends.base import BaseBackend, RunEnd
 from detached_runs.backends.memory import MemoryBackend
 from detached_runs.events import ORIGIN, Event, Position, make_id
 from detached_runs.runs import get_service
@@ -83,8 +83,33 @@ def saves() -> Saves:
     return Saves()
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: Any) -> AsyncIterator[BaseBackend]:
+    """Each backend in turn, for the contract every backend keeps (DESIGN.md,
+    "Behaviour every backend must keep"): the in-process one, and the Redis
+    one on the machine's Redis with a key prefix of its own, cleaned up
+    afterwards. An ended run is evicted after 0.2 s."""
+    if request.param == "memory":
+        yield MemoryBackend(evict_after=0.2)
+        return
+    if os.environ.get("DETACHED_RUNS_REQUIRE_REDIS") != "1":
+        pytest.importorskip("redis")
+    from detached_runs.backends.redis import RedisBackend
+
+    prefix = f"dr-contract-{uuid.uuid4().hex[:10]}"
+    redis_backend = RedisBackend(redis_prefix=prefix, evict_after=0.2)
+    yield redis_backend
+    await redis_backend.shutdown(2)
+    keys = [key async for key in redis_backend.redis.scan_iter(match=f"*{prefix}*")]
+    if keys:
+        await redis_backend.redis.delete(*keys)
+    await redis_backend.redis.aclose()
+
+
 @pytest.fixture
-def backend() -> MemoryBackend:
+def memory_backend() -> MemoryBackend:
+    """The in-process backend, for what only it does (its registry's size,
+    its wake-ups)."""
     return MemoryBackend(evict_after=0.2)
 
 
