@@ -12,12 +12,22 @@ which keeps its connection. So a view's owner lookup, the row a start inserts
 and a status read share that one connection too.
 
 That connection is never recycled by a request ending, so this module looks
-after it: before each call it closes a connection that has failed and no longer
-answers (Django's own health check), or one older than a non-zero
-``CONN_MAX_AGE``; after a call that failed with a database error it closes
-them all, so the next call reconnects (a database restart fails one call, not
-every later one). ``CONN_MAX_AGE = 0`` ("close at the end of each request")
-has no request to end here and keeps the connection open.
+after it before each call: with a non-zero ``CONN_MAX_AGE`` (or None) by
+Django's own ``close_if_unusable_or_obsolete()``, as at a request's end; with
+``CONN_MAX_AGE = 0`` ("close at the end of each request"), which has no
+request to end here, only a connection that failed and no longer answers is
+closed. After a call that failed with a database error it closes them all, so
+the next call reconnects (a database restart fails one call, not every later
+one).
+
+Which thread: asgiref routes a thread-sensitive call to its one shared
+thread when the caller's context has no ``SyncToAsync.thread_sensitive_context``
+(Django's ASGI handler sets one per request); `run_sync` clears it in a copy
+of the caller's context. asgiref publishes no other way to reach that thread
+and keep its routing under ``async_to_sync`` (a call from the admin, whose
+views may hold a transaction, must run on the thread that waits); the
+dependency on asgiref is pinned to its 3.x series, and ``tests/test_db.py``
+checks the routing.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -95,16 +104,21 @@ def _check_connections() -> None:
     for conn in connections.all(initialized_only=True):
         if conn.connection is None:
             continue
-        if conn.errors_occurred:
-            # Checked once, as Django does at a request's end: a connection
-            # that still answers is trusted again, not re-checked every call.
-            if not conn.is_usable():
+        if conn.settings_dict.get("CONN_MAX_AGE") != 0:
+            # Persistent, or recycled past an age: Django's own upkeep, as at
+            # a request's end (a failed connection that no longer answers, a
+            # transaction left open, an age past CONN_MAX_AGE).
+            conn.close_if_unusable_or_obsolete()
+        elif conn.errors_occurred:
+            # CONN_MAX_AGE = 0 means "close at each request's end"; this
+            # thread serves no request, and Django's upkeep would close it on
+            # every call. Only a connection that failed and no longer answers
+            # goes; one that answers is trusted again (checked once, as
+            # Django does).
+            if conn.is_usable():
+                conn.errors_occurred = False
+            else:
                 conn.close()
-                continue
-            conn.errors_occurred = False
-        max_age = conn.settings_dict.get("CONN_MAX_AGE")
-        if max_age and conn.close_at is not None and time.monotonic() >= conn.close_at:
-            conn.close()
 
 
 def drop_connections() -> None:
