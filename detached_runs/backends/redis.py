@@ -48,7 +48,7 @@ How it works, reusing the memory backend's machinery:
 
 One run at a time per session, across workers, and "the previous partial is
 saved first": why a lock plus the run's own status, not a fencing token.
-Starts of a session are ordered by a short Redis lock (``SET NX PX`` with a
+Starts of a session are ordered by a short Redis lock (redis-py's ``Lock``: ``SET NX PX`` with a
 random token, released only by its holder). Under it, a start that finds the
 session's run running elsewhere asks that worker to stop it and its own run
 then waits (like a local successor, before its agent starts) until the old
@@ -69,7 +69,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -192,6 +191,7 @@ class RedisBackend(MemoryBackend):
         self.redis: Any = aioredis.Redis.from_url(
             redis_url, **{"socket_timeout": SOCKET_TIMEOUT, **(connection_kwargs or {})}
         )
+        self._lua = _Scripts(self.redis)
         # The mirror's blocking read returns well within the socket's timeout:
         # a read that outlasts it is taken for a dead connection (redis-py's own
         # default is 5 s, as long as the block was), and a healthy, idle Redis
@@ -293,7 +293,9 @@ class RedisBackend(MemoryBackend):
         pipe = self.redis.pipeline(transaction=False)
         parts = ("run", "lease", "log", "head")
         pipe.delete(*(self._key(session_key, part, run_id) for part in parts))
-        pipe.eval(_DROP_CURRENT, 1, self._key(session_key, "current"), run_id)
+        await self._lua.drop_current(
+            keys=[self._key(session_key, "current")], args=[run_id], client=pipe
+        )
         for key, member in self._tracked(session_key, run_id, meta):
             pipe.zrem(key, member)
         try:
@@ -364,7 +366,7 @@ class RedisBackend(MemoryBackend):
     async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
         self._ensure_sweeper()
         key = self._count_key(*_counted(owner, address))
-        return int(await self._call(self.redis.eval(_COUNT, 1, key)))
+        return int(await self._call(self._lua.count(keys=[key])))
 
     async def adopt(self, owner: str, new_owner: str, session_keys: Collection[str] = ()) -> int:
         """See `BaseBackend.adopt`. What Redis holds of each session's current
@@ -449,13 +451,13 @@ class RedisBackend(MemoryBackend):
                             json.dumps(event.data),
                         ]
                     # Fenced: appends only while the run is still running in Redis.
-                    written = await self.redis.eval(
-                        _APPEND,
-                        3,
-                        key,
-                        self._key(run.session_key, "run", run.id),
-                        self._key(run.session_key, "head", run.id),
-                        *args,
+                    written = await self._lua.append(
+                        keys=[
+                            key,
+                            self._key(run.session_key, "run", run.id),
+                            self._key(run.session_key, "head", run.id),
+                        ],
+                        args=args,
                     )
                     if written == _MISSING:
                         resync = True  # Redis lost the run (restarted empty)
@@ -474,7 +476,7 @@ class RedisBackend(MemoryBackend):
                     if ended:
                         pipe = self.redis.pipeline(transaction=False)
                         kept = run.unsaved
-                        self._ending(pipe, run, events[-1])
+                        await self._ending(pipe, run, events[-1])
                         await pipe.execute()
                         if kept and not run.unsaved:
                             await self._expire_saved(run)  # saved meanwhile
@@ -534,7 +536,7 @@ class RedisBackend(MemoryBackend):
             self._request_stop(run)
         return ORIGIN
 
-    def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
+    async def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
         # A run whose end the database does not hold yet is kept (for a day at
         # most, if its worker dies before its save) and expires once saved.
         grace = UNSAVED_KEEP_MS if run.unsaved else self._grace_ms()
@@ -550,20 +552,20 @@ class RedisBackend(MemoryBackend):
         for key, member in self._tracked(run.session_key, run.id, run.meta):
             pipe.zrem(key, member)
         pipe.delete(self._key(run.session_key, "lease", run.id))
-        self._expiring(pipe, run, grace)
+        await self._expiring(pipe, run, grace)
 
-    def _expiring(self, pipe: Any, run: RunLog, grace: int) -> None:
+    async def _expiring(self, pipe: Any, run: RunLog, grace: int) -> None:
         """Queue on ``pipe`` the expiry of an ended run's keys (its hash, log
         and head at one instant), ``grace`` ms from now."""
-        pipe.eval(
-            _EXPIRE_RUN,
-            4,
-            self._key(run.session_key, "run", run.id),
-            self._key(run.session_key, "log", run.id),
-            self._key(run.session_key, "head", run.id),
-            self._key(run.session_key, "current"),
-            grace,
-            run.id,
+        await self._lua.expire_run(
+            keys=[
+                self._key(run.session_key, "run", run.id),
+                self._key(run.session_key, "log", run.id),
+                self._key(run.session_key, "head", run.id),
+                self._key(run.session_key, "current"),
+            ],
+            args=[grace, run.id],
+            client=pipe,
         )
 
     def _grace_ms(self) -> int:
@@ -605,7 +607,7 @@ class RedisBackend(MemoryBackend):
 
     async def _expire_saved(self, run: _Run) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        self._expiring(pipe, run, self._grace_ms())
+        await self._expiring(pipe, run, self._grace_ms())
         try:
             await pipe.execute()
         except (RedisError, OSError):
@@ -616,15 +618,15 @@ class RedisBackend(MemoryBackend):
         (which expire with it: a dead worker's runs count for nobody). False
         if Redis no longer holds the run (it restarted empty)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.eval(
-            _RENEW,
-            2,
-            self._key(run.session_key, "lease", run.id),
-            self._key(run.session_key, "run", run.id),
-            worker_id(),
-            LEASE_MS,
+        await self._lua.renew(
+            keys=[
+                self._key(run.session_key, "lease", run.id),
+                self._key(run.session_key, "run", run.id),
+            ],
+            args=[worker_id(), LEASE_MS],
+            client=pipe,
         )
-        self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
+        await self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
         try:
             held, *_ = await pipe.execute()
         except (RedisError, OSError):
@@ -778,7 +780,7 @@ class RedisBackend(MemoryBackend):
                 except Exception:  # the database refuses: the next time, then
                     logger.warning("Could not sweep the rows left running", exc_info=True)
             try:
-                due = await self.redis.eval(_DUE, 1, self._index_key(), 100)
+                due = await self._lua.due(keys=[self._index_key()], args=[100])
             except (RedisError, OSError):
                 continue  # Redis is unreachable: the writers say so
             for member in due:
@@ -805,7 +807,7 @@ class RedisBackend(MemoryBackend):
         their reaper died before saving (`_reap`). Redis has their whole log
         and their end; a row already ended is left as it is."""
         try:
-            due = await self.redis.eval(_DUE, 1, self._unsaved_key(), 100)
+            due = await self._lua.due(keys=[self._unsaved_key()], args=[100])
         except (RedisError, OSError):
             return
         for member in due:
@@ -837,7 +839,7 @@ class RedisBackend(MemoryBackend):
                     )
                     if agreed:
                         pipe = self.redis.pipeline(transaction=False)
-                        self._expiring(pipe, log, self._grace_ms())
+                        await self._expiring(pipe, log, self._grace_ms())
                         await self._call(pipe.execute())
                     else:
                         await self._forget(session_key, run_id, log.meta)
@@ -896,12 +898,10 @@ class RedisBackend(MemoryBackend):
         channel, and, since a message published while that worker's channel
         reconnects is lost, by a flag in the run's hash its writer reads when
         it renews the lease (every `RENEW_EVERY` s)."""
-        await self._call(
-            self.redis.pipeline(transaction=False)
-            .eval(_FLAG_STOP, 1, self._key(session_key, "run", run_id))
-            .publish(f"{self.prefix}:stop", f"{session_key} {run_id}")
-            .execute()
-        )
+        pipe = self.redis.pipeline(transaction=False)
+        await self._lua.flag_stop(keys=[self._key(session_key, "run", run_id)], client=pipe)
+        pipe.publish(f"{self.prefix}:stop", f"{session_key} {run_id}")
+        await self._call(pipe.execute())
 
     async def _await_end(self, session_key: str, run_id: str, remote: _Remote) -> None:
         """Set ``remote.finished`` once the other worker saved and ended the run
@@ -966,25 +966,27 @@ class RedisBackend(MemoryBackend):
         grace = max(int(self.evict_after * 1000), 1)
         done: dict[str, Any] = {"status": status_, **({"error": error} if error else {})}
         reaped = await self._call(
-            self.redis.eval(
-                _REAP,
-                4,
-                self._key(session_key, "run", run_id),
-                self._key(session_key, "log", run_id),
-                self._key(session_key, "current"),
-                self._key(session_key, "head", run_id),
-                _stream_id(terminal),
-                json.dumps(done),
-                str(time.time()),
-                grace,
-                run_id,
-                self.maxlen,
-                self.keep,
-                HEAD_PIECE,
-                status_,
-                error,
-                _stream_id(Position(terminal.text, terminal.seq - 1)) if rest else "",
-                json.dumps({"text": rest}) if rest else "",
+            self._lua.reap(
+                keys=[
+                    self._key(session_key, "run", run_id),
+                    self._key(session_key, "log", run_id),
+                    self._key(session_key, "current"),
+                    self._key(session_key, "head", run_id),
+                ],
+                args=[
+                    _stream_id(terminal),
+                    json.dumps(done),
+                    str(time.time()),
+                    grace,
+                    run_id,
+                    self.maxlen,
+                    self.keep,
+                    HEAD_PIECE,
+                    status_,
+                    error,
+                    _stream_id(Position(terminal.text, terminal.seq - 1)) if rest else "",
+                    json.dumps({"text": rest}) if rest else "",
+                ],
             )
         )
         if reaped:
@@ -1084,17 +1086,18 @@ class RedisBackend(MemoryBackend):
     async def _in_sets(self, entries: list[tuple[str, str]], *, add: bool) -> None:
         pipe = self.redis.pipeline(transaction=False)
         if add:
-            self._touch(pipe, entries)
+            await self._touch(pipe, entries)
         else:
             for key, member in entries:
                 pipe.zrem(key, member)
         await pipe.execute()
 
-    def _touch(self, pipe: Any, entries: list[tuple[str, str]]) -> None:
+    async def _touch(self, pipe: Any, entries: list[tuple[str, str]]) -> None:
         # One key per script: each set may live in another Cluster slot.
         swept = (self._index_key(), self._unsaved_key())
         for key, member in entries:
-            pipe.eval(_TOUCH, 1, key, member, LEASE_MS, "0" if key in swept else "1")
+            flag = "0" if key in swept else "1"
+            await self._lua.touch(keys=[key], args=[member, LEASE_MS, flag], client=pipe)
 
     # -- adopting (a visitor who logs in) ------------------------------------
 
@@ -1141,7 +1144,8 @@ class RedisBackend(MemoryBackend):
                 return False
             address = meta.get("address")
             _adopt_meta(meta, new_owner)
-            if await self._call(self.redis.eval(_SWAP_META, 1, key, stored, json.dumps(meta))):
+            swapped = self._lua.swap_meta(keys=[key], args=[stored, json.dumps(meta)])
+            if await self._call(swapped):
                 if address:
                     await self._call(self.redis.zrem(self._count_key("address", address), run_id))
                 return True
@@ -1183,31 +1187,28 @@ class RedisBackend(MemoryBackend):
 
 
 class _SessionLock:
-    """Orders starts of one session across workers (SET NX with a token)."""
+    """Orders starts of one session across workers: redis-py's `Lock` (a
+    token under ``SET NX PX``, released only by its holder), held at most
+    ``LOCK_MS`` and waited for as long."""
 
     def __init__(self, backend: RedisBackend, key: str) -> None:
-        self.backend, self.key, self.token = backend, key, uuid.uuid4().hex
+        self.key = key
+        self.lock = backend.redis.lock(
+            key, timeout=LOCK_MS / 1000, sleep=0.01, blocking_timeout=LOCK_MS / 1000
+        )
 
     async def __aenter__(self) -> None:
-        deadline = time.monotonic() + LOCK_MS / 1000
-        while not await self.backend._call(
-            self.backend.redis.set(self.key, self.token, nx=True, px=LOCK_MS)
-        ):
-            if time.monotonic() > deadline:
-                raise BackendUnavailable("The session is busy; try again.")
-            await asyncio.sleep(0.01)
+        try:
+            acquired = await self.lock.acquire()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
+        if not acquired:
+            raise BackendUnavailable("The session is busy; try again.")
 
     async def __aexit__(self, *exc: object) -> None:
-        # Release only our own lock (it may have expired and been taken since).
         try:
-            await self.backend.redis.eval(
-                "if redis.call('get', KEYS[1]) == ARGV[1] then "
-                "return redis.call('del', KEYS[1]) else return 0 end",
-                1,
-                self.key,
-                self.token,
-            )
-        except (RedisError, OSError):
+            await self.lock.release()
+        except (RedisError, OSError):  # LockNotOwnedError: it expired (and may be taken)
             logger.warning("Could not release %s; it expires by itself", self.key)
 
 
@@ -1420,3 +1421,22 @@ def _apply(
     if kind == DONE:
         mirror.mark_finished(fields.get("status", "done"), fields.get("error", ""))
     return True
+
+
+class _Scripts:
+    """This module's Lua scripts, registered with redis-py
+    (``register_script``): called by their SHA1 (``EVALSHA``), loaded again
+    by redis-py if Redis lost them (a restart), in a pipeline too."""
+
+    def __init__(self, redis: Any) -> None:
+        register = redis.register_script
+        self.append = register(_APPEND)
+        self.count = register(_COUNT)
+        self.drop_current = register(_DROP_CURRENT)
+        self.due = register(_DUE)
+        self.expire_run = register(_EXPIRE_RUN)
+        self.flag_stop = register(_FLAG_STOP)
+        self.reap = register(_REAP)
+        self.renew = register(_RENEW)
+        self.swap_meta = register(_SWAP_META)
+        self.touch = register(_TOUCH)
