@@ -175,9 +175,14 @@ async def memory(request: HttpRequest) -> JsonResponse:
     backend: Any = runs.get_service().backend
     held = output = subscribers = 0
     key = request.GET.get("session")
-    run = backend._sessions.get(key) if key else None
+    run = await backend.current_log(key) if key else None
     if run is not None:
-        stop = {id(backend), id(runs.get_service()), id(asyncio.get_running_loop())}
+        stop = {
+            id(backend),
+            id(backend.driver),
+            id(runs.get_service()),
+            id(asyncio.get_running_loop()),
+        }
         held = deep_size(run, stop)
         output = len(run.output().encode())
         subscribers = run.subscribers

@@ -493,7 +493,7 @@ async def test_a_stop_ends_the_run_within_the_grace_whatever_the_agent_does(
     """The run ends (terminal event, save) STOP_GRACE after its stop, and the
     session's next run begins: an agent that will not let go is abandoned,
     not awaited forever. It used to leave the session stuck."""
-    monkeypatch.setattr("detached_runs.backends.memory.STOP_GRACE", 0.2)
+    monkeypatch.setattr("detached_runs.backends.driver.STOP_GRACE", 0.2)
     source = swallowing(["first "], released) if agent is swallowing else lingering(released)
     first = await start(backend, source, saves)
     subscription = await backend.subscribe("s")
@@ -512,7 +512,7 @@ async def test_a_stop_ends_the_run_within_the_grace_whatever_the_agent_does(
 async def test_a_run_timeout_ends_an_agent_that_will_not_let_go(
     backend, saves, monkeypatch, released
 ):
-    monkeypatch.setattr("detached_runs.backends.memory.STOP_GRACE", 0.2)
+    monkeypatch.setattr("detached_runs.backends.driver.STOP_GRACE", 0.2)
     run_id = new_id()
     await backend.start(
         "s",
@@ -560,7 +560,7 @@ async def test_the_next_run_waits_for_the_previous_runs_end_to_be_saved_after_al
     with back-off (here a minute); the session's next run asks for another
     attempt at once and its agent begins only once that end is saved, so
     the saves keep their order and the agent's history has that answer."""
-    monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (60.0,))
+    monkeypatch.setattr("detached_runs.backends.driver.SAVE_AGAIN_DELAYS", (60.0,))
     order: list[str] = []
     refusing = True
 

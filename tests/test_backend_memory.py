@@ -23,7 +23,7 @@ async def test_a_stalled_subscriber_holds_no_queue(memory_backend, saves):
     stalled = [await memory_backend.subscribe("s") for _ in range(10)]
     sizes_before = [sys.getsizeof(vars(s)) for s in stalled]
     await wait_finished(memory_backend)
-    run = memory_backend._sessions["s"]
+    run = memory_backend.driver.runs["s"]
     # The log stored 5,000 deltas as one block; subscribers only hold a cursor.
     assert len(run.entries) == 3
     assert [sys.getsizeof(vars(s)) for s in stalled] == sizes_before
@@ -66,7 +66,7 @@ async def test_run_stopped_while_waiting_for_the_previous_cleanup_still_ends(mem
 async def test_a_failing_save_still_sends_the_terminal_event_and_is_tried_again(
     memory_backend, monkeypatch, fails
 ):
-    monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (0.05,))
+    monkeypatch.setattr("detached_runs.backends.driver.SAVE_AGAIN_DELAYS", (0.05,))
     attempts: list[str] = []
 
     async def broken(end: Any) -> bool:

@@ -51,6 +51,11 @@ WORDS = [f"w{i} " for i in range(40)]
 FULL = "".join(WORDS)
 
 
+def worker_tasks(backend: RedisBackend) -> list[asyncio.Task[Any]]:
+    """Every task of a worker's backend: cancelled, as when it dies (-9)."""
+    return [*backend._tasks, *backend.driver._tasks, *backend._writers.values()]
+
+
 @contextlib.asynccontextmanager
 async def two_workers(
     url: str = "redis://127.0.0.1:6379/0", **options: Any
@@ -212,7 +217,7 @@ async def test_a_run_whose_worker_died_is_interrupted_with_everything_its_stream
     run_id = await start(a, agent(), saves)
     await asyncio.sleep(0.1)  # the ten words reach the stream
     # Worker A dies: its tasks stop and its lease is gone (as when it lapses).
-    for task in [*a._tasks, *a._writers.values()]:
+    for task in worker_tasks(a):
         task.cancel()
     await a.redis.delete(a._key("s", "lease", run_id))
     state = await b.get("s")
@@ -233,7 +238,7 @@ async def test_a_lease_of_a_dead_process_on_this_host_counts_as_lapsed(workers, 
 
     run_id = await start(a, agent(), saves)
     await asyncio.sleep(0.05)
-    for task in [*a._tasks, *a._writers.values()]:
+    for task in worker_tasks(a):
         task.cancel()
     dead = await asyncio.create_subprocess_exec("true")
     await dead.wait()  # a pid that existed and is gone
@@ -602,7 +607,7 @@ async def test_a_bounded_runs_head_expires_with_its_other_keys(end, saves):
             gate.set()
             await collect(await a.subscribe("s"))
         else:
-            for task in [*a._tasks, *a._writers.values()]:
+            for task in worker_tasks(a):
                 task.cancel()
             await a.redis.delete(a._key("s", "lease", run_id))
         state = await b.get("s")  # (reaps the run if its worker is gone)

@@ -85,7 +85,7 @@ async def test_a_refused_final_save_is_visible_in_done_and_saved_again_once_the_
     and saved again with back-off until the database takes it."""
     config(EVICT_AFTER=0.05)
     monkeypatch.setattr("detached_runs.recording.SAVE_RETRY_DELAYS", (0.01, 0.01))
-    monkeypatch.setattr("detached_runs.backends.memory.SAVE_AGAIN_DELAYS", (0.1,))
+    monkeypatch.setattr("detached_runs.backends.driver.SAVE_AGAIN_DELAYS", (0.1,))
     caplog.set_level(logging.WARNING, logger="detached_runs")
     async with refusing(final_save) as counts:
         run = await runs.start("chat", prompt="5")

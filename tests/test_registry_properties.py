@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from detached_runs.backends.base import RunEnd
-from detached_runs.backends.memory import _FINISHING, MemoryBackend
+from detached_runs.backends.driver import _FINISHING
+from detached_runs.backends.memory import MemoryBackend
 from detached_runs.events import ORIGIN, Event, Position, parse_id
 from detached_runs.exceptions import RunNotFound
 
@@ -151,14 +152,14 @@ class RegistryMachine(RuleBasedStateMachine):
         return [m for m in self.runs.values() if not m.saves]
 
     def current(self, session: str) -> RunModel | None:
-        run = self.backend._sessions.get(session)
+        run = self.backend.driver.runs.get(session)
         return None if run is None else self.runs[run.id]
 
     # -- rules -------------------------------------------------------------
 
     @rule(session=st.sampled_from(SESSIONS))
     def start(self, session: str) -> None:
-        previous = self.backend._sessions.get(session)
+        previous = self.backend.driver.runs.get(session)
         if previous is not None and previous.phase < _FINISHING:
             self.runs[previous.id].stop_hit = True
         model = RunModel(uuid.uuid4().hex, session, asyncio.Queue())
@@ -177,7 +178,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(session=st.sampled_from(SESSIONS))
     def start_and_stop_in_the_same_tick(self, session: str) -> None:
-        previous = self.backend._sessions.get(session)
+        previous = self.backend.driver.runs.get(session)
         if previous is not None and previous.phase < _FINISHING:
             self.runs[previous.id].stop_hit = True
         model = RunModel(uuid.uuid4().hex, session, asyncio.Queue())
@@ -226,7 +227,7 @@ class RegistryMachine(RuleBasedStateMachine):
         try:
             subscription = self.run(self.backend.subscribe(session, parsed))
         except RunNotFound:
-            assert session not in self.backend._sessions
+            assert session not in self.backend.driver.runs
             return
         model = self.runs[subscription.run_id]
         resume = parsed[1] if parsed and parsed[0] == model.id else ORIGIN
@@ -294,7 +295,7 @@ class RegistryMachine(RuleBasedStateMachine):
             if model.saves:
                 assert model.saves[0].status == model.expected_status
                 assert model.saves[0].output.encode() == model.text
-        for run in self.backend._sessions.values():
+        for run in self.backend.driver.runs.values():
             dones = [e for e in run.entries if isinstance(e, Event) and e.event == "done"]
             assert len(dones) == (1 if self.runs[run.id].saves else 0)
 

@@ -12,92 +12,20 @@ How it keeps DESIGN.md's promises:
   are one UTF-8 buffer, so memory is O(output) and replay is compact by
   construction; a subscriber is a cursor into it (`BaseBackend.subscribe`),
   with no queue of its own.
-* Runs of a session form a chain: each waits for its predecessor's
-  ``finished`` before its source is iterated, so saves never interleave
-  (a FIFO lock per session, without a lock object that could be cancelled
-  out of order).
-* Stop is a flag plus a cancel of the task only while the agent runs; a run
-  stopped before its task ran, or while it waits for its predecessor, still
-  goes through the same ending: finalize, terminal event, eviction.
+* Its runs are driven, one at a time per session, by a
+  `detached_runs.backends.driver.RunDriver`, as the Redis backend's are: the
+  registry, the chain of a session's runs, stop, the final save, eviction.
+  This backend only stores: the driver's registry is all there is.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import logging
-import time
 from collections.abc import Collection
 from typing import Any
 
-from ..events import DONE, START, Position, make_id
-from ..exceptions import AgentError, BackendUnavailable
-from ..text import clean_text
-from .base import (
-    DONE as STATUS_DONE,
-)
-from .base import (
-    ERROR,
-    INTERRUPTED,
-    SAVE_AGAIN_DELAYS,
-    STOPPED,
-    BaseBackend,
-    Finalize,
-    RunEnd,
-    RunState,
-    Source,
-    _adopt_meta,
-    _counted,
-)
+from .base import BaseBackend, Finalize, RunState, Source, _counted
+from .driver import RunDriver
 from .log import RunLog
-
-logger = logging.getLogger(__name__)
-
-#: Seconds an agent has to let go after a stop, a timeout or a shutdown
-#: cancelled it, before its run ends without it (`MemoryBackend._abandon`).
-STOP_GRACE = 5.0
-#: Seconds a run waits, before its agent begins, for the end of the session's
-#: previous run to be saved, if its first save failed (`_save_again`).
-UNSAVED_WAIT = 10.0
-
-# Phases of a run's task.
-# _CLOSING: the agent's own clean-up (``aclose``) runs; a stop changes nothing
-# then, but the run may still be abandoned if the clean-up does not end.
-_WAITING, _RUNNING, _CLOSING, _FINISHING, _FINISHED = range(5)
-
-
-class _Run(RunLog):
-    """A run this process drives: its log, and the state of its driving."""
-
-    __slots__ = (
-        "abandon",
-        "finalize",
-        "phase",
-        "previous",
-        "retry",
-        "stop_reason",
-        "stored",
-        "task",
-        "timer",
-    )
-
-    def __init__(self, run_id: str, session_key: str, meta: dict[str, Any]) -> None:
-        super().__init__(run_id, session_key, meta)
-        self.phase = _WAITING
-        # Why it must end early: (status, error) of a stop, a timeout or a shutdown.
-        self.stop_reason: tuple[str, str] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        # Set once stopped while its agent runs: ends the run without the
-        # agent if the agent has not let go after STOP_GRACE seconds.
-        self.abandon: asyncio.TimerHandle | None = None
-        self.finalize: Finalize | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.previous: _Run | None = None
-        # Set to ask for another attempt of a failed final save at once (a
-        # shutdown; the session's next run, which waits for it).
-        self.retry = asyncio.Event()
-        # Set once its end is saved (at once, or by `MemoryBackend._save_again`).
-        self.stored = asyncio.Event()
 
 
 class MemoryBackend(BaseBackend):
@@ -105,14 +33,8 @@ class MemoryBackend(BaseBackend):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._sessions: dict[str, _Run] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # Set by shutdown: saves that failed before are tried again at once.
-        self._save_now: asyncio.Event | None = None
-
-    # -- the interface -----------------------------------------------------
+        #: The runs of this process (all there are: nothing is shared).
+        self.driver = RunDriver(self)
 
     async def start(
         self,
@@ -125,432 +47,46 @@ class MemoryBackend(BaseBackend):
         finalize: Finalize,
         timeout: float | None = None,
     ) -> None:
-        self.check_accepting()
-        self._loop = asyncio.get_running_loop()
-        run = _Run(run_id, session_key, meta)
-        run.append_event(START, start_data)
-        previous = self._sessions.get(session_key)
-        if previous is not None:
-            if previous.evict_handle is not None:
-                previous.evict_handle.cancel()
-                previous.evict_handle = None
-            if previous.phase != _FINISHED:
-                run.previous = previous
-                self._request_stop(previous)
-            elif previous.unsaved:
-                run.previous = previous  # waited for until its end is saved after all
-        self._sessions[session_key] = run
-        # A context of its own: the run outlives the request that starts it, and
-        # under Django's ASGI handler the request's context carries asgiref's
-        # per-request database thread. Inherited, every run would keep (or
-        # re-create) a thread and a database connection of its own once that
-        # request ends; with a fresh context its database work shares the one
-        # thread of sync_to_async.
-        task = asyncio.create_task(
-            self._drive(run, source, finalize, timeout),
-            name=f"detached_runs:{session_key}:{run_id}",
-            context=contextvars.Context(),
+        await self.driver.start(
+            session_key,
+            run_id,
+            source,
+            start_data=start_data,
+            meta=meta,
+            finalize=finalize,
+            timeout=timeout,
         )
-        run.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def check_accepting(self) -> None:
-        if self._closing:
-            raise BackendUnavailable("The server is shutting down; try again in a moment.")
+        self.driver.check_accepting()
 
     async def current_log(self, session_key: str) -> RunLog | None:
-        self._loop = asyncio.get_running_loop()
-        return self._sessions.get(session_key)
+        return self.driver.runs.get(session_key)
 
     def released(self, log: RunLog) -> None:
-        self._in_loop(self._released, log)
+        self.driver.released(log)
 
     async def stop(self, session_key: str, run_id: str | None = None) -> bool:
-        run = self._sessions.get(session_key)
-        if run is None or (run_id is not None and run.id != run_id):
-            return False
-        return self._request_stop(run)
+        return self.driver.stop(session_key, run_id)
 
     async def get(self, session_key: str) -> RunState | None:
-        run = self._sessions.get(session_key)
+        run = self.driver.runs.get(session_key)
         return None if run is None else run.state()
 
     async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
-        key, value = _counted(owner, address)
-        return sum(
-            1
-            for run in self._sessions.values()
-            if run.phase < _FINISHING and run.stop_reason is None and run.meta.get(key) == value
-        )
+        return self.driver.count(*_counted(owner, address))
 
     async def adopt(self, owner: str, new_owner: str, session_keys: Collection[str] = ()) -> int:
-        # Every run the registry holds (in flight or in its grace period) is in
-        # _sessions: no need of the session keys. A run that a newer one
-        # replaced is stopping; its meta no longer decides anything.
-        adopted = [run for run in self._sessions.values() if run.meta.get("owner") == owner]
-        for run in adopted:
-            _adopt_meta(run.meta, new_owner)
-        return len(adopted)
+        # Every run the registry holds (in flight or in its grace period) is
+        # the driver's: no need of the session keys.
+        return len(self.driver.adopt(owner, new_owner))
 
     def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
-        run = self._sessions.get(session_key)
-        if run is None or run.id != run_id:
-            return None
-        return run.output(), run.last_id()
+        return self.driver.output(session_key, run_id)
 
     async def shutdown(self, timeout: float) -> None:
-        self._closing = True
-        if self._save_now is not None:
-            self._save_now.set()
-        # Agents that will not let go are abandoned halfway through the
-        # timeout, so that their runs still end (terminal event, save) in it.
-        grace = min(STOP_GRACE, timeout / 2)
-        for run in list(self._sessions.values()):
-            self._request_stop(run, (INTERRUPTED, ""), grace)
-        tasks = [t for t in self._tasks if not t.done()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
-        for run in self._sessions.values():
-            if run.unsaved:
-                logger.error(
-                    "Run %s of session %s is lost: its end (%s, %d characters) could not be "
-                    "saved before the process exits",
-                    run.id,
-                    run.session_key,
-                    run.status,
-                    len(run.output()),
-                )
-
-    # -- for tests and the admin -------------------------------------------
+        await self.driver.shutdown(timeout)
 
     def __len__(self) -> int:
-        """How many runs the registry holds."""
-        return len(self._sessions)
-
-    # -- internals ---------------------------------------------------------
-
-    def _request_stop(
-        self, run: _Run, reason: tuple[str, str] = (STOPPED, ""), grace: float | None = None
-    ) -> bool:
-        """Ask a run to stop for ``reason``; its agent is abandoned if it has
-        not let go ``grace`` seconds (`STOP_GRACE`) later. False if it is
-        ending already."""
-        if grace is None:
-            grace = STOP_GRACE
-        if run.phase == _CLOSING:
-            self._arm_abandon(run, grace)  # its clean-up may never end either
-        if run.phase >= _CLOSING:
-            return False
-        first = run.stop_reason is None
-        if first or reason[0] != STOPPED:
-            run.stop_reason = reason  # a shutdown's or a timeout's reason wins
-        # Only a task inside the agent is cancelled; a waiting one (or one that
-        # has not run yet: cancelling it would skip its ending) sees the flag.
-        # Only once: a second cancel would cut short the agent's own clean-up
-        # (its finally, its aclose), which the first one started.
-        if run.phase == _RUNNING and run.task is not None:
-            if first:
-                run.task.cancel()
-            self._arm_abandon(run, grace)
-        return first
-
-    def _arm_abandon(self, run: _Run, grace: float) -> None:
-        loop = asyncio.get_running_loop()
-        if run.abandon is not None:
-            if run.abandon.when() <= loop.time() + grace:
-                return  # armed already, as soon or sooner
-            run.abandon.cancel()
-        run.abandon = loop.call_later(grace, self._abandon, run, grace)
-
-    def _abandon(self, run: _Run, grace: float) -> None:
-        """The agent did not let go within ``grace`` seconds of its stop
-        (`STOP_GRACE`, or half the shutdown's timeout if that is less: it
-        swallows the cancellation and never yields again): end the run
-        without it, so its subscribers get the terminal event, its row is
-        saved and the session's next run begins. Its task is left to itself,
-        logged, and no longer awaited (not by a shutdown either)."""
-        task = run.task
-        if run.phase >= _FINISHING or task is None or run.finalize is None:
-            return
-        logger.error(
-            "Run %s of session %s: its agent did not stop within %s s of being asked; "
-            "the run ends without it",
-            run.id,
-            run.session_key,
-            grace,
-        )
-        run.phase = _FINISHING  # the agent's task, if it ever ends, finishes nothing
-        self._tasks.discard(task)
-        task.cancel()
-        status, error = run.stop_reason or (STOPPED, "")
-        ending = asyncio.ensure_future(self._finish(run, status, error, run.finalize))
-        self._tasks.add(ending)
-        ending.add_done_callback(self._tasks.discard)
-
-    async def _drive(
-        self, run: _Run, source: Source, finalize: Finalize, timeout: float | None
-    ) -> None:
-        status, error, interrupted = STATUS_DONE, "", False
-        run.finalize = finalize
-        try:
-            previous, run.previous = run.previous, None
-            if previous is not None:
-                # Wait even if cancelled: saves of one session must not overlap.
-                while not previous.finished.is_set():
-                    try:
-                        await previous.finished.wait()
-                    except asyncio.CancelledError:
-                        interrupted = True
-                if getattr(previous, "unsaved", False) and not interrupted:
-                    # Its end is not saved yet: one more attempt now (the
-                    # database took this run's row a moment ago), and this
-                    # run waits for it a while, so that the two saves keep
-                    # their order and this agent's history has that answer.
-                    previous.retry.set()
-                    try:
-                        await asyncio.wait_for(previous.stored.wait(), UNSAVED_WAIT)
-                    except TimeoutError:
-                        logger.warning(
-                            "Run %s starts before run %s of its session is saved",
-                            run.id,
-                            previous.id,
-                        )
-                    except asyncio.CancelledError:
-                        interrupted = True
-                del previous
-            if run.stop_reason is None and not interrupted:
-                run.phase = _RUNNING
-                if timeout is not None:
-                    run.timer = asyncio.get_running_loop().call_later(
-                        timeout, self._request_stop, run, (ERROR, "The run took too long.")
-                    )
-                status, error, interrupted = await self._consume(run, source)
-        finally:
-            # Abandoned (_abandon): ended without this task, nothing is its to do.
-            if run.phase < _FINISHING:
-                run.phase = _CLOSING
-                if run.timer is not None:
-                    run.timer.cancel()
-                    run.timer = None
-                task = asyncio.current_task()
-                stopped = run.stop_reason is not None
-                if stopped and task is not None and task.cancelling() and not interrupted:
-                    task.uncancel()  # our own stop's cancel was swallowed by the agent
-                if run.stop_reason is not None:
-                    status, error = run.stop_reason
-                elif interrupted:
-                    status, error = INTERRUPTED, ""
-                try:
-                    await _close(source)  # may be abandoned meanwhile, if it never ends
-                except asyncio.CancelledError:
-                    interrupted = True
-            if run.phase < _FINISHING:
-                run.phase = _FINISHING
-                if run.abandon is not None:
-                    run.abandon.cancel()
-                await self._finish(run, status, error, finalize)
-        if interrupted:
-            raise asyncio.CancelledError
-
-    async def _consume(self, run: _Run, source: Source) -> tuple[str, str, bool]:
-        """Iterate the source into the log; return (status, error, interrupted)."""
-        task = asyncio.current_task()
-        try:
-            async for item in source:
-                if isinstance(item, str):
-                    run.append_text(item)
-                else:
-                    run.append_event(*item)
-                if run.stop_reason is not None:
-                    break
-        except asyncio.CancelledError:
-            if run.stop_reason is not None:
-                if task is not None:
-                    task.uncancel()
-                return STOPPED, "", False
-            return INTERRUPTED, "", True
-        except BaseException as exc:
-            logger.exception("Run %s of session %s failed", run.id, run.session_key)
-            return ERROR, _safe_error(exc), False
-        return STATUS_DONE, "", False
-
-    async def _finish(self, run: _Run, status: str, error: str, finalize: Finalize) -> None:
-        terminal = Position(run.position.text, run.position.seq + 1)
-        end = RunEnd(
-            run_id=run.id,
-            session_key=run.session_key,
-            status=status,
-            error=error,
-            output=run.output(),
-            terminal_id=make_id(run.id, terminal),
-            meta=run.meta,
-        )
-        saved = await _save(run, end, finalize)
-        run.status, run.error = status, error
-        data: dict[str, Any] = {"status": status}
-        if error:
-            data["error"] = error
-        if not saved:
-            # The database refused the end (after the service's own quick
-            # retries). Subscribers are told that what they got is not saved
-            # yet; the run stays here and is saved again (`_save_again`).
-            data["saved"] = False
-        if saved:
-            run.stored.set()
-        if saved is False:
-            run.unsaved = True
-            again = asyncio.ensure_future(self._save_again(run, end, finalize))
-            again.set_name(f"detached_runs:save-again:{run.id}")
-            self._tasks.add(again)
-            again.add_done_callback(self._tasks.discard)
-        run.finished_at = time.time()
-        run.ended_at = asyncio.get_running_loop().time()
-        run.phase = _FINISHED
-        run.closed = True  # before its terminal event: subscribers woken by it see the end
-        run.append_event(DONE, data)
-        run.compact()
-        run.finished.set()
-        logger.info("Run %s of session %s ended: %s", run.id, run.session_key, status)
-        if run.subscribers == 0:
-            self._schedule_eviction(run)
-
-    async def _save_again(self, run: _Run, end: RunEnd, finalize: Finalize) -> None:
-        """Save the end of a run whose final save failed, with back-off
-        (`SAVE_AGAIN_DELAYS`), for as long as the process lives (at once, then
-        every half second, once shutdown began); then let it be evicted."""
-        if self._save_now is None:
-            self._save_now = asyncio.Event()
-        # A shutdown (every run) or the session's next run (this one) asks
-        # for an attempt at once.
-        retry = asyncio.ensure_future(_either(self._save_now, run.retry))
-        logger.warning(
-            "Run %s of session %s ended (%s) but could not be saved; it stays in memory "
-            "and is saved again later",
-            run.id,
-            run.session_key,
-            end.status,
-        )
-        self._unsaved(run)
-        delays = iter(SAVE_AGAIN_DELAYS)
-        while True:
-            if self._closing:
-                await asyncio.sleep(0.5)
-            else:
-                delay = next(delays, SAVE_AGAIN_DELAYS[-1])
-                await asyncio.wait({retry}, timeout=delay)
-                if retry.done():
-                    run.retry.clear()
-                    retry = asyncio.ensure_future(_either(self._save_now, run.retry))
-            saved = await _save(run, end, finalize)
-            if saved:
-                break
-            if saved is None:
-                retry.cancel()
-                return  # cancelled: the loop is closing
-        retry.cancel()
-        run.unsaved = False
-        run.stored.set()
-        logger.warning("Run %s of session %s is saved after all", run.id, run.session_key)
-        self._saved_after_all(run)
-        if run.subscribers == 0:
-            self._schedule_eviction(run)
-
-    def _unsaved(self, run: _Run) -> None:
-        """A run whose end could not be saved yet (`_save_again` retries it);
-        for subclasses (a shared backend lets another process save it if
-        this one dies first)."""
-
-    def _saved_after_all(self, run: _Run) -> None:
-        """A run whose end was saved late (`_save_again`); for subclasses."""
-
-    def _in_loop(self, function: Any, *args: Any) -> None:
-        """Call ``function`` on the backend's loop: now if we are on it, else soon
-        (a stream released by the garbage collector may be outside it)."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None and (self._loop is None or running is self._loop):
-            function(*args)
-        elif self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(function, *args)
-
-    def _released(self, run: RunLog) -> None:
-        """The run's last subscriber left."""
-        if run.closed:
-            self._schedule_eviction(run)
-
-    def _schedule_eviction(self, run: RunLog) -> None:
-        if run.evict_handle is not None:
-            run.evict_handle.cancel()
-        if run.unsaved:
-            return  # the database does not hold it yet: memory is all there is
-        if self._sessions.get(run.session_key) is not run or run.ended_at is None:
-            return  # a newer run took the session; this one goes with its last reference
-        loop = asyncio.get_running_loop()
-        # The grace period counts from the run's end, not from the last visit.
-        deadline = run.ended_at + self.evict_after
-        if deadline <= loop.time():
-            self._evict(run)
-        else:
-            run.evict_handle = loop.call_at(deadline, self._evict, run)
-
-    def _evict(self, run: RunLog) -> None:
-        run.evict_handle = None
-        if run.subscribers == 0 and self._sessions.get(run.session_key) is run:
-            del self._sessions[run.session_key]
-            logger.debug("Evicted run %s of session %s", run.id, run.session_key)
-
-
-async def _either(*events: asyncio.Event) -> None:
-    """Return once any of ``events`` is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-
-
-async def _save(run: _Run, end: RunEnd, finalize: Finalize) -> bool | None:
-    """Call the finalize hook; False if it could not save (it said so, or
-    raised), None if it was cancelled (the event loop is closing: there is
-    no later to save it in)."""
-    saving = asyncio.ensure_future(finalize(end))  # a task (named below), owned here
-    if isinstance(saving, asyncio.Task):
-        saving.set_name(f"detached_runs:finalize:{run.id}")
-    # The save must finish even if this task is cancelled again meanwhile.
-    while not saving.done():
-        try:
-            await asyncio.shield(saving)
-        except asyncio.CancelledError:
-            continue
-        except Exception:  # noqa: BLE001 - logged just below
-            break
-    if saving.cancelled():
-        return None
-    if saving.exception() is not None:
-        logger.error("Saving run %s failed", run.id, exc_info=saving.exception())
-        return False
-    return saving.result() is not False
-
-
-async def _close(source: Source) -> None:
-    """Run the source's own clean-up (``aclose``); its failure is logged, not raised."""
-    aclose = getattr(source, "aclose", None)
-    if aclose is None:
-        return
-    try:
-        await aclose()
-    except asyncio.CancelledError:
-        raise
-    except BaseException:
-        logger.exception("Closing a run's source failed")
-
-
-def _safe_error(exc: BaseException) -> str:
-    if isinstance(exc, AgentError):
-        # The agent's own words: cleaned like its text, since they are saved too.
-        return clean_text(str(exc)) or "The agent failed."
-    return "The agent failed."
+        """How many runs the registry holds (for tests and the admin)."""
+        return len(self.driver)

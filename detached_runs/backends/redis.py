@@ -78,14 +78,15 @@ from ..workers import process_gone, worker_id
 from .base import (
     INTERRUPTED,
     RUNNING,
+    BaseBackend,
     Finalize,
     RunState,
     Source,
     _adopt_meta,
     _counted,
 )
+from .driver import DrivenRun, RunDriver, call_in_loop
 from .log import RunLog
-from .memory import MemoryBackend, _Run
 
 try:
     import redis.asyncio as aioredis
@@ -136,27 +137,7 @@ def _position(stream_id: bytes | str) -> Position:
     return Position(int(text), int(seq))
 
 
-class _Remote:
-    """A previous run driven by another worker, waited on like a local one."""
-
-    def __init__(self) -> None:
-        self.finished = asyncio.Event()
-
-
-class _Both(_Remote):
-    """Two previous runs, waited on as one: ``finished`` once both are."""
-
-    def __init__(self, *runs: Any) -> None:
-        super().__init__()
-        self._task = asyncio.ensure_future(self._wait(runs))
-
-    async def _wait(self, runs: tuple[Any, ...]) -> None:
-        for run in runs:
-            await run.finished.wait()
-        self.finished.set()
-
-
-class RedisBackend(MemoryBackend):
+class RedisBackend(BaseBackend):
     """Runs logged in Redis Streams; see the module docstring."""
 
     #: A writer notices the loss at its next append or lease renewal
@@ -179,6 +160,13 @@ class RedisBackend(MemoryBackend):
         ``socket_timeout``, ``ssl_ca_certs``, ``health_check_interval``...).
         Other keyword arguments are `BaseBackend`'s."""
         super().__init__(**kwargs)
+        #: The runs this worker drives (their logs are copied to Redis).
+        self.driver = RunDriver(
+            self, on_unsaved=self._unsaved, on_saved_after_all=self._saved_after_all
+        )
+        # Tasks of this backend's own (the driver keeps its runs').
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.prefix = redis_prefix
         if stream_maxlen < 1:
             raise ValueError(f"stream_maxlen must be a positive integer, not {stream_maxlen!r}")
@@ -262,7 +250,7 @@ class RedisBackend(MemoryBackend):
             )
             try:
                 await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
-                await super().start(
+                run = await self.driver.start(
                     session_key,
                     run_id,
                     source,
@@ -270,19 +258,16 @@ class RedisBackend(MemoryBackend):
                     meta=meta,
                     finalize=finalize,
                     timeout=timeout,
+                    # The session's run on another worker (a double send from
+                    # two tabs balanced to two workers): this one waits for
+                    # its end too, as for a local run it replaced.
+                    after=remote,
                 )
             except BaseException:
                 # Refused (a shutdown began meanwhile): a refused start changes
                 # nothing, so what it wrote goes.
                 await self._forget(session_key, run_id, meta)
                 raise
-            run = self._sessions[session_key]
-            if remote is not None:
-                # Wait for both: a local run this start replaced, and the
-                # session's run on another worker (a double send from two tabs
-                # balanced to two workers).
-                local = run.previous
-                run.previous = remote if local is None else _Both(local, remote)  # type: ignore[assignment]
             self._writers[run_id] = asyncio.create_task(
                 self._write(run, fields), name=f"detached_runs:redis-writer:{run_id}"
             )
@@ -318,12 +303,12 @@ class RedisBackend(MemoryBackend):
             await log.wait_for_change(left)
 
     async def stop(self, session_key: str, run_id: str | None = None) -> bool:
-        local = self._sessions.get(session_key)
+        local = self.driver.runs.get(session_key)
         current = await self._current(session_key)
         if current is None or (run_id is not None and current != run_id):
             return False
         if local is not None and local.id == current:
-            return self._request_stop(local)
+            return self.driver.request_stop(local)
         status = await self._call(self.redis.hget(self._key(session_key, "run", current), "status"))
         if status != RUNNING.encode():
             return False
@@ -340,7 +325,7 @@ class RedisBackend(MemoryBackend):
         ended run's for ``EVICT_AFTER``, or until its row is saved). A run in
         flight whose worker is gone is reaped first (`_reap`)."""
         self._ensure_sweeper()
-        local = self._sessions.get(session_key)
+        local = self.driver.runs.get(session_key)
         if local is not None and local.id == run_id:
             return local.state()
         fields = await self._call(self.redis.hgetall(self._key(session_key, "run", run_id)))
@@ -387,8 +372,21 @@ class RedisBackend(MemoryBackend):
         await self._call(self.redis.publish(f"{self.prefix}:adopt", message))
         return len(adopted)
 
+    def check_accepting(self) -> None:
+        self.driver.check_accepting()
+
+    def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
+        return self.driver.output(session_key, run_id)
+
     async def shutdown(self, timeout: float) -> None:
-        await super().shutdown(timeout)
+        # Its runs end (their saves, their terminal events), while the tasks
+        # of this backend's own that they wait on (a run on another worker
+        # ending, a late save's clean-up) go on.
+        own = [t for t in self._tasks if not t.done()]
+        await asyncio.gather(
+            self.driver.shutdown(timeout),
+            asyncio.wait(own, timeout=timeout) if own else asyncio.sleep(0),
+        )
         writers = [t for t in self._writers.values() if not t.done()]
         if writers:
             await asyncio.wait(writers, timeout=timeout)
@@ -408,7 +406,7 @@ class RedisBackend(MemoryBackend):
 
     # -- writing (the worker that drives the run) --------------------------
 
-    async def _write(self, run: _Run, record: dict[str, str]) -> None:
+    async def _write(self, run: DrivenRun, record: dict[str, str]) -> None:
         """Copy the local log to the run's stream; renew the lease meanwhile.
 
         While Redis is unreachable the local log is the buffer (the agent goes
@@ -466,7 +464,7 @@ class RedisBackend(MemoryBackend):
                         # Another worker ended this run (our lease lapsed while we
                         # were cut off): it is not ours to write or finish any more.
                         logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
-                        self._request_stop(run, ("interrupted", ""))
+                        self.driver.request_stop(run, ("interrupted", ""))
                         task = asyncio.create_task(
                             self._yield_to_row(run), name="detached_runs:redis-yield"
                         )
@@ -493,7 +491,7 @@ class RedisBackend(MemoryBackend):
         finally:
             self._writers.pop(run.id, None)
 
-    async def _yield_to_row(self, run: _Run) -> None:
+    async def _yield_to_row(self, run: DrivenRun) -> None:
         """A run that another worker reaped while this one was cut off from
         Redis: this worker's clients saw more than Redis holds, and its own
         save of the run, made after the reap, has the last word in the row.
@@ -502,7 +500,7 @@ class RedisBackend(MemoryBackend):
         await run.stored.wait()
         await self._forget(run.session_key, run.id, run.meta)
 
-    async def _resync(self, run: _Run, record: dict[str, str]) -> Position:
+    async def _resync(self, run: DrivenRun, record: dict[str, str]) -> Position:
         """Where the run's stream ends; re-create the run's keys if Redis lost them."""
         key = self._key(run.session_key, "log", run.id)
         last = await self.redis.xrevrange(key, count=1)
@@ -533,10 +531,10 @@ class RedisBackend(MemoryBackend):
                 run.session_key,
                 current,
             )
-            self._request_stop(run)
+            self.driver.request_stop(run)
         return ORIGIN
 
-    async def _ending(self, pipe: Any, run: _Run, done: Event) -> None:
+    async def _ending(self, pipe: Any, run: DrivenRun, done: Event) -> None:
         # A run whose end the database does not hold yet is kept (for a day at
         # most, if its worker dies before its save) and expires once saved.
         grace = UNSAVED_KEEP_MS if run.unsaved else self._grace_ms()
@@ -571,12 +569,12 @@ class RedisBackend(MemoryBackend):
     def _grace_ms(self) -> int:
         return max(int(self.evict_after * 1000), 1)
 
-    def _unsaved(self, run: _Run) -> None:
+    def _unsaved(self, run: DrivenRun) -> None:
         task = asyncio.create_task(self._hold_unsaved(run), name="detached_runs:redis-unsaved")
         self._holds[run.id] = task
         task.add_done_callback(lambda _: self._holds.pop(run.id, None))
 
-    async def _hold_unsaved(self, run: _Run) -> None:
+    async def _hold_unsaved(self, run: DrivenRun) -> None:
         """While this worker retries a run's final save, keep the run in
         ``<prefix>:unsaved`` with a lease: if this worker dies first, another
         one saves the end from Redis (`_sweep`)."""
@@ -588,13 +586,13 @@ class RedisBackend(MemoryBackend):
                 pass  # unreachable: the lease may lapse, and the end be saved twice, alike
             await asyncio.sleep(RENEW_EVERY)
 
-    def _saved_after_all(self, run: _Run) -> None:
+    def _saved_after_all(self, run: DrivenRun) -> None:
         # Its keys were kept for want of a save (`_ending`); now they may go.
         task = asyncio.create_task(self._after_save(run), name="detached_runs:redis-saved")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _after_save(self, run: _Run) -> None:
+    async def _after_save(self, run: DrivenRun) -> None:
         hold = self._holds.pop(run.id, None)
         if hold is not None:
             hold.cancel()
@@ -605,7 +603,7 @@ class RedisBackend(MemoryBackend):
         if run.id not in self._writers:  # else the writer's _ending sets the expiry
             await self._expire_saved(run)
 
-    async def _expire_saved(self, run: _Run) -> None:
+    async def _expire_saved(self, run: DrivenRun) -> None:
         pipe = self.redis.pipeline(transaction=False)
         await self._expiring(pipe, run, self._grace_ms())
         try:
@@ -613,7 +611,7 @@ class RedisBackend(MemoryBackend):
         except (RedisError, OSError):
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
-    async def _renew(self, run: _Run) -> bool:
+    async def _renew(self, run: DrivenRun) -> bool:
         """Renew the run's lease, and its entries in the sets of runs in flight
         (which expire with it: a dead worker's runs count for nobody). False
         if Redis no longer holds the run (it restarted empty)."""
@@ -633,7 +631,7 @@ class RedisBackend(MemoryBackend):
             logger.warning("Could not renew the lease of run %s", run.id)
             return True  # unreachable, not lost: the writer's next attempt finds out
         if held == _STOP_ASKED:
-            self._request_stop(run)  # its message on the stop channel was lost
+            self.driver.request_stop(run)  # its message on the stop channel was lost
         return bool(held)
 
     # -- reading (any worker with subscribers) -----------------------------
@@ -646,7 +644,7 @@ class RedisBackend(MemoryBackend):
         current = await self._current(session_key)
         if current is None:
             return None
-        local = self._sessions.get(session_key)
+        local = self.driver.runs.get(session_key)
         if local is not None and local.id == current:
             return local
         mirror = self._mirrors.get(current)
@@ -742,6 +740,9 @@ class RedisBackend(MemoryBackend):
         finally:
             self._readers.pop(mirror.id, None)
 
+    def released(self, log: RunLog) -> None:
+        call_in_loop(self._loop, self._released, log)
+
     def _released(self, run: RunLog) -> None:
         mirror = self._mirrors.get(run.id)
         if mirror is run:
@@ -751,7 +752,7 @@ class RedisBackend(MemoryBackend):
             if reader is not None:
                 reader.cancel()
             return
-        super()._released(run)
+        self.driver.released(run)
 
     # -- stopping across workers ---------------------------------------------
 
@@ -761,7 +762,7 @@ class RedisBackend(MemoryBackend):
         self._ensure_sweeper()
 
     def _ensure_sweeper(self) -> None:
-        if not self._closing and (self._sweeper is None or self._sweeper.done()):
+        if not self.driver.closing and (self._sweeper is None or self._sweeper.done()):
             self._sweeper = asyncio.create_task(self._sweep(), name="detached_runs:redis-sweep")
 
     async def _sweep(self) -> None:
@@ -771,7 +772,7 @@ class RedisBackend(MemoryBackend):
         get the terminal event, and their rows are saved (`on_reaped`),
         whether or not anybody asks for them."""
         sweeps = 0
-        while not self._closing:
+        while not self.driver.closing:
             await asyncio.sleep(RENEW_EVERY)
             sweeps += 1
             if self.on_sweep is not None and sweeps % SWEEP_ROWS_EVERY == 0:
@@ -862,9 +863,9 @@ class RedisBackend(MemoryBackend):
                         self._adopted_elsewhere(message["data"])
                         continue
                     session_key, _, run_id = message["data"].decode().partition(" ")
-                    run = self._sessions.get(session_key)
+                    run = self.driver.runs.get(session_key)
                     if run is not None and run.id == run_id:
-                        self._request_stop(run)
+                        self.driver.request_stop(run)
             except (RedisError, OSError):
                 logger.warning("Lost the Redis stop channel; listening again soon")
                 await asyncio.sleep(0.5)
@@ -874,9 +875,11 @@ class RedisBackend(MemoryBackend):
                 except (RedisError, OSError):
                     pass
 
-    async def _stop_remote_previous(self, session_key: str) -> _Remote | None:
+    async def _stop_remote_previous(self, session_key: str) -> asyncio.Event | None:
+        """Ask the worker driving the session's run, if another one does, to
+        stop it; an event set once it ended (saved), or None if there is none."""
         previous = await self._current(session_key)
-        local = self._sessions.get(session_key)
+        local = self.driver.runs.get(session_key)
         if previous is None or (local is not None and local.id == previous):
             return None
         status = await self._call(
@@ -885,7 +888,7 @@ class RedisBackend(MemoryBackend):
         if status != RUNNING.encode() or await self._reap(session_key, previous):
             return None
         await self._ask_to_stop(session_key, previous)
-        remote = _Remote()
+        remote = asyncio.Event()
         task = asyncio.create_task(
             self._await_end(session_key, previous, remote), name="detached_runs:redis-previous"
         )
@@ -903,8 +906,8 @@ class RedisBackend(MemoryBackend):
         pipe.publish(f"{self.prefix}:stop", f"{session_key} {run_id}")
         await self._call(pipe.execute())
 
-    async def _await_end(self, session_key: str, run_id: str, remote: _Remote) -> None:
-        """Set ``remote.finished`` once the other worker saved and ended the run
+    async def _await_end(self, session_key: str, run_id: str, remote: asyncio.Event) -> None:
+        """Set ``remote`` once the other worker saved and ended the run
         (its status is no longer running) or its lease lapsed (it died)."""
         meta = self._key(session_key, "run", run_id)
         lease = self._key(session_key, "lease", run_id)
@@ -924,7 +927,7 @@ class RedisBackend(MemoryBackend):
                     return
                 await asyncio.sleep(0.05)
         finally:
-            remote.finished.set()
+            remote.set()
 
     # -- runs whose worker died ----------------------------------------------
 
@@ -937,7 +940,7 @@ class RedisBackend(MemoryBackend):
         nothing that reached Redis is lost. Atomic (a script), so of several
         workers noticing at once exactly one writes the terminal event.
         """
-        local = self._sessions.get(session_key)
+        local = self.driver.runs.get(session_key)
         if local is not None and local.id == run_id:
             return False
         holder, status = await self._call(
@@ -1101,13 +1104,13 @@ class RedisBackend(MemoryBackend):
 
     # -- adopting (a visitor who logs in) ------------------------------------
 
-    async def _adopt_here(self, owner: str, new_owner: str) -> list[_Run]:
+    async def _adopt_here(self, owner: str, new_owner: str) -> list[DrivenRun]:
         """Adopt the runs this worker drives (its copy of their meta, what Redis
         holds, the sets they are counted in) and the mirrors it follows."""
         for mirror in self._mirrors.values():
             if mirror.meta.get("owner") == owner:
                 _adopt_meta(mirror.meta, new_owner)
-        driven = [run for run in self._sessions.values() if run.meta.get("owner") == owner]
+        driven = [run for run in self.driver.runs.values() if run.meta.get("owner") == owner]
         # All at once, before any await: the end of a run takes it out of the
         # sets its meta names when the end is written, which may come next.
         moves = [
@@ -1161,7 +1164,7 @@ class RedisBackend(MemoryBackend):
             return
         if not any(
             r.meta.get("owner") == owner
-            for r in [*self._sessions.values(), *self._mirrors.values()]
+            for r in [*self.driver.runs.values(), *self._mirrors.values()]
         ):
             return
         task = asyncio.create_task(
