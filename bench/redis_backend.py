@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detached_runs.backends.base import RunEnd
+from detached_runs.backends.base import BaseBackend, RunEnd
 from detached_runs.backends.memory import MemoryBackend
 from detached_runs.backends.redis import RedisBackend
 
@@ -104,6 +104,8 @@ async def burst_throughput(driver: Any, follower: Any, tokens: int, subscribers:
 
 async def measure(kind: str, url: str) -> dict[str, float]:
     prefix = f"dr-bench-{uuid.uuid4().hex[:6]}"
+    a: BaseBackend
+    b: BaseBackend
     if kind == "memory":
         a = b = MemoryBackend(evict_after=5)
     else:
