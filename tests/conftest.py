@@ -310,6 +310,15 @@ def own_redis() -> Iterator[RedisServer]:
 
 # -- two workers sharing Redis and the database ----------------------------------
 
+#: The environment of workers whose Redis leases are short (2 s, renewed every
+#: 0.5 s), for a test that waits for a dead worker's lease to lapse; not for
+#: one that pauses Redis's writes longer than that (a live worker cannot renew
+#: its lease then, and its runs are taken for dead).
+SHORT_LEASE = {"TEST_REDIS_LEASE_MS": "2000", "TEST_REDIS_RENEW_EVERY": "0.5"}
+#: Seconds within which live workers with `SHORT_LEASE` end a dead worker's
+#: runs by themselves: its lease lapses, then a sweep finds it (plus slack).
+LEASE_BOUND = 2.0 + 2 * 0.5 + 3
+
 
 @pytest.fixture
 def database_fault() -> Iterator[DatabaseFault]:

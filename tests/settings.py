@@ -116,6 +116,12 @@ if os.environ.get("TEST_BACKEND") == "redis":
         DETACHED_RUNS["REDIS_URL"] = os.environ["TEST_REDIS_URL"]
     if "TEST_REDIS_STREAM_MAXLEN" in os.environ:
         DETACHED_RUNS["REDIS_STREAM_MAXLEN"] = int(os.environ["TEST_REDIS_STREAM_MAXLEN"])
+    # A short lease, for a test that waits for a dead worker's to lapse.
+    if "TEST_REDIS_LEASE_MS" in os.environ:
+        DETACHED_RUNS["BACKEND_OPTIONS"] = {
+            "lease_ms": int(os.environ["TEST_REDIS_LEASE_MS"]),
+            "renew_every": float(os.environ["TEST_REDIS_RENEW_EVERY"]),
+        }
 
 LOGGING = {
     "version": 1,

@@ -694,22 +694,18 @@ async def test_the_latest_row_of_a_session_is_its_current_run_whatever_order_the
                 await service.stop(session)
 
 
-async def test_a_run_whose_workers_all_died_is_swept_by_a_worker_that_comes_later(
-    saves, monkeypatch
-):
+async def test_a_run_whose_workers_all_died_is_swept_by_a_worker_that_comes_later(saves):
     """Every worker dies (their tasks stop, as at kill -9; leases of 1 s here)
     and a new one starts only after two leases: it still finds and ends the
     dead run unasked. The set of runs in flight that sweeps read used to
     expire with its last renewal, and the run stayed running for good."""
-    monkeypatch.setattr("detached_runs.backends.redis.LEASE_MS", 1000)
-    monkeypatch.setattr("detached_runs.backends.redis.RENEW_EVERY", 0.3)
     gate = asyncio.Event()
 
     async def thinking() -> AsyncIterator[str]:
         yield "thinking "
         await gate.wait()
 
-    async with two_workers() as (a, b):
+    async with two_workers(lease_ms=1000, renew_every=0.3) as (a, b):
         run_id = await start(a, thinking(), saves)
         await asyncio.sleep(0.2)  # its start and first word are in Redis
         # a dies: nothing of it runs any more, nothing is ended
@@ -776,7 +772,6 @@ async def test_the_sweeps_call_the_services_sweep_of_rows_now_and_then(monkeypat
     """Every `SWEEP_ROWS_EVERY` sweeps the backend calls ``on_sweep`` (the
     service's sweep of rows left running, which finds what Redis lost), even
     when that sweep fails (the database refuses) now and then."""
-    monkeypatch.setattr("detached_runs.backends.redis.RENEW_EVERY", 0.05)
     monkeypatch.setattr("detached_runs.backends.redis.SWEEP_ROWS_EVERY", 2)
     calls: list[int] = []
 
@@ -785,7 +780,7 @@ async def test_the_sweeps_call_the_services_sweep_of_rows_now_and_then(monkeypat
         if len(calls) == 1:
             raise OSError("the database refuses")
 
-    async with two_workers() as (a, _b):
+    async with two_workers(renew_every=0.05) as (a, _b):
         a.on_sweep = sweep
         assert await a.count_running("o") == 0  # its sweeps begin
         await eventually(lambda: _at_least(calls, 3), "the service's sweep was not called")

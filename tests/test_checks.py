@@ -67,3 +67,6 @@ def test_the_options_of_the_redis_backend_pass(configured):
     options = {"redis_prefix": "x", "connection_kwargs": {"client_name": "y"}, "evict_after": 1}
     assert configured(BACKEND=backend, BACKEND_OPTIONS=options) == set()
     assert "detached_runs.E007" in configured(BACKEND=backend, BACKEND_OPTIONS={"prefix": "x"})
+    # A renewal less often than three times a lease: its runs would be taken for dead.
+    short = {"lease_ms": 1000, "renew_every": 0.5}
+    assert "detached_runs.E007" in configured(BACKEND=backend, BACKEND_OPTIONS=short)

@@ -17,7 +17,7 @@ import pytest
 
 from detached_runs.models import Run
 
-from .conftest import ended_row
+from .conftest import SHORT_LEASE, ended_row
 from .http import Browser, text
 from .redis_server import RedisServer
 
@@ -85,7 +85,10 @@ def test_a_run_saved_by_its_worker_whose_log_never_reached_redis_is_served_as_sa
     event from the shorter log in Redis, for a client that follows the run
     on that worker all along as for one that comes later."""
     a, b = start_workers(
-        TEST_REDIS_URL=own_redis.url, TEST_EVICT_AFTER="180", TEST_SHUTDOWN_TIMEOUT="2"
+        TEST_REDIS_URL=own_redis.url,
+        TEST_EVICT_AFTER="180",
+        TEST_SHUTDOWN_TIMEOUT="2",
+        **SHORT_LEASE,
     )
     key = uuid.uuid4().hex[:10]
     on_a = Browser(a.port)

@@ -17,7 +17,7 @@ import pytest
 
 from detached_runs.models import Run
 
-from .conftest import ended_row, server_env, start_server, stop_server
+from .conftest import LEASE_BOUND, SHORT_LEASE, ended_row, server_env, start_server, stop_server
 from .database_fault import DatabaseFault
 from .http import Browser, text
 
@@ -101,11 +101,11 @@ def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker(
     ``interrupted`` at its last checkpoint, and the end Redis held was lost."""
     from asgiref.sync import async_to_sync
 
-    from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY, RedisBackend
+    from detached_runs.backends.redis import RedisBackend
     from detached_runs.runs import RunService
 
     fault = database_fault
-    a, b = start_workers(fault, TEST_EVICT_AFTER="180")
+    a, b = start_workers(fault, TEST_EVICT_AFTER="180", **SHORT_LEASE)
     key = uuid.uuid4().hex[:10]
     client = Browser(a.port)
     assert client.request("POST", f"/runs/{key}/", {"prompt": "120"}).status == 202
@@ -139,7 +139,7 @@ def test_a_run_whose_worker_dies_before_its_save_is_saved_by_another_worker(
 
         row = async_to_sync(resolve)(Run.objects.get(session_key=key))
         assert (row.status, row.output) == ("done", text(seen))
-    bound = LEASE_MS / 1000 + 2 * RENEW_EVERY + 5
+    bound = LEASE_BOUND + 2
     row = _saved(key, timeout=bound)
     deadline = time.monotonic() + bound
     while "its row was not saved" not in b.output() and time.monotonic() < deadline:

@@ -18,14 +18,12 @@ from websockets.typing import Origin
 from detached_runs.events import parse_id
 from detached_runs.models import Run
 
-from .conftest import ended_row, positions_follow
+from .conftest import LEASE_BOUND, SHORT_LEASE, ended_row, positions_follow
 from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 redis = pytest.importorskip("redis")
-
-from detached_runs.backends.redis import LEASE_MS, RENEW_EVERY  # noqa: E402 - needs redis-py
 
 
 def _redis_up() -> bool:
@@ -41,15 +39,12 @@ if not _redis_up():
     pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
 
 ALL_500 = "".join(f"w{i} " for i in range(500))
-#: Seconds within which live workers end a dead worker's runs by themselves:
-#: its lease lapses (LEASE_MS), then a sweep (every RENEW_EVERY) finds it.
-LEASE_BOUND = LEASE_MS / 1000 + 2 * RENEW_EVERY + 3
 ALL_400 = "".join(f"w{i} " for i in range(400))
 
 
 @pytest.fixture
 def workers(start_workers: Any) -> Any:
-    return start_workers()
+    return start_workers(**SHORT_LEASE)
 
 
 def test_start_on_one_worker_follow_and_resume_on_the_other_with_its_ids(workers):
@@ -144,7 +139,7 @@ def test_runs_of_a_dead_worker_stop_counting_against_their_owner(start_workers):
     """``MAX_ACTIVE_RUNS_PER_OWNER=2`` and two runs on A, which dies: the owner
     may start runs on B again within the lease bound, though nobody looked at
     the two sessions (their owner's count used to say 2 forever)."""
-    a, b = start_workers(TEST_MAX_ACTIVE_RUNS_PER_OWNER="2")
+    a, b = start_workers(TEST_MAX_ACTIVE_RUNS_PER_OWNER="2", **SHORT_LEASE)
     on_a = Browser(a.port)
     first, second, third = (uuid.uuid4().hex[:10] for _ in range(3))
     for key in (first, second):

@@ -30,16 +30,33 @@ def load_backend(path: str | None = None, **overrides: Any) -> BaseBackend:
         ) from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
         raise ImproperlyConfigured(f"DETACHED_RUNS['BACKEND'] = {path!r} is not a backend class.")
-    problem = backend_options_problem(cls, config["BACKEND_OPTIONS"])
+    problem = _unknown_options(cls, config["BACKEND_OPTIONS"])
     if problem is not None:
         raise ImproperlyConfigured(problem)
     options = {**cls.options_from_settings(config), **config["BACKEND_OPTIONS"], **overrides}
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as exc:
+        message = f"DETACHED_RUNS: {cls.__name__} refuses its options: {exc}"
+        raise ImproperlyConfigured(message) from exc
 
 
 def backend_options_problem(cls: type[BaseBackend], options: Any) -> str | None:
     """What is wrong with ``options`` (``BACKEND_OPTIONS``) for backend ``cls``:
-    not a dict, or names an option ``cls`` does not take; None if nothing."""
+    not a dict, an option ``cls`` does not take, or a value it refuses (it is
+    made, with the settings' other options, to find out: nothing connects
+    until a backend is used); None if nothing."""
+    problem = _unknown_options(cls, options)
+    if problem is not None:
+        return problem
+    try:
+        cls(**{**cls.options_from_settings(get_config()), **options})
+    except (TypeError, ValueError) as exc:
+        return f"DETACHED_RUNS['BACKEND_OPTIONS'] are refused by {cls.__name__}: {exc}"
+    return None
+
+
+def _unknown_options(cls: type[BaseBackend], options: Any) -> str | None:
     if not isinstance(options, dict):
         return f"DETACHED_RUNS['BACKEND_OPTIONS'] must be a dict, not {type(options).__name__}."
     unknown = sorted(str(name) for name in set(options) - cls.option_names())

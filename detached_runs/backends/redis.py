@@ -116,11 +116,14 @@ HEAD_PIECE = 8192
 #: script holds Redis while it runs), and leaves the stream as much of its
 #: newest entries as it can, which followers read without going to the head.
 COMPACT_AT_MOST = 1000
+#: Milliseconds a worker's lease on a run lasts unless renewed (the default
+#: of the ``lease_ms`` option): a dead worker's runs end within it.
 LEASE_MS = 10_000
 #: Every this many sweeps (of `RENEW_EVERY` s), the service's sweep of rows
 #: left running is called too (`BaseBackend.on_sweep`): it finds what Redis
 #: itself lost (a worker killed while Redis restarted empty).
 SWEEP_ROWS_EVERY = 10
+#: Seconds between lease renewals and sweeps (the default of ``renew_every``).
 RENEW_EVERY = 3.0
 LOCK_MS = 10_000
 #: Milliseconds an ended run's keys are kept while its end is not saved in the
@@ -140,10 +143,6 @@ def _position(stream_id: bytes | str) -> Position:
 class RedisBackend(BaseBackend):
     """Runs logged in Redis Streams; see the module docstring."""
 
-    #: A writer notices the loss at its next append or lease renewal
-    #: (`RENEW_EVERY`) and writes the run back; a lease is the bound.
-    rejoin_within = LEASE_MS / 1000
-
     def __init__(
         self,
         *,
@@ -151,6 +150,8 @@ class RedisBackend(BaseBackend):
         redis_prefix: str = "detached_runs",
         stream_maxlen: int = 100_000,
         connection_kwargs: Mapping[str, Any] | None = None,
+        lease_ms: int = LEASE_MS,
+        renew_every: float = RENEW_EVERY,
         **kwargs: Any,
     ) -> None:
         """``redis_url``, ``redis_prefix`` and ``stream_maxlen`` default to
@@ -158,8 +159,20 @@ class RedisBackend(BaseBackend):
         ``connection_kwargs`` go to redis-py as they are
         (``redis.asyncio.Redis.from_url(redis_url, **connection_kwargs)``:
         ``socket_timeout``, ``ssl_ca_certs``, ``health_check_interval``...).
-        Other keyword arguments are `BaseBackend`'s."""
+        ``lease_ms``: how long a worker's lease on a run lasts unless renewed,
+        so how soon the runs of a worker that died end (``interrupted``);
+        ``renew_every``: seconds between renewals and sweeps, at most a third
+        of the lease. Other keyword arguments are `BaseBackend`'s."""
         super().__init__(**kwargs)
+        if renew_every <= 0 or renew_every * 3000 > lease_ms:
+            raise ValueError(
+                f"renew_every ({renew_every!r} s) must be more than 0 and at most a third "
+                f"of lease_ms ({lease_ms!r} ms)"
+            )
+        self.lease_ms, self.renew_every = int(lease_ms), float(renew_every)
+        #: A writer notices the loss at its next append or lease renewal
+        #: (``renew_every``) and writes the run back; a lease is the bound.
+        self.rejoin_within = self.lease_ms / 1000
         #: The runs this worker drives (their logs are copied to Redis).
         self.driver = RunDriver(
             self, on_unsaved=self._unsaved, on_saved_after_all=self._saved_after_all
@@ -244,7 +257,7 @@ class RedisBackend(BaseBackend):
             await self._call(
                 self.redis.pipeline(transaction=True)
                 .hset(self._key(session_key, "run", run_id), mapping=fields)
-                .set(self._key(session_key, "lease", run_id), worker_id(), px=LEASE_MS)
+                .set(self._key(session_key, "lease", run_id), worker_id(), px=self.lease_ms)
                 .set(self._key(session_key, "current"), run_id)
                 .execute()
             )
@@ -429,7 +442,7 @@ class RedisBackend(BaseBackend):
                     resync = False
                 events, _end = run.read(flushed)
                 loop = asyncio.get_running_loop()
-                if loop.time() - renewed >= RENEW_EVERY:
+                if loop.time() - renewed >= self.renew_every:
                     # Whether or not there is something to write: a writer kept
                     # busy by a fast agent must not let its lease lapse.
                     renewed = loop.time()
@@ -437,7 +450,7 @@ class RedisBackend(BaseBackend):
                         resync = True  # Redis lost the run; an idle writer learns it here
                         continue
                 if not events:
-                    await run.wait_for_change(max(renewed + RENEW_EVERY - loop.time(), 0.01))
+                    await run.wait_for_change(max(renewed + self.renew_every - loop.time(), 0.01))
                     continue
                 try:
                     ended = events[-1].event == DONE
@@ -515,7 +528,7 @@ class RedisBackend(BaseBackend):
                 self._key(run.session_key, "run", run.id),
                 mapping={**record, "meta": json.dumps(run.meta)},
             )
-            .set(self._key(run.session_key, "lease", run.id), worker_id(), px=LEASE_MS)
+            .set(self._key(run.session_key, "lease", run.id), worker_id(), px=self.lease_ms)
             .set(self._key(run.session_key, "current"), run.id, nx=True)
             .execute()
         )
@@ -584,7 +597,7 @@ class RedisBackend(BaseBackend):
                 await self._in_sets(entry, add=True)
             except (RedisError, OSError):
                 pass  # unreachable: the lease may lapse, and the end be saved twice, alike
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(self.renew_every)
 
     def _saved_after_all(self, run: DrivenRun) -> None:
         # Its keys were kept for want of a save (`_ending`); now they may go.
@@ -621,7 +634,7 @@ class RedisBackend(BaseBackend):
                 self._key(run.session_key, "lease", run.id),
                 self._key(run.session_key, "run", run.id),
             ],
-            args=[worker_id(), LEASE_MS],
+            args=[worker_id(), self.lease_ms],
             client=pipe,
         )
         await self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
@@ -773,7 +786,7 @@ class RedisBackend(BaseBackend):
         whether or not anybody asks for them."""
         sweeps = 0
         while not self.driver.closing:
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(self.renew_every)
             sweeps += 1
             if self.on_sweep is not None and sweeps % SWEEP_ROWS_EVERY == 0:
                 try:
@@ -1100,7 +1113,7 @@ class RedisBackend(BaseBackend):
         swept = (self._index_key(), self._unsaved_key())
         for key, member in entries:
             flag = "0" if key in swept else "1"
-            await self._lua.touch(keys=[key], args=[member, LEASE_MS, flag], client=pipe)
+            await self._lua.touch(keys=[key], args=[member, self.lease_ms, flag], client=pipe)
 
     # -- adopting (a visitor who logs in) ------------------------------------
 
