@@ -13,13 +13,13 @@ from django.core.asgi import get_asgi_application
 application = get_asgi_application()
 
 if os.environ.get("BENCH_GC_FREEZE", "1") == "1":
-    # What a long-running server should do once it is set up (see README,
-    # Deploying): move everything loaded so far out of the collector's sight,
+    # What a long-running server should do once it is set up (see
+    # docs/deploying.md): move everything loaded so far out of the collector's sight,
     # so a full collection scans the objects of live requests and runs only.
     gc.freeze()
 
 if os.environ.get("BENCH_GC_THRESHOLD", "1") == "1":
-    # And collect the youngest objects less often (README, Deploying): a
+    # And collect the youngest objects less often (docs/deploying.md): a
     # token's short-lived objects (its wake-up, its timer, its ASGI message)
     # then die before a collection sees them, instead of being promoted until
     # a full collection stops the loop for tens of milliseconds every second

@@ -34,6 +34,6 @@ application = ProtocolTypeRouter(
 # project, their modules) moves out of the garbage collector's sight, so its
 # full collections scan only live requests and runs; and the youngest objects
 # are collected less often, so a streamed token's short-lived objects die
-# before a collection promotes them (see README, Deploying).
+# before a collection promotes them (see docs/deploying.md).
 gc.freeze()
 gc.set_threshold(10_000, 10, 10)

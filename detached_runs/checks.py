@@ -105,7 +105,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             errors.append(
                 Error(
                     problem,
-                    hint="See 'OpenAI-compatible agent' in the README of detached_runs.",
+                    hint="See docs/openai.md ('OpenAI-compatible agent') of detached_runs.",
                     id="detached_runs.E006",
                 )
             )

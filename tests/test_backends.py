@@ -4,6 +4,8 @@ an option it does not take is an error, not dropped."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 import uuid
 
 import pytest
@@ -52,3 +54,11 @@ async def test_connection_kwargs_reach_redis_py(config):
         assert (await backend.redis.client_getname()) in (name, name.encode())  # type: ignore[attr-defined]
     finally:
         await backend.shutdown(1)
+
+
+def test_without_redis_py_the_import_says_what_to_install(monkeypatch):
+    for name in ("redis", "redis.asyncio", "redis.exceptions"):
+        monkeypatch.setitem(sys.modules, name, None)  # "import redis..." now fails
+    monkeypatch.delitem(sys.modules, "detached_runs.backends.redis", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'redis\[hiredis\]'"):
+        importlib.import_module("detached_runs.backends.redis")

@@ -96,3 +96,20 @@ async def test_the_demo_refuses_a_websocket_from_a_foreign_origin(demo):
             f"ws://127.0.0.1:{demo.port}/ws/runs/demo2/", origin=Origin("http://evil.example")
         ):
             pass
+
+
+@pytest.mark.parametrize(
+    ("runserver_args", "url"),
+    [
+        ([], "http://127.0.0.1:8000/"),
+        (["127.0.0.1:8101"], "http://127.0.0.1:8101/"),
+        (["--noreload", "8101"], "http://127.0.0.1:8101/"),
+        (["0:9000"], "http://0.0.0.0:9000/"),
+        (["--ipv6", "8101"], "http://[::1]:8101/"),
+    ],
+)
+def test_the_demo_prints_the_address_runserver_gets(runserver_args, url):
+    # ./dev demo passes its runserver arguments to demo_user, which prints them.
+    from demo_project.management.commands.demo_user import runserver_url
+
+    assert runserver_url(runserver_args) == url

@@ -63,7 +63,7 @@ bound (`LEASE_BOUND`) has passed:
    event says the save failed (`save_failure_declared`). The one loss by
    design: of a run whose worker was killed, what it sent clients but had not
    yet written to Redis (`lost_with_its_worker`; such a client then gets the
-   terminal event alone, with an id behind its own, as the README says).
+   terminal event alone, with an id behind its own, as docs/behaviour.md says).
 4. Nothing stays ``running`` past the lease bound: no row, and no stream a
    client still follows.
 5. No owner is blocked by a dead worker: after the bound, each owner starts
@@ -1266,7 +1266,7 @@ def lost_with_its_worker(outcome: Outcome, run: str) -> bool:
     """Whether ``run``'s agent was running in a process the test killed (it
     never ended): then what its worker sent clients but had not yet written
     to Redis is lost by design, and the run ends ``interrupted`` with what
-    Redis holds (README, "Crash"). Not for a worker that shut down: its runs
+    Redis holds (docs/behaviour.md, "Crash"). Not for a worker that shut down: its runs
     end, and are saved, whole."""
     begun = [f for f in outcome.facts if f.run == run and f.what in ("begin", "end")]
     return any(f.what == "begin" and f.pid in outcome.deaths for f in begun) and not any(
@@ -1331,7 +1331,7 @@ def one_terminal_event(outcome: Outcome) -> list[Violation]:
     """Invariant 2: what streams did wrong, terminal events of one run that
     differ, and Redis logs without exactly one terminal event, at their end.
     A terminal event behind what a tab had seen is right only for a run
-    `lost_with_its_worker` (README: "gets just the terminal event")."""
+    `lost_with_its_worker` (docs/behaviour.md: "gets just the terminal event")."""
     found = list(outcome.stream_faults)
     found += [v for run, v in outcome.behind if not lost_with_its_worker(outcome, run)]
     for run, entries in outcome.redis_logs.items():

@@ -245,7 +245,7 @@ def test_stalled_replays_of_a_long_answer_hold_a_piece_each_not_a_copy(server):
         # One copy of the answer, read from the database once and shared
         # (20 MB, and the text it was decoded from), not one per subscriber.
         assert max(grown) < 100e6
-    # daphne: nothing the app can bound (the README says so); the runs and the
+    # daphne: nothing the app can bound (docs/deploying.md says so); the runs and the
     # server go on.
     log = server.output()
     assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]

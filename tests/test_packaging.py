@@ -56,11 +56,21 @@ def test_the_wheel_metadata_names_the_license_extras_and_versions(dist: Path) ->
     assert "Requires-Python: >=3.11" in text
 
 
-def test_the_sdist_carries_the_tests_license_and_changelog(dist: Path) -> None:
+def test_the_sdist_carries_the_tests_docs_license_and_changelog(dist: Path) -> None:
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
-    for name in ("LICENSE", "CHANGELOG.md", "README.md", "tests/conftest.py", "tests/settings.py"):
+    for name in (
+        "LICENSE",
+        "CHANGELOG.md",
+        "README.md",
+        "CONTRIBUTING.md",
+        "tests/conftest.py",
+        "tests/settings.py",
+        "docs/conf.py",
+        "docs/snippets/asgi.py",  # tests/test_install_snippets.py runs them
+    ):
         assert name in names, name
+    assert not [n for n in names if n.startswith("docs/_build")]
     assert "detached_runs/static/detached_runs/detached-runs.js" in names
     assert not [n for n in names if n.endswith((".pyc", ".sqlite3"))]

@@ -3,8 +3,8 @@
 - `detached_runs.agents.base` — `AgentContext`, `Turn`, the `Agent` type and
   `load_agent` (also importable from here and from `detached_runs.runs`).
 - `detached_runs.agents.openai` — any OpenAI-compatible chat-completions endpoint
-  (``pip install django-detached-runs[openai]``), behind an optional extra so
-  the app itself needs none.
+  (``pip install openai``; the package's ``[openai]`` extra, once installed
+  from a checkout), an optional dependency so the app itself needs none.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """An agent for any OpenAI-compatible chat-completions endpoint: OpenAI itself,
 vLLM, Ollama, llama.cpp, LM Studio, OpenRouter, DeepSeek...
 
-Install the extra (``pip install django-detached-runs[openai]``) and point the
-setting at it::
+Install the openai package (``pip install openai``, or the package's ``[openai]``
+extra, once installed from a checkout: ``pip install -e 'path/to/checkout[openai]'``)
+and point the setting at it::
 
     DETACHED_RUNS = {
         "AGENT": "detached_runs.agents.openai.agent",
@@ -68,8 +69,9 @@ try:
     import openai
 except ImportError as exc:
     raise MissingDependency(
-        "detached_runs.agents.openai needs the openai package: "
-        "pip install 'django-detached-runs[openai]'"
+        "detached_runs.agents.openai needs the openai package: pip install openai (or the "
+        "package's [openai] extra, once installed from a checkout: "
+        "pip install -e 'path/to/checkout[openai]')"
     ) from exc
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
 """The Redis Streams backend: any worker process, on any host, serves any subscriber.
 
-Install with ``pip install django-detached-runs[redis]`` and set
+Install redis-py (``pip install "redis[hiredis]"``, or the package's ``[redis]``
+extra, once installed from a checkout: ``pip install -e 'path/to/checkout[redis]'``) and set
 ``DETACHED_RUNS["BACKEND"] = "detached_runs.backends.redis.RedisBackend"``.
 
 How it works, reusing the memory backend's machinery:
@@ -93,7 +94,8 @@ try:
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - exercised by the system check
     raise ImportError(
-        "The Redis backend needs redis-py: pip install django-detached-runs[redis]"
+        "The Redis backend needs redis-py: pip install 'redis[hiredis]' (or the package's "
+        "[redis] extra, once installed from a checkout: pip install -e 'path/to/checkout[redis]')"
     ) from exc
 
 logger = logging.getLogger(__name__)
