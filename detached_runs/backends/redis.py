@@ -88,6 +88,7 @@ from .base import (
 )
 from .driver import DrivenRun, RunDriver, call_in_loop
 from .log import RunLog
+from .redis_scripts import ENDED, MISSING, STOP_ASKED, Scripts
 
 try:
     import redis.asyncio as aioredis
@@ -194,7 +195,7 @@ class RedisBackend(BaseBackend):
         self.redis: Any = aioredis.Redis.from_url(
             redis_url, **{"socket_timeout": SOCKET_TIMEOUT, **(connection_kwargs or {})}
         )
-        self._lua = _Scripts(self.redis)
+        self._lua = Scripts(self.redis)
         # The mirror's blocking read returns well within the socket's timeout:
         # a read that outlasts it is taken for a dead connection (redis-py's own
         # default is 5 s, as long as the block was), and a healthy, idle Redis
@@ -472,10 +473,10 @@ class RedisBackend(BaseBackend):
                         ],
                         args=args,
                     )
-                    if written == _MISSING:
+                    if written == MISSING:
                         resync = True  # Redis lost the run (restarted empty)
                         continue
-                    if written == _ENDED:
+                    if written == ENDED:
                         # Another worker ended this run (our lease lapsed while we
                         # were cut off): it is not ours to write or finish any more.
                         logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
@@ -645,7 +646,7 @@ class RedisBackend(BaseBackend):
         except (RedisError, OSError):
             logger.warning("Could not renew the lease of run %s", run.id)
             return True  # unreachable, not lost: the writer's next attempt finds out
-        if held == _STOP_ASKED:
+        if held == STOP_ASKED:
             self.driver.request_stop(run)  # its message on the stop channel was lost
         return bool(held)
 
@@ -1230,177 +1231,6 @@ class _SessionLock:
             logger.warning("Could not release %s; it expires by itself", self.key)
 
 
-_MISSING, _ENDED = -2, -1
-
-# Lua shared by the scripts below (a script cannot call another).
-#
-# compact: once the run's stream holds more than `maxlen` entries, move all but
-# the newest `keep` into the run's head: a list of (id, event, data) triples in
-# the order of the log, where consecutive deltas are merged into one whose id
-# is the position of its last byte (as in a replay: `_apply` reads it like any
-# entry). The head's last delta goes on growing while it is under `piece`
-# bytes, so a head holds about one entry per `piece` bytes of text plus the
-# run's other events, and each compaction rewrites at most `piece` bytes of it.
-#
-# expire: expire keys at one instant, so that no reader finds a run's head gone
-# and its stream still there (or the other way round).
-_LUA = """
-local function compact(log, head, maxlen, keep, piece)
-  local length = redis.call('xlen', log)
-  if length <= maxlen then return end
-  local function seq(id) return string.match(id, '%-(%d+)$') end
-  local id, parts, size, grown, replace = nil, {}, 0, false, false
-  if redis.call('lindex', head, -2) == 'delta' then
-    local data = redis.call('lindex', head, -1)
-    if #data < piece then
-      id, parts, size = redis.call('lindex', head, -3), {cjson.decode(data).text}, #data
-      replace = true
-    end
-  end
-  local function flush()
-    if grown then
-      local data = cjson.encode({text = table.concat(parts)})
-      if replace then
-        redis.call('lset', head, -3, id)
-        redis.call('lset', head, -1, data)
-      else
-        redis.call('rpush', head, id, 'delta', data)
-      end
-    end
-    id, parts, size, grown, replace = nil, {}, 0, false, false
-  end
-  for _, entry in ipairs(redis.call('xrange', log, '-', '+', 'COUNT', length - keep)) do
-    local fields = {}
-    for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
-    if fields.e == 'delta' then
-      if id ~= nil and (size >= piece or seq(id) ~= seq(entry[1])) then flush() end
-      local text = cjson.decode(fields.d).text
-      table.insert(parts, text)
-      id, size, grown = entry[1], size + #text, true
-    else
-      flush()
-      redis.call('rpush', head, entry[1], fields.e, fields.d)
-    end
-  end
-  flush()
-  redis.call('xtrim', log, 'MAXLEN', keep)
-end
-
-local function expire(keys, ms)
-  local now = redis.call('time')
-  local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ms
-  for _, key in ipairs(keys) do redis.call('pexpireat', key, at) end
-end
-"""
-
-# The writer's append, fenced on the run's status: a worker that lost its run
-# (its lease lapsed and another worker ended it) cannot write past the end.
-# KEYS: log, run hash, head. ARGV: maxlen, keep, piece, then (stream id, event,
-# data) triples.
-_APPEND = (
-    _LUA
-    + """
-local status = redis.call('hget', KEYS[2], 'status')
-if not status then return -2 end
-if status ~= 'running' then return -1 end
-for i = 4, #ARGV, 3 do
-  redis.call('xadd', KEYS[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
-end
-compact(KEYS[1], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
-return 1
-"""
-)
-
-# Put a member in a sorted set of runs in flight, scored by when its lease
-# lapses (Redis's clock: every worker's the same). With ARGV[3] = '1' the set
-# goes when no member has been renewed for two leases (an owner's, an
-# address's); the sets the sweeps read never do, or the runs of workers that
-# all died would be forgotten. KEYS: the set. ARGV: member, lease ms, expire.
-_TOUCH = """
-local now = redis.call('time')
-local ms = tonumber(ARGV[2])
-redis.call('zadd', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000) + ms, ARGV[1])
-if ARGV[3] == '1' then redis.call('pexpire', KEYS[1], 2 * ms) end
-return 1
-"""
-
-# How many runs of a sorted set of runs in flight hold a lease now; the ones
-# whose lease lapsed go. KEYS: the set.
-_COUNT = """
-local now = redis.call('time')
-redis.call('zremrangebyscore', KEYS[1], '-inf', now[1] * 1000 + math.floor(now[2] / 1000))
-return redis.call('zcard', KEYS[1])
-"""
-
-# Up to ARGV[1] runs in flight whose lease lapsed (`_sweep`). KEYS: the index.
-_DUE = """
-local now = redis.call('time')
-local ms = now[1] * 1000 + math.floor(now[2] / 1000)
-return redis.call('zrangebyscore', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
-"""
-
-# Renew a lease only while Redis still holds the run. KEYS: lease, run hash.
-# ARGV: worker, lease ms.
-_RENEW = """
-if redis.call('exists', KEYS[2]) == 0 then return 0 end
-redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('hget', KEYS[2], 'stop') == '1' then return 2 end
-return 1
-"""
-_STOP_ASKED = 2
-
-# Flag a run to stop, if Redis holds it (no hash is created). KEYS: run hash.
-_FLAG_STOP = """
-if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], 'stop', '1') end
-return 1
-"""
-
-# KEYS: run hash, log, current, head. ARGV: terminal id, its data, finished_at,
-# grace (ms), run id, maxlen, keep, piece, status, error, and the id and data
-# of a last delta (or two empty strings): the text its worker saved but never
-# wrote to Redis.
-_REAP = (
-    _LUA
-    + """
-if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('hset', KEYS[1], 'status', ARGV[9], 'error', ARGV[10], 'finished_at', ARGV[3])
-if ARGV[11] ~= '' then redis.call('xadd', KEYS[2], ARGV[11], 'e', 'delta', 'd', ARGV[12]) end
-redis.call('xadd', KEYS[2], ARGV[1], 'e', 'done', 'd', ARGV[2])
-compact(KEYS[2], KEYS[4], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
-expire({KEYS[1], KEYS[2], KEYS[4]}, tonumber(ARGV[4]))
-if redis.call('get', KEYS[3]) == ARGV[5] then redis.call('pexpire', KEYS[3], ARGV[4]) end
-return 1
-"""
-)
-
-# A run's keys expire once it ended; the session's "current" pointer only if
-# it still names this run: a newer run may have taken the session meanwhile (a
-# double send). KEYS: run hash, log, head, current. ARGV: grace (ms), run id.
-_EXPIRE_RUN = (
-    _LUA
-    + """
-expire({KEYS[1], KEYS[2], KEYS[3]}, tonumber(ARGV[1]))
-if redis.call('get', KEYS[4]) == ARGV[2] then redis.call('pexpire', KEYS[4], ARGV[1]) end
-return 1
-"""
-)
-
-# Drop the session's "current" pointer if it names this run. KEYS: current.
-# ARGV: run id.
-_DROP_CURRENT = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-
-# Replace a run's stored meta only if it is still the one read (and the run is
-# still there). KEYS: run hash. ARGV: the meta read, the new meta.
-_SWAP_META = """
-if redis.call('hget', KEYS[1], 'meta') ~= ARGV[1] then return 0 end
-redis.call('hset', KEYS[1], 'meta', ARGV[2])
-return 1
-"""
-
-
 def _event_position(event: Event) -> Position:
     return _position(event.id.rpartition(":")[2])
 
@@ -1439,22 +1269,3 @@ def _apply(
     if kind == DONE:
         mirror.mark_finished(fields.get("status", "done"), fields.get("error", ""))
     return True
-
-
-class _Scripts:
-    """This module's Lua scripts, registered with redis-py
-    (``register_script``): called by their SHA1 (``EVALSHA``), loaded again
-    by redis-py if Redis lost them (a restart), in a pipeline too."""
-
-    def __init__(self, redis: Any) -> None:
-        register = redis.register_script
-        self.append = register(_APPEND)
-        self.count = register(_COUNT)
-        self.drop_current = register(_DROP_CURRENT)
-        self.due = register(_DUE)
-        self.expire_run = register(_EXPIRE_RUN)
-        self.flag_stop = register(_FLAG_STOP)
-        self.reap = register(_REAP)
-        self.renew = register(_RENEW)
-        self.swap_meta = register(_SWAP_META)
-        self.touch = register(_TOUCH)
