@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.asgi import get_asgi_application
 from django.db import OperationalError, connection
 from django.db.backends.signals import connection_created
+from django.http import HttpResponse, HttpResponseForbidden
 from django.test import AsyncClient, Client
 
 from detached_runs import runs
@@ -91,8 +92,35 @@ async def test_post_without_a_csrf_token_is_403_json_and_starts_nothing(client):
         "/runs/chat/", json.dumps({"prompt": "x"}), content_type="application/json"
     )
     assert reply.status_code == 403
-    assert reply.json()["error"].startswith("CSRF check failed")
+    assert reply.json()["error"].startswith("CSRF check failed: CSRF cookie not set.")
     assert await Run.objects.acount() == 0
+
+
+FAILURE_VIEW_CALLS: list[str] = []
+
+
+def failure_view(request: Any, reason: str = "") -> HttpResponse:
+    """A project's CSRF failure view, which reads the database (a template
+    with ``user.is_authenticated`` does)."""
+    FAILURE_VIEW_CALLS.append(reason)
+    return HttpResponseForbidden(f"{get_user_model().objects.count()} users")
+
+
+async def test_a_csrf_refusal_says_why_and_never_runs_the_projects_failure_view(settings):
+    """The project's CSRF_FAILURE_VIEW is sync code: run from this async view
+    it made the refusal a 500 (it read the database), and the reason was
+    lost. The JSON 403 carries Django's reason; the project's view is not
+    called."""
+    settings.CSRF_FAILURE_VIEW = "tests.test_views.failure_view"
+    FAILURE_VIEW_CALLS.clear()
+    client = AsyncClient(enforce_csrf_checks=True, raise_request_exception=False)
+    reply = await client.post("/runs/chat/", {"prompt": "hi"})
+    assert reply.status_code == 403 and FAILURE_VIEW_CALLS == []
+    assert reply.json()["error"].startswith("CSRF check failed: CSRF cookie not set.")
+    client.cookies["csrftoken"] = "a" * 32
+    reply = await client.post("/runs/chat/", {"prompt": "hi"})
+    assert reply.status_code == 403 and FAILURE_VIEW_CALLS == []
+    assert reply.json()["error"].startswith("CSRF check failed: CSRF token missing.")
 
 
 async def test_over_the_per_owner_limit_is_429(client, config):
