@@ -48,18 +48,21 @@ from .exceptions import NotAllowed, RunNotFound, TooManyRuns
 from .lifecycle import install_signal_handlers
 from .models import Run
 from .owners import ANONYMOUS, limited_address, may_access, owner_key
-from .recording import Checkpoints, Recorder
+from .recording import SAVE_RETRY_DELAYS, Checkpoints, Recorder
+from .rows import terminal_position
 from .signals import run_finished, run_started
 from .stored import StoredOutputs, StoredSubscription
 from .validation import SESSION_KEY_RE, validate_prompt, validate_session_key
 from .workers import worker_id
 
 __all__ = [
+    "SAVE_RETRY_DELAYS",
     "SESSION_KEY_RE",
     "Agent",
     "AgentContext",
     "PendingSubscription",
     "RunService",
+    "StoredSubscription",
     "Turn",
     "get_service",
     "load_agent",
@@ -67,6 +70,7 @@ __all__ = [
     "status",
     "stop",
     "subscribe",
+    "terminal_position",
     "validate_prompt",
     "validate_session_key",
     "worker_id",

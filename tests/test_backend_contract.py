@@ -14,7 +14,12 @@ import pytest
 from detached_runs.backends.base import BaseBackend
 from detached_runs.backends.log import WAKE_AT_ONCE_UP_TO
 from detached_runs.events import Position, parse_id
-from detached_runs.exceptions import BadEventId, RunNotFound, TooManySubscribers
+from detached_runs.exceptions import (
+    BackendUnavailable,
+    BadEventId,
+    RunNotFound,
+    TooManySubscribers,
+)
 
 from .conftest import Saves, collect, new_id, paced, terminals, text_of
 
@@ -595,3 +600,18 @@ async def test_a_position_that_is_not_on_this_log_is_an_unknown_id(backend, save
             await backend.subscribe("s", (run_id, bad))
     for good in (Position(0, 0), Position(0, 1), Position(2, 1), Position(6, 1), Position(6, 2)):
         await backend.subscribe("s", (run_id, good))
+
+
+async def test_a_shutdown_refuses_new_runs_from_its_first_step(backend, saves):
+    """Once ``shutdown()`` has begun, ``check_accepting`` refuses at once. The
+    Redis backend's shutdown began its driver's a loop turn later, so a start
+    in that turn wrote its row and its keys before it was refused."""
+    await start(backend, paced(["a "]), saves)
+    assert len(backend) == 1  # both count the runs they drive
+    shutting = asyncio.ensure_future(backend.shutdown(1))
+    await asyncio.sleep(0)  # shutdown() has begun
+    try:
+        with pytest.raises(BackendUnavailable):
+            backend.check_accepting()
+    finally:
+        await shutting

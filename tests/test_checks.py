@@ -42,6 +42,10 @@ def test_the_test_settings_pass(configured):
         ({"BACKEND_OPTIONS": {"evict_afterr": 3}}, "detached_runs.E007"),
         ({"BACKEND_OPTIONS": {"redis_url": "redis://x"}}, "detached_runs.E007"),  # memory's
         ({"BACKEND_OPTIONS": [("evict_after", 3)]}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"evict_after": "soon"}}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"evict_after": -5}}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"max_subscribers": 0}}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"max_subscribers": "x"}}, "detached_runs.E007"),
     ],
 )
 def test_a_wrong_setting_is_reported_with_its_id(configured, values, expected):
@@ -70,3 +74,19 @@ def test_the_options_of_the_redis_backend_pass(configured):
     # A renewal less often than three times a lease: its runs would be taken for dead.
     short = {"lease_ms": 1000, "renew_every": 0.5}
     assert "detached_runs.E007" in configured(BACKEND=backend, BACKEND_OPTIONS=short)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lease_ms": float("inf")},
+        {"lease_ms": "10000"},
+        {"lease_ms": 999.9, "renew_every": 0.3333},
+        {"renew_every": float("nan")},
+        {"connection_kwargs": {"socket_timeoutt": 1}},  # a typo redis-py refuses
+    ],
+)
+def test_redis_options_a_backend_would_refuse_at_its_first_use_are_reported(configured, options):
+    pytest.importorskip("redis")
+    backend = "detached_runs.backends.redis.RedisBackend"
+    assert "detached_runs.E007" in configured(BACKEND=backend, BACKEND_OPTIONS=options)

@@ -184,6 +184,20 @@ class BaseBackend:
         for no limit (`TooManySubscribers`). A subclass takes options of its
         own as keyword arguments (``DETACHED_RUNS["BACKEND_OPTIONS"]``); an
         unknown one is an error, not dropped (`option_names`)."""
+        if (
+            isinstance(evict_after, bool)
+            or not isinstance(evict_after, int | float)
+            or not 0 <= evict_after < float("inf")
+        ):
+            raise ValueError(f"evict_after must be a number of seconds >= 0, not {evict_after!r}")
+        if max_subscribers is not None and (
+            isinstance(max_subscribers, bool)
+            or not isinstance(max_subscribers, int)
+            or max_subscribers < 1
+        ):
+            raise ValueError(
+                f"max_subscribers must be a positive integer or None, not {max_subscribers!r}"
+            )
         self.evict_after = evict_after
         self.max_subscribers = max_subscribers
 

@@ -220,9 +220,15 @@ class RunDriver:
             return None
         return run.output(), run.last_id()
 
+    def refuse_new_runs(self) -> None:
+        """From now on `start` (and `check_accepting`) refuse: the first step
+        of `shutdown`, which a backend may take before anything else of its
+        own shutdown."""
+        self._closing = True
+
     async def shutdown(self, timeout: float) -> None:
         """`BaseBackend.shutdown` for the runs here."""
-        self._closing = True
+        self.refuse_new_runs()
         if self._save_now is not None:
             self._save_now.set()
         # Agents that will not let go are abandoned halfway through the

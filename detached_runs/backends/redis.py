@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -134,6 +135,11 @@ LOCK_MS = 10_000
 UNSAVED_KEEP_MS = 24 * 3600 * 1000
 
 
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a finite number (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _stream_id(position: Position) -> str:
     return f"{position.text}-{position.seq}"
 
@@ -167,12 +173,14 @@ class RedisBackend(BaseBackend):
         ``renew_every``: seconds between renewals and sweeps, at most a third
         of the lease. Other keyword arguments are `BaseBackend`'s."""
         super().__init__(**kwargs)
-        if renew_every <= 0 or renew_every * 3000 > lease_ms:
+        if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 1:
+            raise ValueError(f"lease_ms must be a whole number of milliseconds, not {lease_ms!r}")
+        if not _seconds(renew_every) or renew_every <= 0 or renew_every * 3000 > lease_ms:
             raise ValueError(
-                f"renew_every ({renew_every!r} s) must be more than 0 and at most a third "
-                f"of lease_ms ({lease_ms!r} ms)"
+                f"renew_every must be a number of seconds more than 0 and at most a third "
+                f"of lease_ms ({lease_ms} ms), not {renew_every!r}"
             )
-        self.lease_ms, self.renew_every = int(lease_ms), float(renew_every)
+        self.lease_ms, self.renew_every = lease_ms, float(renew_every)
         #: A writer notices the loss at its next append or lease renewal
         #: (``renew_every``) and writes the run back; a lease is the bound.
         self.rejoin_within = self.lease_ms / 1000
@@ -195,6 +203,12 @@ class RedisBackend(BaseBackend):
         self.redis: Any = aioredis.Redis.from_url(
             redis_url, **{"socket_timeout": SOCKET_TIMEOUT, **(connection_kwargs or {})}
         )
+        pool = self.redis.connection_pool
+        try:
+            # A connection object, not connected: redis-py checks its arguments.
+            pool.connection_class(**pool.connection_kwargs)
+        except TypeError as exc:
+            raise ValueError(f"connection_kwargs are refused by redis-py: {exc}") from exc
         self._lua = Scripts(self.redis)
         # The mirror's blocking read returns well within the socket's timeout:
         # a read that outlasts it is taken for a dead connection (redis-py's own
@@ -394,7 +408,12 @@ class RedisBackend(BaseBackend):
     def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
         return self.driver.output(session_key, run_id)
 
+    def __len__(self) -> int:
+        """How many runs this worker drives (for tests and the admin)."""
+        return len(self.driver)
+
     async def shutdown(self, timeout: float) -> None:
+        self.driver.refuse_new_runs()  # at once: the driver's shutdown starts a turn later
         # Its runs end (their saves, their terminal events), while the tasks
         # of this backend's own that they wait on (a run on another worker
         # ending, a late save's clean-up) go on.
