@@ -57,8 +57,10 @@ async def test_connection_kwargs_reach_redis_py(config):
 
 
 def test_without_redis_py_the_import_says_what_to_install(monkeypatch):
-    for name in ("redis", "redis.asyncio", "redis.exceptions"):
-        monkeypatch.setitem(sys.modules, name, None)  # "import redis..." now fails
-    monkeypatch.delitem(sys.modules, "detached_runs.backends.redis", raising=False)
-    with pytest.raises(ImportError, match=r"pip install 'redis\[hiredis\]'"):
-        importlib.import_module("detached_runs.backends.redis")
+    # Undone within the test: the suite's own clean-up imports redis-py.
+    with monkeypatch.context() as patch:
+        for name in ("redis", "redis.asyncio", "redis.exceptions"):
+            patch.setitem(sys.modules, name, None)  # "import redis..." now fails
+        patch.delitem(sys.modules, "detached_runs.backends.redis", raising=False)
+        with pytest.raises(ImportError, match=r"pip install 'redis\[hiredis\]'"):
+            importlib.import_module("detached_runs.backends.redis")
