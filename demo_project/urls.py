@@ -9,7 +9,9 @@ from . import views
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("runs/", include("detached_runs.urls")),
-    path("history/<str:session_key>/", views.history, name="history"),
+    # The AI SDK's useChat: DefaultChatTransport({api: "/api/chat"}).
+    path("api/", include("detached_runs.aisdk.urls")),
+    path("react/", views.react_chat, name="react_chat"),
     path("", views.chat, name="chat"),
 ]
 

@@ -1,14 +1,13 @@
-"""The demo's own pages: the chat and the turns of a session (its earlier runs)."""
+"""The demo's own page: the chat. Its chats and their turns come from
+detached_runs' own endpoints (``GET /runs/``, ``GET /runs/<key>/runs/``)."""
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from pathlib import Path
+
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
-
-from detached_runs.models import Run
-from detached_runs.owners import request_owner
-from detached_runs.validation import SESSION_KEY_RE
 
 
 @ensure_csrf_cookie
@@ -16,21 +15,22 @@ def chat(request: HttpRequest) -> HttpResponse:
     return render(request, "demo_project/chat.html")
 
 
-async def history(request: HttpRequest, session_key: str) -> JsonResponse:
-    """The runs of one of the visitor's sessions, oldest first."""
-    owner = await request_owner(request)
-    if owner is None or not SESSION_KEY_RE.match(session_key):
-        return JsonResponse({"turns": []})
-    rows = Run.objects.filter(session_key=session_key, owner=owner).order_by("started_at")
-    turns = [
-        {
-            "id": str(run.id),
-            "prompt": run.prompt,
-            "output": run.output,
-            "status": run.status,
-            "error": run.error,
-            "started_at": run.started_at.isoformat(),
-        }
-        async for run in rows
-    ]
-    return JsonResponse({"turns": turns})
+#: The React page's build (``npm run build --prefix frontend``; ``./dev demo``
+#: and ``./dev test`` make it).
+REACT_PAGE = Path(__file__).resolve().parent / "static" / "react" / "index.html"
+
+
+@ensure_csrf_cookie
+def react_chat(request: HttpRequest) -> HttpResponse:
+    """The same chat written with the AI SDK (``frontend/src/main.jsx``):
+    ``useChat`` against ``detached_runs.aisdk``. Its page is Vite's build."""
+    try:
+        page = REACT_PAGE.read_text()
+    except FileNotFoundError:
+        return HttpResponse(
+            "The React page is not built: run `npm ci --prefix frontend && "
+            "npm run build --prefix frontend` (./dev demo does it when npm is installed).",
+            status=503,
+            content_type="text/plain",
+        )
+    return HttpResponse(page)

@@ -10,7 +10,15 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .conf import DEFAULTS, LIMITS, NUMBERS, OPTIONAL_NUMBERS, REQUIRED_LIMITS, get_config
+from .conf import (
+    DEFAULTS,
+    LIMITS,
+    MULTITASK_POLICIES,
+    NUMBERS,
+    OPTIONAL_NUMBERS,
+    REQUIRED_LIMITS,
+    get_config,
+)
 
 #: Keys read by the optional agents of `detached_runs.agents`, not by the app.
 AGENT_KEYS = frozenset({"OPENAI"})
@@ -142,15 +150,34 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
 
-    if config["PERMISSION"] is not None:
-        check, problem = _import(config["PERMISSION"])
+    hooks = (
+        ("PERMISSION", "A callable may_access(requester, run_owner, session_key) -> bool.", 5),
+        (
+            "VALIDATE_OPTIONS",
+            "A callable validate(options: dict, owner: str) -> dict that raises "
+            "django.core.exceptions.ValidationError to refuse them.",
+            9,
+        ),
+    )
+    for key, hint, number in hooks:
+        if config[key] is None:
+            continue
+        check, problem = _import(config[key])
         if problem is not None or not callable(check):
             errors.append(
                 Error(
-                    f"DETACHED_RUNS['PERMISSION'] = {config['PERMISSION']!r} "
+                    f"DETACHED_RUNS['{key}'] = {config[key]!r} "
                     + (f"does not import: {problem}" if problem else "is not callable."),
-                    hint="A callable may_access(requester, run_owner, session_key) -> bool.",
-                    id="detached_runs.E005",
+                    hint=hint,
+                    id=f"detached_runs.E{number:03d}",
                 )
             )
+    if config["MULTITASK"] not in MULTITASK_POLICIES:
+        errors.append(
+            Error(
+                f"DETACHED_RUNS['MULTITASK'] = {config['MULTITASK']!r} is not a multitask policy.",
+                hint=f"Use one of {', '.join(repr(p) for p in MULTITASK_POLICIES)}.",
+                id="detached_runs.E008",
+            )
+        )
     return errors

@@ -35,6 +35,22 @@ DEFAULTS: dict[str, Any] = {
     "KEEPALIVE": 15.0,
     "SHUTDOWN_TIMEOUT": 10.0,
     "MAX_PROMPT_CHARS": 32_000,
+    # Bytes of the JSON of the options sent with a prompt, at most.
+    "MAX_OPTIONS_BYTES": 16_384,
+    # Dotted path to ``validate(options: dict, owner: str) -> dict`` (the
+    # cleaned options); it raises django.core.exceptions.ValidationError to
+    # refuse them (400). None: any JSON object within MAX_OPTIONS_BYTES.
+    "VALIDATE_OPTIONS": None,
+    # What a start does while the session has a run in flight or queued:
+    # "interrupt", "reject", "enqueue" or "rollback" (a request may say).
+    "MULTITASK": "interrupt",
+    # Seconds an agent's question (``ctx.ask``) waits for its answer by
+    # default before InputTimeout is raised in the agent (None: no limit).
+    "INPUT_TIMEOUT": 3600.0,
+    # Bytes of the JSON of an answer's value, at most (400 past it).
+    "MAX_INPUT_BYTES": 16_384,
+    # Queued runs of one session at most (429 past it).
+    "MAX_QUEUED_PER_SESSION": 10,
     # None: no limit.
     "MAX_ACTIVE_RUNS_PER_OWNER": 5,
     # Runs in flight of anonymous owners per client address (an IPv6 address
@@ -59,9 +75,12 @@ DEFAULTS: dict[str, Any] = {
 
 NUMBERS = ("EVICT_AFTER", "CHECKPOINT_EVERY", "KEEPALIVE", "SHUTDOWN_TIMEOUT")
 #: Numbers that may also be None.
-OPTIONAL_NUMBERS = ("RUN_TIMEOUT",)
+OPTIONAL_NUMBERS = ("RUN_TIMEOUT", "INPUT_TIMEOUT")
 LIMITS = (
     "MAX_PROMPT_CHARS",
+    "MAX_OPTIONS_BYTES",
+    "MAX_INPUT_BYTES",
+    "MAX_QUEUED_PER_SESSION",
     "MAX_ACTIVE_RUNS_PER_OWNER",
     "MAX_ACTIVE_ANONYMOUS_RUNS_PER_ADDRESS",
     "MAX_SUBSCRIBERS_PER_RUN",
@@ -69,7 +88,15 @@ LIMITS = (
     "REDIS_STREAM_MAXLEN",
 )
 #: Limits that cannot be switched off with None.
-REQUIRED_LIMITS = ("HISTORY_LIMIT", "REDIS_STREAM_MAXLEN")
+REQUIRED_LIMITS = (
+    "HISTORY_LIMIT",
+    "REDIS_STREAM_MAXLEN",
+    "MAX_OPTIONS_BYTES",
+    "MAX_INPUT_BYTES",
+    "MAX_QUEUED_PER_SESSION",
+)
+#: The values of ``MULTITASK`` (and of a request's ``multitask``).
+MULTITASK_POLICIES = ("interrupt", "reject", "enqueue", "rollback")
 
 
 @cache

@@ -13,9 +13,14 @@ duplicate, compact replay, ownership); no run logic here. Protocol:
   up to its ``done``, then follows the new run from its ``start`` event.
   ``{"type": "stop"}`` stops the run in flight (its ``done`` event
   follows); ``{"type": "resume", "after": "<id>"}`` re-follows the current
-  run after that id.
-* a bad frame is answered with ``{"event": "error", "data": {"error": "..."}}``;
-  the socket stays open and no run changes.
+  run after that id. ``{"type": "input", "request": "<id>", "value": ...}``
+  answers the question the run waits for (``ctx.ask``): its
+  ``input_received`` event follows, or an error frame (the request is not
+  pending, as HTTP's 409).
+* a bad frame is answered with ``{"event": "error", "data": {"error": "...",
+  "status": 400}}``, ``status`` being what an HTTP request would get (409 for
+  a ``reject`` with a run in flight, 429 over a limit, 503...); the socket
+  stays open and no run changes.
 * after a run's ``done`` the socket stays open for the next ``start``.
 """
 
@@ -32,7 +37,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from . import runs
 from .backends.base import Subscription
 from .conf import get_config
+from .events import DONE
 from .exceptions import DetachedRunsError, InvalidInput, NotAllowed, RunNotFound, error_status
+from .models import Run
 from .owners import ANONYMOUS, requester, scope_address, scope_owner, scope_owner_now
 from .text import loads
 from .validation import validate_session_key
@@ -118,7 +125,13 @@ class RunConsumer(AsyncWebsocketConsumer):
             if kind == "start":
                 await self._start(frame)
             elif kind == "stop":
-                await runs.stop(self.session_key, owner=self.owner)
+                queued = frame.get("all", False)
+                if not isinstance(queued, bool):
+                    raise InvalidInput('"all" must be true or false.')
+                await runs.stop(self.session_key, owner=self.owner, queued=queued)
+            elif kind == "input":
+                answer = {key: frame[key] for key in ("request", "value") if key in frame}
+                await runs.answer(self.session_key, answer, owner=self.owner)
             elif kind == "resume":
                 after = frame.get("after")
                 if after is not None and not isinstance(after, str):
@@ -127,11 +140,11 @@ class RunConsumer(AsyncWebsocketConsumer):
                     await runs.subscribe(self.session_key, after=after, owner=self.owner)
                 )
             else:
-                raise InvalidInput('Unknown frame type: use "start", "stop" or "resume".')
+                raise InvalidInput('Unknown frame type: use "start", "stop", "resume" or "input".')
         except Exception as exc:  # noqa: BLE001 - mapped and logged in error_status
             # The socket stays open whatever the frame did: the client gets
-            # the same message an HTTP request would have.
-            await self._error(error_status(exc, f"a WebSocket frame on {self.session_key}")[1])
+            # the status and message an HTTP request would have.
+            await self._error(*error_status(exc, f"a WebSocket frame on {self.session_key}"))
 
     async def _same_owner(self) -> bool:
         try:
@@ -153,19 +166,28 @@ class RunConsumer(AsyncWebsocketConsumer):
                 )
             self.owner = owner
         # The client address limits an anonymous owner's runs, as over HTTP.
-        await runs.start(
+        run = await runs.start(
             self.session_key,
             prompt=frame["prompt"],
             owner=self.owner,
             address=scope_address(self.scope),
+            options=frame.get("options"),
+            multitask=frame.get("multitask"),
         )
+        if run.status == Run.Status.QUEUED:
+            # The socket follows it when it starts (`_forward`), after the runs
+            # before it: which it follows now, or from here on if it was idle.
+            if self._pump is None or self._pump.done():
+                await self._follow(await runs.subscribe(self.session_key, owner=self.owner))
+            return
         # Follow the new run from its start event, once the run followed so far
         # (stopped by this start) has sent the rest of its events and its done.
         subscription = await runs.subscribe(self.session_key, owner=self.owner)
         await self._follow(subscription, after_previous=True)
 
-    async def _error(self, message: str) -> None:
-        await self.send(text_data=json.dumps({"event": "error", "data": {"error": message}}))
+    async def _error(self, status: int, message: str) -> None:
+        data = {"error": message, "status": status}
+        await self.send(text_data=json.dumps({"event": "error", "data": data}))
 
     # -- following a run ---------------------------------------------------
 
@@ -200,9 +222,27 @@ class RunConsumer(AsyncWebsocketConsumer):
                 await _drain(previous)
             # A socket that is behind gets what piled up, merged, at its next read
             # of the shared log: it holds no queue of its own.
-            async for batch in subscription.batches():
-                for event in batch:
-                    await self.send(text_data=event.frame)
+            while True:
+                last = None
+                async for batch in subscription.batches():
+                    for event in batch:
+                        await self.send(text_data=event.frame)
+                    last = batch[-1] if batch else last
+                if last is None or last.event != DONE:
+                    break
+                # Runs queued behind the one that ended start one after the
+                # other: the socket follows them as they do. A run started
+                # otherwise (a start frame, another tab) is followed by the
+                # pump of that start or of a resume, not this one.
+                try:
+                    subscription = await runs.subscribe(
+                        self.session_key, after=last.id, owner=self.owner
+                    )
+                except DetachedRunsError:
+                    break  # the session went (deleted), or its backend is unreachable
+                if subscription.ended or not subscription.meta.get("queued"):
+                    subscription.close()
+                    break
         except asyncio.CancelledError:
             raise
         except _DISCONNECTED:
@@ -243,12 +283,16 @@ async def _cancel(pump: asyncio.Task[None]) -> None:
 def _decode(text_data: str | None) -> dict[str, Any]:
     if text_data is None:
         raise InvalidInput("Send JSON text frames, not binary ones.")
-    limit = get_config()["MAX_PROMPT_CHARS"]
-    if limit is not None and len(text_data) > _frame_limit(limit):
-        # Refused before parsing; still say which limit applies.
+    config = get_config()
+    limit = config["MAX_PROMPT_CHARS"]
+    json_limit = max(config["MAX_OPTIONS_BYTES"], config["MAX_INPUT_BYTES"])
+    if limit is not None and len(text_data) > _frame_limit(limit, json_limit):
+        # Refused before parsing; still say which limits apply.
         raise InvalidInput(
             f"The frame is too large ({len(text_data)} characters); "
-            f"a prompt may have at most {limit} characters."
+            f"a prompt may have at most {limit} characters, "
+            f"its options {config['MAX_OPTIONS_BYTES']} bytes of JSON, "
+            f"an answer's value {config['MAX_INPUT_BYTES']}."
         )
     frame = loads(text_data, name="frame")
     if not isinstance(frame, dict):
@@ -256,14 +300,16 @@ def _decode(text_data: str | None) -> dict[str, Any]:
     return frame
 
 
-def _frame_limit(prompt_limit: int) -> int:
+def _frame_limit(prompt_limit: int, options_limit: int) -> int:
     """The largest frame worth parsing: a prompt of ``prompt_limit`` characters
     each escaped as JSON at its longest (``\\ud83d\\ude00``, 12 characters for
-    one astral character, as ``json.dumps`` writes it by default), plus room
-    for the rest of the frame. So a valid prompt is never refused for its
-    encoding, and a prompt over the limit up to about 12 times the limit gets
-    `validate_prompt`'s own message; only larger frames are refused unread."""
-    return 12 * prompt_limit + 1024
+    one astral character, as ``json.dumps`` writes it by default), options
+    (or an answer's value) of ``options_limit`` bytes each escaped at its longest (``\\u0001``, 6
+    characters for one byte), plus room for the rest of the frame. So valid
+    input is never refused for its encoding, and a prompt over the limit up to
+    about 12 times the limit gets `validate_prompt`'s own message; only larger
+    frames are refused unread."""
+    return 12 * prompt_limit + 6 * options_limit + 1024
 
 
 async def _owner(scope: dict[str, Any], *, fresh: bool = False) -> str:

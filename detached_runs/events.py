@@ -26,8 +26,18 @@ from .exceptions import BadEventId
 START = "start"
 DELTA = "delta"
 DONE = "done"
+#: An agent's report of its usage (tokens, cost): logged like its other events,
+#: and merged into the run's usage by the log (`detached_runs.usage`).
+USAGE = "usage"
+#: The agent asks the user something (``ctx.ask``): ``{"request": "<id>", ...}``.
+INPUT_REQUIRED = "input_required"
+#: The answer to a request was accepted: ``{"request": "<id>"}`` (its value is
+#: the agent's, not every subscriber's).
+INPUT_RECEIVED = "input_received"
+#: No answer came in time: ``{"request": "<id>"}``; the request is no longer pending.
+INPUT_TIMEOUT = "input_timeout"
 #: Event types an agent may not yield itself: the service emits them.
-RESERVED = frozenset({START, DONE})
+RESERVED = frozenset({START, DONE, INPUT_REQUIRED, INPUT_RECEIVED, INPUT_TIMEOUT})
 
 _ID_RE = re.compile(r"\A([0-9a-f]{32}):([0-9]{1,15})-([0-9]{1,15})\Z")
 
@@ -67,7 +77,9 @@ def parse_id(value: str) -> tuple[str, Position]:
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _dumps(data: Any) -> str:
+def dumps(data: Any) -> str:
+    """``data`` as compact, strict JSON with UTF-8 kept (the wire encodings'):
+    `ValueError` for a NaN or an infinity."""
     return _ENCODER.encode(data)
 
 
@@ -90,7 +102,7 @@ class Event:
         """This event in the SSE wire format, ending with the blank line."""
         if not self._sse:
             self._sse.append(
-                f"id: {self.id}\nevent: {self.event}\ndata: {_dumps(self.data)}\n\n".encode()
+                f"id: {self.id}\nevent: {self.event}\ndata: {dumps(self.data)}\n\n".encode()
             )
         return self._sse[0]
 
@@ -102,7 +114,7 @@ class Event:
     def frame(self) -> str:
         """The WebSocket text frame, encoded once like `sse`."""
         if not self._frame:
-            self._frame.append(_dumps(self.as_json()))
+            self._frame.append(dumps(self.as_json()))
         return self._frame[0]
 
     @property

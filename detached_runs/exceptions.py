@@ -14,6 +14,7 @@ from django.core.exceptions import (
     TooManyFieldsSent,
     TooManyFilesSent,
 )
+from django.http import RawPostDataException
 from django.http.multipartparser import MultiPartParserError
 from django.http.request import UnreadablePostError
 
@@ -42,14 +43,51 @@ class BadPrompt(InvalidInput):
     pass
 
 
+class BadOptions(InvalidInput):
+    """Options that are not a JSON object, too large, or refused by ``VALIDATE_OPTIONS``."""
+
+
+class BadMultitask(InvalidInput):
+    """A ``multitask`` that is not one of the policies."""
+
+
+class BadInput(InvalidInput):
+    """An answer to an agent's question (``POST <key>/input/``, the WebSocket
+    ``input`` frame) that is malformed: not ``{"request": "<id>", "value":
+    <JSON>}``, or a value over ``MAX_INPUT_BYTES`` (400)."""
+
+
 class BadEventId(InvalidInput):
     """A Last-Event-ID / ``after`` that is not one of ours."""
+
+
+class BadCursor(InvalidInput):
+    """A ``cursor`` of a list (sessions, runs) that is not one this server gave
+    for that list: garbage, changed, or from another list."""
+
+
+class BadLimit(InvalidInput):
+    """A page size (``limit``) that is not a whole number in the allowed range."""
 
 
 class RunNotFound(DetachedRunsError):
     """No run for this session, or not one the requester owns (404: never say which)."""
 
     status_code = 404
+
+
+class SessionBusy(DetachedRunsError):
+    """``multitask="reject"`` while the session has a run in flight or queued:
+    nothing was changed (409)."""
+
+    status_code = 409
+
+
+class InputNotPending(DetachedRunsError):
+    """An answer to a request the session's run is not waiting for: answered
+    already, timed out, or another run's (409). Nothing was changed."""
+
+    status_code = 409
 
 
 class NotAllowed(DetachedRunsError):
@@ -72,6 +110,10 @@ class TooManySubscribers(LimitExceeded):
     pass
 
 
+class QueueFull(LimitExceeded):
+    """``multitask="enqueue"`` with ``MAX_QUEUED_PER_SESSION`` runs queued already."""
+
+
 class BackendUnavailable(DetachedRunsError):
     """The run backend cannot be reached (503)."""
 
@@ -85,13 +127,28 @@ class AgentError(DetachedRunsError):
     status_code = 500
 
 
+class InputTimeout(AgentError):
+    """Raised in an agent by ``await ctx.ask(...)`` when no answer came within
+    its timeout (``INPUT_TIMEOUT`` by default). The agent may catch it and go
+    on (the question is no longer pending: an ``input_timeout`` event says so);
+    uncaught, the run ends as ``error`` with this message."""
+
+    def __init__(self, request: str, timeout: float) -> None:
+        super().__init__(f"No answer came within {timeout:g} seconds.")
+        #: The id of the question that timed out.
+        self.request = request
+        #: Its timeout, in seconds.
+        self.timeout = timeout
+
+
 def error_status(exc: BaseException, where: str) -> tuple[int, str]:
     """The status and client-safe message for an exception raised while
     handling a request (and the WebSocket consumer's frames).
 
     * the app's own errors (`detached_runs.exceptions`): their status (4xx, 503);
     * a request Django cannot parse (too large, too many fields, a broken
-      multipart body, a body the client stopped sending): 400;
+      multipart body, a body the client stopped sending, a form sent to a
+      view that reads JSON): 400;
     * a database that refused the data itself (`DataError`): 400; any other
       database error (unreachable, restarting, a dropped connection): 503;
     * anything else (a bug, a misconfiguration): 500, logged with its
@@ -108,6 +165,9 @@ def error_status(exc: BaseException, where: str) -> tuple[int, str]:
         return 400, "The request is malformed."
     if isinstance(exc, UnreadablePostError):
         return 400, "The request body could not be read."
+    if isinstance(exc, RawPostDataException):
+        # A form's body, parsed (by the CSRF check) before a view that wants JSON read it.
+        return 400, "Send a JSON body (Content-Type: application/json), not a form."
     if isinstance(exc, data_errors()):
         logger.warning("The database refused data in %s", where, exc_info=True)
         return 400, "The database cannot store this input."

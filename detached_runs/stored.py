@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import rows
-from .backends.base import READ_CHUNK, RUNNING, Subscription, piece_end
+from .backends.base import ACTIVE, READ_CHUNK, Subscription, piece_end
 from .conf import get_config
 from .db import run_sync
 from .events import DELTA, DONE, ORIGIN, START, Event, Position, make_id
@@ -53,7 +53,7 @@ class StoredSubscription(Subscription):
         if after is not None and after[0] == self.run_id:
             self._cursor = after[1]
             terminal = self._terminal()
-            if row.status != RUNNING and self._cursor > terminal:
+            if row.status not in ACTIVE and self._cursor > terminal:
                 # The client saw more than the last checkpoint before the process
                 # died: nothing of the text is left to send, only the end.
                 self._cursor = Position(terminal.text, terminal.seq - 1)
@@ -77,7 +77,7 @@ class StoredSubscription(Subscription):
 
     @property
     def ended(self) -> bool:
-        return self._row.status != RUNNING and self._cursor >= self._terminal()
+        return self._row.status not in ACTIVE and self._cursor >= self._terminal()
 
     async def next_batch(self, timeout: float | None = None) -> list[Event]:
         waited, step = 0.0, max(float(get_config()["CHECKPOINT_EVERY"]), 0.05)
@@ -113,7 +113,7 @@ class StoredSubscription(Subscription):
             if cut < len(data):
                 self._cursor = position
                 return events
-        if row.status != RUNNING:
+        if row.status not in ACTIVE:
             body: dict[str, Any] = {"status": row.status}
             if row.error:
                 body["error"] = row.error

@@ -29,7 +29,7 @@ from . import runs
 from .backends.base import Subscription
 from .conf import get_config
 from .events import KEEPALIVE_SSE, encode_sse
-from .exceptions import BadPrompt, RunNotFound, error_status
+from .exceptions import BadPrompt, InvalidInput, RunNotFound, error_status
 from .owners import forget_new_owner, request_owner, requester
 from .text import loads
 from .validation import validate_session_key
@@ -113,26 +113,83 @@ async def _owner(request: HttpRequest, *, create: bool = False) -> str:
     return requester(await request_owner(request, create=create))
 
 
-def _prompt_of(request: HttpRequest) -> Any:
+def _start_of(request: HttpRequest) -> dict[str, Any]:
+    """A start's arguments from its body: ``prompt``, and from JSON
+    ``options`` and ``multitask`` (checked by `runs.start`)."""
     if request.content_type == "application/json":
         payload = loads(request.body or b"null")
         if not isinstance(payload, dict) or "prompt" not in payload:
             raise BadPrompt('Send a JSON object: {"prompt": "..."}.')
-        return payload["prompt"]
+        return {
+            "prompt": payload["prompt"],
+            "options": payload.get("options"),
+            "multitask": payload.get("multitask"),
+        }
     prompt = request.POST.get("prompt")
     if prompt is None:
         raise BadPrompt('Send a "prompt" (JSON or form field).')
-    return prompt
+    return {"prompt": prompt}
 
 
-@api("GET", "POST")
-async def session(request: HttpRequest, session_key: str) -> HttpResponse:
-    """``POST``: start a run (202). ``GET``: the session's latest run."""
+def _stop_all(request: HttpRequest) -> bool:
+    """A stop's ``{"all": true}``: a JSON body, whatever its declared type
+    (``fetch`` sends a string as ``text/plain``); a form's ``all`` field
+    (``true`` or ``false``); no body is ``false``."""
+    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        value = request.POST.get("all", "false")
+        if value not in ("true", "false"):
+            raise InvalidInput('"all" must be true or false.')
+        return value == "true"
+    if not request.body:
+        return False
+    payload = loads(request.body)
+    if not isinstance(payload, dict):
+        raise InvalidInput('Send nothing, or a JSON object: {"all": true}.')
+    queued = payload.get("all", False)
+    if not isinstance(queued, bool):
+        # The same message as the form field's and the WebSocket frame's.
+        raise InvalidInput('"all" must be true or false.')
+    return queued
+
+
+@api("GET")
+async def sessions(request: HttpRequest) -> HttpResponse:
+    """The requester's sessions, most recently active first, a page at a time
+    (``?limit=``, ``?cursor=``): ``{"sessions": [...], "next": <cursor or null>}``."""
+    page = await runs.sessions(
+        owner=await _owner(request),
+        limit=request.GET.get("limit"),
+        cursor=request.GET.get("cursor"),
+    )
+    return JsonResponse(page.as_json())
+
+
+@api("GET")
+async def session_runs(request: HttpRequest, session_key: str) -> HttpResponse:
+    """The session's runs from the newest backwards, a page at a time, each
+    page oldest first: ``{"session", "runs": [...], "next": <cursor or null>}``."""
     validate_session_key(session_key)
+    page = await runs.session_runs(
+        session_key,
+        owner=await _owner(request),
+        limit=request.GET.get("limit"),
+        cursor=request.GET.get("cursor"),
+    )
+    return JsonResponse(page.as_json())
+
+
+@api("GET", "POST", "DELETE")
+async def session(request: HttpRequest, session_key: str) -> HttpResponse:
+    """``POST``: start a run (202). ``GET``: the session's latest run.
+    ``DELETE``: delete the session, every run of it (204)."""
+    validate_session_key(session_key)
+    if request.method == "DELETE":
+        await runs.delete(session_key, owner=await _owner(request))
+        return HttpResponse(status=204)
     if request.method == "POST":
         owner = await _owner(request, create=True)
         try:
-            run = await runs.start(session_key, prompt=_prompt_of(request), owner=owner)
+            run = await runs.start(session_key, owner=owner, **_start_of(request))
         except BaseException:
             forget_new_owner(request, owner)
             raise
@@ -197,8 +254,21 @@ async def _events(subscription: Subscription, keepalive: float) -> AsyncIterator
 
 
 @api("POST")
-async def stop(request: HttpRequest, session_key: str) -> HttpResponse:
-    """Stop the run in flight: ``{"stopped": true|false}``."""
+async def answer(request: HttpRequest, session_key: str) -> HttpResponse:
+    """Answer the question the session's run waits for: a JSON body
+    ``{"request": "<id>", "value": <any JSON>}`` (whatever its declared
+    type: ``fetch`` sends a string as ``text/plain``); ``{"accepted": true}``,
+    or 409 if that request is not pending."""
     validate_session_key(session_key)
-    stopped = await runs.stop(session_key, owner=await _owner(request))
+    await runs.answer(session_key, loads(request.body or b"null"), owner=await _owner(request))
+    return JsonResponse({"accepted": True})
+
+
+@api("POST")
+async def stop(request: HttpRequest, session_key: str) -> HttpResponse:
+    """Stop the run in flight: ``{"stopped": true|false}``; with a JSON body
+    ``{"all": true}``, cancel the session's queued runs too."""
+    validate_session_key(session_key)
+    queued = _stop_all(request)
+    stopped = await runs.stop(session_key, owner=await _owner(request), queued=queued)
     return JsonResponse({"stopped": stopped})

@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from detached_runs.exceptions import AgentError
+from detached_runs.exceptions import AgentError, InputTimeout
 
 #: Seconds between words of `words` (the e2e server reads it from its environment).
 DELAY = float(os.environ.get("TEST_AGENT_DELAY", "0.01"))
@@ -26,7 +26,15 @@ def numbered(count: int) -> list[str]:
 def script(items: list[Any]) -> str:
     """A prompt that makes `words` yield ``items`` (strings and event dicts),
     as they are: lone surrogates, NUL, NaN and all. The prompt itself is ASCII
-    (base64 of JSON with escapes), so it survives the prompt's own cleaning."""
+    (base64 of JSON with escapes), so it survives the prompt's own cleaning.
+
+    Some items are orders instead: ``{"raise": message}`` raises `AgentError`
+    there; ``{"report_unless_done": usage}`` makes the agent report
+    ``usage`` with ``ctx.report_usage`` in its ``finally`` if the script
+    does not run to its end (a stop, a shutdown, an error); ``{"ask": data,
+    "timeout": seconds}`` asks ``data`` (``ctx.ask``) and yields ``answer:<the
+    value's JSON> ``, or, if the order has ``"catch": true`` and the
+    question times out, ``timed out ``."""
     return SCRIPT + base64.b64encode(json.dumps(items).encode()).decode()
 
 
@@ -34,9 +42,30 @@ async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
     """Yields ``w0 w1 ...``: as many words as the prompt's first number (default 20);
     for a `script` prompt, the script's items."""
     if ctx.prompt.startswith(SCRIPT):
-        for item in json.loads(base64.b64decode(ctx.prompt.removeprefix(SCRIPT))):
-            await asyncio.sleep(DELAY)
-            yield item
+        report, ended = None, False
+        try:
+            for item in json.loads(base64.b64decode(ctx.prompt.removeprefix(SCRIPT))):
+                await asyncio.sleep(DELAY)
+                if isinstance(item, dict) and "raise" in item:
+                    raise AgentError(item["raise"])
+                if isinstance(item, dict) and "report_unless_done" in item:
+                    report = item["report_unless_done"]
+                    continue
+                if isinstance(item, dict) and "ask" in item:
+                    try:
+                        value = await ctx.ask(item["ask"], timeout=item.get("timeout"))
+                    except InputTimeout:
+                        if not item.get("catch"):
+                            raise
+                        yield "timed out "
+                        continue
+                    yield f"answer:{json.dumps(value)} "
+                    continue
+                yield item
+            ended = True
+        finally:
+            if report is not None and not ended:
+                ctx.report_usage(report)
         return
     if ctx.prompt.startswith("big "):
         # That many MiB of text, multibyte characters and all, as fast as it goes.
@@ -63,6 +92,12 @@ async def words(ctx: Any) -> AsyncIterator[str | dict[str, Any]]:
             await asyncio.sleep(3600)
         finally:
             await asyncio.sleep(2)
+        return
+    if ctx.prompt == "context":
+        # What the agent was handed besides the prompt.
+        user = getattr(ctx.user, "username", None)
+        yield {"event": "context", "data": {"options": ctx.options, "user": user}}
+        yield "ok"
         return
     if ctx.prompt == "slow":
         await asyncio.sleep(0.5)
@@ -92,3 +127,13 @@ async def forever(ctx: Any) -> AsyncIterator[str]:
     """Says ``thinking`` and then nothing for 30 s: a run in flight until stopped."""
     yield "thinking "
     await asyncio.sleep(30)
+
+
+async def validate_options(options: dict[str, Any], owner: str) -> dict[str, Any]:
+    """A VALIDATE_OPTIONS hook for the tests: refuses the model "forbidden",
+    and drops the key "secret" (a project's hook cleans as well as checks)."""
+    from django.core.exceptions import ValidationError
+
+    if options.get("model") == "forbidden":
+        raise ValidationError("You may not use the model %(model)s.", params=options)
+    return {key: value for key, value in options.items() if key != "secret"}

@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from detached_runs.backends.base import BaseBackend, RunEnd
 from detached_runs.backends.memory import MemoryBackend
 from detached_runs.events import ORIGIN, Event, Position, make_id
 from detached_runs.runs import get_service
+
+# No deadline for Hypothesis's examples: speed is measured in bench/, and a
+# loaded CI machine took 272 ms for an example with a database round trip
+# (tests/test_options.py) against the default 200 ms.
+hypothesis_settings.register_profile("suite", deadline=None)
+hypothesis_settings.load_profile("suite")
 
 if TYPE_CHECKING:
     from .database_fault import DatabaseFault
@@ -135,6 +142,19 @@ async def eventually(check: Any, what: str, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def ended(session_key: str) -> Any:
+    """The session's latest `Run` row once it is no longer in flight
+    (awaited from the test's event loop; fails after 10 s)."""
+    from detached_runs.models import Run
+
+    for _ in range(1000):
+        row = await Run.objects.filter(session_key=session_key).order_by("-started_at").afirst()
+        if row is not None and row.status not in ("running", "waiting"):
+            return row
+        await asyncio.sleep(0.01)
+    raise AssertionError("the run did not end")
+
+
 def ended_row(session_key: str, timeout: float, what: str) -> Any:
     """The session's latest `Run` row once it is no longer ``running`` (polled
     from the test's thread); fails with ``what`` after ``timeout`` s."""
@@ -143,8 +163,9 @@ def ended_row(session_key: str, timeout: float, what: str) -> Any:
     from detached_runs.models import Run
 
     deadline = time.monotonic() + timeout
-    while (row := Run.objects.filter(session_key=session_key).latest("started_at")).status == (
-        "running"
+    while (row := Run.objects.filter(session_key=session_key).latest("started_at")).status in (
+        "running",
+        "waiting",
     ):
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
@@ -192,6 +213,35 @@ class Server:
             return handle.read()
 
 
+def as_stored(value: Any) -> Any:
+    """JSON data as a database's JSON column gives it back: numbers compared
+    as floats (PostgreSQL's jsonb keeps a float of 1e16 or more as the integer
+    it equals, ``9.93063082179097e+16`` as ``99306308217909700``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: as_stored(item) for key, item in value.items()}
+    return [as_stored(item) for item in value]
+
+
+def require_redis(*, module: bool = False) -> None:
+    """Skip (the whole module, with ``module``) if no Redis answers on
+    127.0.0.1:6379; raise instead under ``DETACHED_RUNS_REQUIRE_REDIS=1``
+    (CI), where a Redis test must not skip."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+    except OSError:
+        if os.environ.get("DETACHED_RUNS_REQUIRE_REDIS") == "1":
+            raise RuntimeError(
+                "DETACHED_RUNS_REQUIRE_REDIS=1 but no Redis on 127.0.0.1:6379"
+            ) from None
+        pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=module)
+
+
 def free_port() -> int:
     import socket
 
@@ -200,17 +250,54 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: The Redis key prefixes of the servers this process started (`server_env`).
+_server_prefixes: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_keys_deleted() -> Iterator[None]:
+    """What this process's servers left in the machine's Redis goes at the end."""
+    yield
+    if os.environ.get("TEST_BACKEND") != "redis" or not _server_prefixes:
+        return
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    try:
+        for prefix in _server_prefixes:
+            keys = list(client.scan_iter(match=f"*{prefix}*"))
+            if keys:
+                client.delete(*keys)
+    except redis.RedisError:
+        pass  # Redis is not there: nothing was left in it
+    finally:
+        client.close()
+
+
 def server_env(**extra: str) -> dict[str, str]:
-    """The environment for a server process that shares the test database."""
+    """The environment for a server process that shares the test database.
+    On the Redis pass its key prefix is its own (``TEST_REDIS_PREFIX``; the
+    same for servers started again with this environment): servers of
+    other tests in this process do not share its runs, nor their counts
+    (the anonymous runs of a client address, which dead servers' runs
+    fill until their leases lapse)."""
     import os
     from urllib.parse import urlparse, urlunparse
 
     from django.db import connection
 
-    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONUNBUFFERED="1")
+    prefix = f"dr-server-{uuid.uuid4().hex[:10]}"
+    _server_prefixes.append(prefix)
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        PYTHONUNBUFFERED="1",
+        TEST_REDIS_PREFIX=prefix,
+    )
     name = str(connection.settings_dict["NAME"])
     if connection.vendor == "sqlite":
         env["DETACHED_RUNS_TEST_DB"] = name
+        env["TEST_SQLITE_TRANSACTION_MODE"] = "IMMEDIATE"
     else:
         url = urlparse(os.environ["DATABASE_URL"])
         env["DATABASE_URL"] = urlunparse(url._replace(path="/" + name))

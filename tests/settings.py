@@ -66,13 +66,22 @@ def _database() -> dict[str, object]:
         name = os.environ.setdefault(
             "DETACHED_RUNS_TEST_DB", str(BASE_DIR / "tests" / f"test-{os.getpid()}.sqlite3")
         )
+        options: dict[str, object] = {
+            # Seconds a write waits for SQLite's lock (a server process of a
+            # fault test waits less, to fail while the test holds the lock).
+            "timeout": float(os.environ.get("TEST_SQLITE_TIMEOUT", "20")),
+        }
+        if "TEST_SQLITE_TRANSACTION_MODE" in os.environ:
+            # Server processes, several on one file: as docs/deploying.md
+            # advises, a transaction takes the write lock as it begins (a
+            # deferred one that read first fails at once with "database is
+            # locked" when another process wrote meanwhile: no wait helps).
+            options["transaction_mode"] = os.environ["TEST_SQLITE_TRANSACTION_MODE"]
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": name,
             "TEST": {"NAME": name},
-            # Seconds a write waits for SQLite's lock (a server process of a
-            # fault test waits less, to fail while the test holds the lock).
-            "OPTIONS": {"timeout": float(os.environ.get("TEST_SQLITE_TIMEOUT", "20"))},
+            "OPTIONS": options,
         }
     parts = urlparse(url)
     mysql = parts.scheme in ("mysql", "mariadb")
@@ -103,6 +112,8 @@ DETACHED_RUNS = {
     "EVICT_AFTER": float(os.environ.get("TEST_EVICT_AFTER", "180")),
     "SHUTDOWN_TIMEOUT": float(os.environ.get("TEST_SHUTDOWN_TIMEOUT", "10")),
     "MAX_ACTIVE_RUNS_PER_OWNER": int(os.environ.get("TEST_MAX_ACTIVE_RUNS_PER_OWNER", "5")),
+    "MAX_QUEUED_PER_SESSION": int(os.environ.get("TEST_MAX_QUEUED_PER_SESSION", "3")),
+    "VALIDATE_OPTIONS": "tests.agents.validate_options",
 }
 
 if os.environ.get("TEST_BACKEND") == "redis":

@@ -128,6 +128,9 @@ async def test_subscriber_joining_at_any_time_gets_every_event_once_in_order(
 
 async def test_many_subscribers_resuming_from_every_id_each_get_exactly_the_rest(backend, saves):
     await start(backend, paced([*WORDS, ("tool", {"n": 1}), *WORDS], 0.0005), saves)
+    # Held open while the others come and go: the ended run stays (its grace
+    # period, 0.2 s from its end, may pass on a loaded machine meanwhile).
+    keeper = await backend.subscribe("s")
     first = await collect(await backend.subscribe("s"))
     whole = text_of(first)
     assert whole == FULL + FULL
@@ -139,6 +142,7 @@ async def test_many_subscribers_resuming_from_every_id_each_get_exactly_the_rest
         assert seen + text_of(rest) == whole, index
         assert rest[-1].event == "done" and len(terminals(rest)) == 1
         assert all(parse_id(e.id)[1] > parse_id(event.id)[1] for e in rest)
+    keeper.close()
 
 
 async def test_resume_point_after_terminal_event_means_ended(backend, saves):
@@ -406,8 +410,13 @@ async def test_count_running_counts_only_runs_in_flight_of_that_owner(backend, s
     await start(backend, Gate().agent(), saves, session="a")
     await start(backend, Gate().agent(), saves, session="b")
     await start(backend, paced([]), saves, session="c")
-    await asyncio.sleep(0.01)
-    assert await backend.count_running("o") == 2
+    await collect(await backend.subscribe("c"))
+    # The end takes it out of the count soon after its terminal event (a
+    # loaded machine takes a while); the two in flight stay counted.
+    deadline = asyncio.get_running_loop().time() + 5
+    while (counted := await backend.count_running("o")) != 2:
+        assert counted == 3 and asyncio.get_running_loop().time() < deadline, counted
+        await asyncio.sleep(0.01)
     assert await backend.count_running("someone else") == 0
     await backend.shutdown(1)
     assert await backend.count_running("o") == 0
@@ -443,7 +452,9 @@ async def test_a_burst_reaches_many_waiting_subscribers_in_a_few_batches_not_one
     for batches in await asyncio.gather(*readers):
         text = "".join(e.data["text"] for batch in batches for e in batch if e.event == "delta")
         assert text == "".join(f"t{i} " for i in range(2000))
-        assert len(batches) <= 5  # one per turn would be 100
+        # One per turn would be 100; a few, or a few more on a loaded machine
+        # (whose turns outlast COALESCE_FOR), is not.
+        assert len(batches) <= 20
 
 
 async def test_a_few_subscribers_get_a_paced_token_on_the_very_next_turn(backend, saves):
@@ -615,3 +626,146 @@ async def test_a_shutdown_refuses_new_runs_from_its_first_step(backend, saves):
             backend.check_accepting()
     finally:
         await shutting
+
+
+# -- deleting a session's runs ----------------------------------------------------------
+
+
+async def held(backend: BaseBackend, session: str = "s") -> list[str]:
+    """What the backend holds of the session: the memory backend's registry
+    entry; every Redis key of the session, and its entries in the shared sets
+    of runs in flight and of unsaved ends."""
+    found = [] if await backend.get(session) is None else [f"current run of {session}"]
+    redis = getattr(backend, "redis", None)
+    if redis is None:
+        return found + ([f"registry entry of {session}"] if session in backend.driver.runs else [])  # type: ignore[attr-defined]
+    prefix = backend.prefix  # type: ignore[attr-defined]
+    found += [key.decode() async for key in redis.scan_iter(match=f"{{{prefix}:{session}}}*")]
+    for shared in (f"{prefix}:in-flight", f"{prefix}:unsaved"):
+        members = await redis.zrange(shared, 0, -1)
+        found += [f"{shared} {m.decode()}" for m in members if m.startswith(f"{session} ".encode())]
+    return found
+
+
+async def test_delete_stops_the_run_in_flight_waits_for_its_save_and_leaves_nothing(backend):
+    saves = Saves(delay=0.2)  # a slow save: delete returns after it, not before
+    run_id = await start(backend, paced(WORDS * 100, 0.01), saves)
+    subscription = await backend.subscribe("s")
+    await subscription.next_batch()
+    await backend.delete("s", {run_id})
+    assert [end.status for end in saves.ends] == ["stopped"]
+    events = await asyncio.wait_for(collect(subscription), 5)
+    assert terminals(events)[-1].data == {"status": "stopped"}
+    assert await held(backend) == []
+    with pytest.raises(RunNotFound):
+        await backend.subscribe("s")
+    assert [t for t in asyncio.all_tasks() if run_id in t.get_name()] == []
+    await asyncio.sleep(0.3)  # nothing of it is written again (a writer, a lease)
+    assert await held(backend) == []
+
+
+async def test_delete_of_ended_runs_forgets_them_and_their_logs(backend, saves):
+    first = await start(backend, paced(["a "]), saves)
+    await collect(await backend.subscribe("s"))
+    second = await start(backend, paced(["b "]), saves)
+    await collect(await backend.subscribe("s"))
+    assert await held(backend) != []
+    await backend.delete("s", {first, second, new_id()})  # an id it never held is no matter
+    assert await held(backend) == []
+    assert [end.status for end in saves.ends] == ["done", "done"]
+
+
+async def test_delete_leaves_a_run_it_was_not_given_alone(backend, saves):
+    """A run of the session that is not among the runs to delete (another
+    worker started it meanwhile) goes on."""
+    old = await start(backend, paced(["a "]), saves)
+    await collect(await backend.subscribe("s"))
+    new = await start(backend, paced(WORDS, 0.01), saves)
+    await backend.delete("s", {old})
+    state = await backend.get("s")
+    assert state is not None and state.run_id == new and state.status == "running"
+    events = await collect(await backend.subscribe("s"))
+    assert text_of(events) == FULL and events[-1].data == {"status": "done"}
+    assert [end.run_id for end in saves.ends] == [old, new]
+
+
+async def test_delete_of_another_sessions_runs_changes_nothing_here(backend, saves):
+    run_id = await start(backend, paced(WORDS, 0.01), saves, session="other")
+    await backend.delete("s", {run_id})
+    events = await collect(await backend.subscribe("other"))
+    assert text_of(events) == FULL and events[-1].data == {"status": "done"}
+
+
+async def test_delete_gives_up_on_a_run_that_does_not_end_in_time_and_deletes_nothing(
+    backend, saves, released
+):
+    run_id = await start(backend, swallowing(["first "], released), saves)
+    subscription = await backend.subscribe("s")
+    while "first " not in text_of(await subscription.next_batch()):
+        pass
+    with pytest.raises(BackendUnavailable, match="did not stop in time"):
+        await backend.delete("s", {run_id}, timeout=0.3)
+    state = await backend.get("s")
+    assert state is not None and state.run_id == run_id
+    await subscription.aclose()
+
+
+# -- usage ---------------------------------------------------------------------------
+
+
+class Reporting:
+    """A source with ``remaining()``: what it holds back until it is closed
+    (as the service's source holds an agent's usage reported while stopped)."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = paced(items, 0.002)
+        self.closed = False
+
+    def __aiter__(self) -> Reporting:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await anext(self.items)
+        if item == "wait":
+            await asyncio.sleep(3600)
+        return item
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.items.aclose()  # type: ignore[attr-defined]
+
+    def remaining(self) -> list[Any]:
+        assert self.closed, "remaining() before the source was closed"
+        return [("usage", {"output_tokens": 2, "estimated": True})]
+
+
+async def test_the_state_and_the_end_carry_the_merge_of_the_usage_events(backend, saves):
+    items = [
+        ("usage", {"input_tokens": 4, "model": "a"}),
+        "w ",
+        ("usage", {"output_tokens": 1, "model": "b"}),
+    ]
+    run_id = await start(backend, paced(items), saves)
+    events = await collect(await backend.subscribe("s"))
+    assert [e.data for e in events if e.event == "usage"] == [item[1] for item in items[::2]]
+    state = await backend.get("s")
+    assert state is not None and state.run_id == run_id
+    assert state.usage == {"input_tokens": 4, "output_tokens": 1, "model": "b"}
+    (end,) = saves.ends
+    assert end.usage == state.usage
+
+
+async def test_what_a_stopped_source_has_left_is_logged_before_the_terminal_event(backend, saves):
+    source = Reporting([("usage", {"input_tokens": 3}), "w ", "wait"])
+    await start(backend, source, saves)
+    subscription = await backend.subscribe("s")
+    seen: list[Any] = []
+    while not text_of(seen):
+        seen += await subscription.next_batch()
+    assert await backend.stop("s") is True
+    events = seen + await collect(subscription)
+    assert [e.event for e in events][-2:] == ["usage", "done"]
+    assert events[-2].data == {"output_tokens": 2, "estimated": True}
+    assert events[-1].data == {"status": "stopped"}
+    (end,) = saves.ends
+    assert end.usage == {"input_tokens": 3, "output_tokens": 2, "estimated": True}

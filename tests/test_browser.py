@@ -1,6 +1,7 @@
 """The demo chat in a real browser: headless Chromium driven by Playwright against
 a real daphne serving the demo site and `detached-runs.js`. Streaming, reload and
-close mid-answer, Stop, two tabs, no reconnect loop after the end, over SSE and
+close mid-answer, Stop, two tabs, no reconnect loop after the end, the agent's
+question (ctx.ask) across reloads and tabs, over SSE and
 over a WebSocket.
 
 Skipped when Playwright or /usr/bin/chromium is missing, unless
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from demo_project.agents import ANSWER
+from demo_project.agents import ANSWER, DECLINED
 
 from .conftest import Server, start_server, stop_server
 
@@ -80,8 +81,9 @@ def canned(prompt: str, turns: int = 0) -> str:
 # -- fixtures ----------------------------------------------------------------------
 
 
-def serve_demo(database: Path, agent_delay: str) -> Server:
-    """Migrate a fresh SQLite database and serve the demo site on it under daphne."""
+def serve_demo(database: Path, agent_delay: str, kind: str = "daphne") -> Server:
+    """Migrate a fresh SQLite database and serve the demo site on it under
+    ``kind`` (daphne or uvicorn)."""
     env = dict(
         os.environ,
         DJANGO_SETTINGS_MODULE="demo_project.settings",
@@ -98,7 +100,7 @@ def serve_demo(database: Path, agent_delay: str) -> Server:
         check=True,
         capture_output=True,
     )
-    return start_server(env, app="demo_project.asgi:application")
+    return start_server(env, app="demo_project.asgi:application", kind=kind)
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +209,8 @@ class Chat:
         assert self.answer(index) == full  # exactly: no repeated or missing word
 
     def session_key(self) -> str:
-        return str(
-            self.page.evaluate("JSON.parse(localStorage.getItem('detached_runs.sessions'))[0].key")
-        )
+        """The key of the chat on screen (the page keeps it for the next visit)."""
+        return str(self.page.evaluate("localStorage.getItem('detached_runs.current')"))
 
     def connections(self) -> list[dict[str, Any]]:
         """The page's EventSources and WebSockets; closed: CLOSED, or a WebSocket CLOSING."""
@@ -236,7 +237,7 @@ def wait_until_finished(context: BrowserContext, key: str) -> dict[str, Any]:
     deadline = time.monotonic() + TIMEOUT / 1000
     while time.monotonic() < deadline:
         run: dict[str, Any] = context.request.get(f"/runs/{key}/").json()["run"]
-        if run["status"] != "running":
+        if run["status"] not in ("running", "waiting"):
             return run
         time.sleep(0.05)
     raise AssertionError(f"session {key} is still running")
@@ -373,7 +374,7 @@ def test_sending_while_an_answer_streams_saves_the_first_as_stopped(context):
     expect(chat.page.locator(".turn").first.locator(".badge.stopped")).to_have_text("stopped")
     shown = chat.answer(0)
     assert 0 < len(shown) < len(first) and first.startswith(shown)
-    turns = context.request.get(f"/history/{chat.session_key()}/").json()["turns"]
+    turns = context.request.get(f"/runs/{chat.session_key()}/runs/").json()["runs"]
     assert [(t["output"], t["status"]) for t in turns] == [
         (shown, "stopped"),
         (canned("Second", turns=1), "done"),
@@ -388,7 +389,7 @@ def test_a_double_click_on_send_starts_one_run(context):
     chat.wait_answer(canned("Only once"))
     expect(chat.answers).to_have_count(1)
     expect(chat.page.locator(".badge")).to_have_count(0)
-    turns = context.request.get(f"/history/{chat.session_key()}/").json()["turns"]
+    turns = context.request.get(f"/runs/{chat.session_key()}/runs/").json()["runs"]
     assert [t["status"] for t in turns] == ["done"]
 
 
@@ -400,15 +401,11 @@ def test_switching_chats_quickly_shows_only_the_last_one_chosen(context):
         start_over_http(context, key, prompt)
     for key in chats:
         wait_until_finished(context, key)
-    listed = [{"key": key, "title": prompt} for key, prompt in chats.items()]
-    chat.page.evaluate(
-        "(list) => localStorage.setItem('detached_runs.sessions', JSON.stringify(list))", listed
-    )
-    chat.page.reload()
+    chat.page.reload()  # the sidebar lists the visitor's chats from the server
     chat.ready()
     # Hold both histories back, then let chat B's through before chat A's.
     held: list[Any] = []
-    chat.page.route("**/history/*/", lambda route: held.append(route))
+    chat.page.route("**/runs/*/runs/*", lambda route: held.append(route))
     buttons = chat.page.locator("#sessions li button")
     buttons.filter(has_text="In chat A").click()
     buttons.filter(has_text="In chat B").click()
@@ -418,17 +415,52 @@ def test_switching_chats_quickly_shows_only_the_last_one_chosen(context):
     assert len(held) == 2
     held[1].continue_()
     expect(chat.page.locator(".prompt")).to_have_text(["In chat B"])
-    with chat.page.expect_response("**/history/*/"):
+    with chat.page.expect_response("**/runs/*/runs/*"):
         held[0].continue_()  # chat A's history arrives last, for a chat no longer chosen
     expect(chat.page.locator(".prompt")).to_have_text(["In chat B"])
     expect(buttons.filter(has_text="In chat B")).to_have_attribute("aria-current", "true")
+
+
+@pytest.mark.parametrize("transport", ["sse"])
+def test_the_sidebar_lists_the_visitors_chats_and_deleting_one_removes_it(context):
+    chat = Chat.open(context)
+    keys = {prompt: uuid.uuid4().hex[:12] for prompt in ("Chat A", "Chat B", "Chat C")}
+    for prompt, key in keys.items():
+        start_over_http(context, key, prompt)
+        wait_until_finished(context, key)
+    chat.page.reload()  # the chats come from the server: the latest one is shown
+    chat.ready()
+    titles = chat.page.locator("#sessions li button.open")
+    expect(titles).to_have_text(["Chat C", "Chat B", "Chat A"])
+    expect(titles.first).to_have_attribute("aria-current", "true")
+    expect(chat.page.locator(".prompt")).to_have_text(["Chat C"])
+    # Another chat than the one on screen: it goes from the list and the server.
+    chat.page.get_by_role("button", name="Delete “Chat A”").click()
+    expect(titles).to_have_text(["Chat C", "Chat B"])
+    assert context.request.get(f"/runs/{keys['Chat A']}/").status == 404
+    # The chat on screen, mid-answer: its run is stopped and the page moves on.
+    full = canned("Again", turns=1)
+    chat.send("Again")
+    chat.wait_mid_answer(full)
+    chat.page.get_by_role("button", name="Delete “Chat C”").click()
+    expect(titles).to_have_text(["Chat B"])
+    expect(titles.first).to_have_attribute("aria-current", "true")
+    expect(chat.page.locator(".prompt")).to_have_text(["Chat B"])
+    assert context.request.get(f"/runs/{keys['Chat C']}/").status == 404
+    listed = context.request.get("/runs/").json()["sessions"]
+    assert [s["session"] for s in listed] == [keys["Chat B"]]
+    chat.page.reload()
+    chat.ready()
+    expect(titles).to_have_text(["Chat B"])
+    chat.page.wait_for_timeout(300)
+    assert all(c["closed"] for c in chat.connections())  # nothing follows the deleted run
 
 
 # -- the module on its own -------------------------------------------------------
 
 MODULE_SCRIPT = """async ([transport, key]) => {
   const { DetachedRuns, RunError } = await import("/static/detached_runs/detached-runs.js");
-  const client = new DetachedRuns({ transport, events: ["status"] });
+  const client = new DetachedRuns({ transport, events: ["status", "usage"] });
   const failure = async (promise) => {
     try { await promise; return null; }
     catch (e) { return [e instanceof RunError, e.status, e.message]; }
@@ -458,13 +490,92 @@ def test_the_module_iterates_a_run_and_reports_json_errors(context, transport):
     chat = Chat.open(context)
     result = chat.page.evaluate(MODULE_SCRIPT, [transport, "module-" + transport])
     assert result["text"] == canned("Iterate")
-    assert result["kinds"] == ["start", "status", "delta", "done"]
-    assert result["seen"] == {"starts": ["Iterate"], "names": ["status"], "done": "done"}
+    assert result["kinds"] == ["start", "status", "delta", "usage", "done"]
+    assert result["seen"] == {"starts": ["Iterate"], "names": ["status", "usage"], "done": "done"}
     assert result["status"] == "done" and result["lastEventId"]
     assert result["badKey"][:2] == [True, 400], result["badKey"]
     assert result["missing"] == [True, 404, "No such session."]
     assert result["empty"][:2] == [True, 400] and "prompt" in result["empty"][2].lower()
     assert all(c["closed"] for c in chat.connections())
+
+
+QUEUE_SCRIPT = """async ([transport, key]) => {
+  const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+  const client = new DetachedRuns({ transport, events: ["status"] });
+  const starts = [[], []];
+  const first = await client.start(key, "First", { onStart: (d) => starts[0].push(d.prompt) },
+                                   { multitask: "enqueue" });
+  const second = await client.start(key, "Second", { onStart: (d) => starts[1].push(d.prompt) },
+                                    { multitask: "enqueue", options: { tone: "dry" } });
+  const texts = [];
+  for (const run of [first, second]) {
+    const events = [];
+    for await (const event of run) { events.push(event); }
+    texts.push(events.filter((e) => e.event === "delta").map((e) => e.data.text).join(""));
+  }
+  const session = await client.request(client.url(key));
+  return { starts, texts, statuses: [first.status, second.status],
+           runs: [first.runId, second.runId], latest: session.run };
+}"""
+
+
+def test_the_module_queues_a_run_and_follows_it_after_the_run_before_it(context, transport):
+    chat = Chat.open(context)
+    result = chat.page.evaluate(QUEUE_SCRIPT, [transport, "queue-" + transport])
+    # Each run reports its own events only, the queued one once it starts.
+    assert result["starts"] == [["First"], ["Second"]]
+    assert result["texts"] == [canned("First"), canned("Second", turns=1)]
+    assert result["statuses"] == ["done", "done"]
+    assert result["runs"][0] != result["runs"][1] and result["latest"]["id"] == result["runs"][1]
+    assert result["latest"]["options"] == {"tone": "dry"}
+    assert all(c["closed"] for c in chat.connections())
+
+
+CONVERSATIONS_SCRIPT = """async (keys) => {
+  const { DetachedRuns, RunError } = await import("/static/detached_runs/detached-runs.js");
+  const client = new DetachedRuns();
+  const failure = async (promise) => {
+    try { await promise; return null; }
+    catch (e) { return [e instanceof RunError, e.status, e.message]; }
+  };
+  const first = await client.sessions({ limit: 2 });
+  const second = await client.sessions({ limit: 2, cursor: first.next });
+  const newest = await client.runs(keys[0], { limit: 1 });
+  const oldest = await client.runs(keys[0], { limit: 1, cursor: newest.next });
+  const deleted = await client.delete(keys[1]);
+  return {
+    pages: [first, second].map((p) => [p.sessions.map((s) => s.session), p.next !== null]),
+    titles: first.sessions.map((s) => s.title),
+    runs: [newest, oldest].map((p) => [p.runs.map((r) => r.prompt), p.next !== null]),
+    deleted,
+    again: await failure(client.delete(keys[1])),
+    gone: await failure(client.runs(keys[1])),
+    left: (await client.sessions()).sessions.map((s) => s.session),
+    badLimit: await failure(client.sessions({ limit: 0 })),
+    badCursor: await failure(client.runs(keys[0], { cursor: first.next })),
+  };
+}"""
+
+
+@pytest.mark.parametrize("transport", ["sse"])
+def test_the_module_lists_pages_and_deletes_conversations(context):
+    chat = Chat.open(context)
+    keys = [uuid.uuid4().hex[:12] for _ in range(3)]
+    for key, prompt in zip(keys, ("One", "Two", "Three"), strict=True):
+        start_over_http(context, key, prompt)
+        wait_until_finished(context, key)
+    start_over_http(context, keys[0], "One again")
+    wait_until_finished(context, keys[0])
+    result = chat.page.evaluate(CONVERSATIONS_SCRIPT, keys)
+    assert result["pages"] == [[[keys[0], keys[2]], True], [[keys[1]], False]]
+    assert result["titles"] == ["One", "Three"]
+    assert result["runs"] == [[["One again"], True], [["One"], False]]
+    assert result["deleted"] is None
+    assert result["again"] == [True, 404, "No such session."]
+    assert result["gone"] == [True, 404, "No such session."]
+    assert result["left"] == [keys[0], keys[2]]
+    assert result["badLimit"][:2] == [True, 400] and "limit" in result["badLimit"][2]
+    assert result["badCursor"][:2] == [True, 400] and "cursor" in result["badCursor"][2]
 
 
 def finished_chat(context: BrowserContext, prompt: str) -> Chat:
@@ -556,3 +667,200 @@ def test_a_dropped_websocket_resumes_in_the_same_turn(context):
     expect(chat.answers).to_have_count(1)
     urls = [c["url"] for c in chat.connections()]
     assert "?after=" in urls[-1]
+
+
+@pytest.mark.parametrize("transport", ["ws"])
+def test_a_websocket_start_refused_by_an_error_frame_rejects_with_its_status(context):
+    """A "reject" start while a run is in flight: the server's error frame says
+    409, as HTTP would, and the start rejects with it, not with a 400."""
+    chat = Chat.open(context)
+    result = chat.page.evaluate(
+        """async (key) => {
+             const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+             const client = new DetachedRuns({ transport: "ws" });
+             const first = await client.start(key, "First");
+             try {
+               await client.start(key, "Second", {}, { multitask: "reject" });
+               return null;
+             } catch (error) {
+               return { status: error.status, transient: error.transient,
+                        message: error.message };
+             } finally { await first.stop(); first.close(); }
+           }""",
+        "reject-ws",
+    )
+    assert result is not None
+    assert result["status"] == 409 and result["transient"] is False
+    assert "in flight" in result["message"]
+
+
+RUN_ID_SCRIPT = """async ([transport, key]) => {
+  const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+  const client = new DetachedRuns({ transport });
+  const first = await client.start(key, "First");  // a new session
+  const ids = [first.runId];  // before any event of it
+  const second = await client.start(key, "Second", {}, { multitask: "enqueue" });
+  ids.push(second.runId);
+  const stopped = await first.stop();
+  for (const run of [first, second]) { for await (const _ of run) { /* to the end */ } }
+  const late = await second.stop();  // nothing in flight any more
+  const page = await client.runs(key);
+  return { ids, stopped, late, statuses: [first.status, second.status],
+           saved: page.runs.map((r) => r.id), followed: [first.runId, second.runId] };
+}"""
+
+
+def test_a_started_run_has_its_id_at_once_and_stop_says_whether_it_stopped(context, transport):
+    chat = Chat.open(context)
+    result = chat.page.evaluate(RUN_ID_SCRIPT, [transport, "run-id-" + transport])
+    assert result["ids"] == result["saved"] == result["followed"]
+    assert None not in result["ids"]
+    assert result["stopped"] is True and result["late"] is False
+    assert result["statuses"] == ["stopped", "done"]
+
+
+CANCELLED_QUEUE_SCRIPT = """async ([transport, key, how]) => {
+  const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+  const client = new DetachedRuns({ transport });
+  const seen = [[], [], []];
+  const callbacks = (i) => ({
+    onStart: (data) => seen[i].push(["start", data.prompt]),
+    onDone: (status) => seen[i].push(["done", status]),
+    onError: (error) => seen[i].push(["error", error.status, error.message]),
+  });
+  const first = await client.start(key, "Hello", callbacks(0));
+  const queued = await client.start(key, "queued", callbacks(1), { multitask: "enqueue" });
+  const third = how === "stop"
+    ? (await client.stop(key, { all: true }), null)
+    : await client.start(key, "Third", callbacks(2), { multitask: how });
+  const events = [];
+  const patience = new Promise((resolve) => { setTimeout(() => resolve("timed out"), 10000); });
+  const ended = (async () => { for await (const event of queued) { events.push(event); } })();
+  const waited = await Promise.race([ended, patience]);
+  queued.close();
+  for await (const _ of first) { /* to its end */ }
+  if (third) { for await (const _ of third) { /* to its end */ } }
+  const page = await client.runs(key);
+  return {
+    waited: waited ?? "ended", seen, status: queued.status, runId: queued.runId,
+    events: events.map((e) => [e.event, e.data]),
+    rows: page.runs.map((r) => [r.id, r.prompt, r.status, r.output]),
+  };
+}"""
+
+
+@pytest.mark.parametrize("how", ["stop", "interrupt", "rollback"])
+def test_a_queued_run_cancelled_before_it_started_ends_stopped(context, transport, how):
+    """`stop(key, {all: true})`, or a later interrupt or rollback start,
+    cancels the queue: the queued run's `Run` ends "stopped" (onDone once),
+    without a start, instead of waiting for ever."""
+    chat = Chat.open(context)
+    key = f"cancelled-{how}-{transport}"
+    result = chat.page.evaluate(CANCELLED_QUEUE_SCRIPT, [transport, key, how])
+    assert result["waited"] == "ended"
+    assert result["seen"][1] == [["done", "stopped"]]
+    assert result["status"] == "stopped"
+    assert result["events"] == [["done", {"status": "stopped"}]]
+    assert result["seen"][0] == [["start", "Hello"], ["done", "stopped"]]
+    rows = {row[0]: row[1:] for row in result["rows"]}
+    if how == "rollback":  # its row went with the run it replaced
+        assert result["runId"] not in rows
+        assert [row[1:3] for row in result["rows"]] == [["Third", "done"]]
+    else:
+        assert rows[result["runId"]] == ["queued", "stopped", ""]
+
+
+# -- a question of the agent (ctx.ask) ---------------------------------------------
+# The demo's offline agent asks whether to go on when the prompt says "approve";
+# the page shows the question with buttons, still there after a reload and in
+# another tab, and gone everywhere once answered from either.
+
+PROMPT = "Please approve each step"
+
+
+#: Schedule a click of the question's button ``choice`` at the moment ``at`` (ms
+#: since the epoch); ``window.__clicked`` then says whether it was there to click.
+CLICK_AT = """([at, choice]) => { setTimeout(() => {
+  const button = [...document.querySelectorAll(".question button")]
+    .find((b) => b.textContent === choice);
+  button?.click();
+  window.__clicked = Boolean(button);
+}, at - Date.now()); }"""
+
+
+def question(chat: Chat) -> Any:
+    return chat.page.locator(".question")
+
+
+def first_paragraph(prompt: str) -> str:
+    return canned(prompt).split("\n\n")[0]
+
+
+def test_the_question_survives_a_reload_and_yes_finishes_the_answer(context):
+    chat = Chat.open(context)
+    chat.send(PROMPT)
+    expect(question(chat)).to_have_count(1)
+    expect(question(chat).locator("p")).to_have_text("May I go on with the rest of the answer?")
+    assert chat.answer().startswith(first_paragraph(PROMPT))
+    chat.page.reload()
+    chat.ready()
+    # The run waited on the server; the replay shows the question again, once.
+    expect(question(chat)).to_have_count(1)
+    assert chat.answer() == first_paragraph(PROMPT) + "\n\n"
+    question(chat).get_by_role("button", name="yes").click()
+    expect(question(chat)).to_have_count(0)
+    chat.wait_answer(canned(PROMPT))
+    run = wait_until_finished(context, chat.session_key())
+    assert (run["status"], run["output"]) == ("done", canned(PROMPT))
+
+
+def test_an_answer_from_another_tab_removes_the_question_in_both(context):
+    first = Chat.open(context)
+    first.send(PROMPT)
+    expect(question(first)).to_have_count(1)
+    second = Chat.open(context)  # the same visitor; the page opens the current chat
+    expect(question(second)).to_have_count(1)
+    second_request = question(second).get_attribute("data-request")
+    assert second_request == question(first).get_attribute("data-request")
+    second.page.close()
+    # A third tab, opened after the second closed, answers "no".
+    third = Chat.open(context)
+    expect(question(third)).to_have_count(1)
+    question(third).get_by_role("button", name="no").click()
+    for chat in (first, third):
+        expect(question(chat)).to_have_count(0)
+        chat.wait_answer(first_paragraph(PROMPT) + "\n\n" + DECLINED)
+    run = wait_until_finished(context, first.session_key())
+    assert run["output"] == first_paragraph(PROMPT) + "\n\n" + DECLINED
+
+
+def test_two_tabs_answering_at_once_one_answer_is_taken(context):
+    first = Chat.open(context)
+    first.send(PROMPT)
+    expect(question(first)).to_have_count(1)  # the run exists: the second tab finds it
+    second = Chat.open(context)
+    expect(question(second)).to_have_count(1)
+    # Both click at the same instant, before either hears of the other's answer.
+    at = first.page.evaluate("Date.now() + 500")
+    for chat, choice in ((first, "yes"), (second, "no")):
+        chat.page.evaluate(CLICK_AT, [at, choice])  # scheduled in each tab; returns at once
+    for chat in (first, second):
+        chat.page.wait_for_function("window.__clicked !== undefined")
+        assert chat.page.evaluate("window.__clicked") is True  # both clicked
+    run = wait_until_finished(context, first.session_key())
+    assert run["output"] in (canned(PROMPT), first_paragraph(PROMPT) + "\n\n" + DECLINED)
+    for chat in (first, second):
+        expect(question(chat)).to_have_count(0)
+        chat.wait_answer(run["output"])
+        expect(chat.page.locator("#status")).to_have_text("")  # a 409 is not an error to show
+
+
+def test_stop_while_the_question_waits_removes_it_and_keeps_the_answer_so_far(context):
+    chat = Chat.open(context)
+    chat.send(PROMPT)
+    expect(question(chat)).to_have_count(1)
+    chat.page.click("#stop")
+    expect(question(chat)).to_have_count(0)
+    expect(chat.page.locator(".badge")).to_have_text("stopped")
+    run = wait_until_finished(context, chat.session_key())
+    assert (run["status"], run["output"]) == ("stopped", first_paragraph(PROMPT) + "\n\n")

@@ -141,7 +141,7 @@ def assert_done(chat: Chat, context: BrowserContext, full: str) -> None:
     expect(chat.page.locator(".badge")).to_have_count(0)  # "done" has none
     expect(chat.page.locator("#status")).to_have_text("")
     expect(chat.page.locator("#stop")).to_be_disabled()  # the Run ended
-    turns = context.request.get(f"/history/{chat.session_key()}/").json()["turns"]
+    turns = context.request.get(f"/runs/{chat.session_key()}/runs/").json()["runs"]
     assert [(t["output"], t["status"]) for t in turns] == [(full, "done")]
 
 
@@ -312,3 +312,28 @@ def test_stop_is_retried_through_an_outage(context, proxy):
     proxy.forward()
     assert outcome(chat.page) is True
     assert wait_until_finished(context, key)["status"] == "stopped"
+
+
+@pytest.mark.parametrize("transport", ["sse"])
+def test_a_delete_is_retried_through_an_outage(context, proxy):
+    # Deleting twice does no more than once: a retry that finds the session
+    # gone (its first attempt did it) resolves as well.
+    key = uuid.uuid4().hex[:12]
+    chat = Chat.open(context)
+    start_over_http(context, key, "Delete me later")
+    refuse(proxy, 503)
+    begin(
+        chat.page,
+        """async (key) => {
+             const { DetachedRuns } = await import("/static/detached_runs/detached-runs.js");
+             const client = new DetachedRuns({ retry: { base: 100, max: 200 } });
+             await client.delete(key);
+             return "deleted";
+           }""",
+        key,
+    )
+    chat.page.wait_for_timeout(700)
+    assert proxy.refused and all(line.startswith("DELETE") for line in proxy.refused)
+    proxy.forward()
+    assert outcome(chat.page) == "deleted"
+    assert context.request.get(f"/runs/{key}/").status == 404

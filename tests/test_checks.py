@@ -44,8 +44,16 @@ def test_the_test_settings_pass(configured):
         ({"BACKEND_OPTIONS": [("evict_after", 3)]}, "detached_runs.E007"),
         ({"BACKEND_OPTIONS": {"evict_after": "soon"}}, "detached_runs.E007"),
         ({"BACKEND_OPTIONS": {"evict_after": -5}}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"evict_after": float("nan")}}, "detached_runs.E007"),
+        ({"BACKEND_OPTIONS": {"evict_after": True}}, "detached_runs.E007"),
         ({"BACKEND_OPTIONS": {"max_subscribers": 0}}, "detached_runs.E007"),
         ({"BACKEND_OPTIONS": {"max_subscribers": "x"}}, "detached_runs.E007"),
+        ({"MULTITASK": "queue"}, "detached_runs.E008"),
+        ({"MULTITASK": None}, "detached_runs.E008"),
+        ({"VALIDATE_OPTIONS": "tests.nothing.here"}, "detached_runs.E009"),
+        ({"VALIDATE_OPTIONS": "tests.agents.DELAY"}, "detached_runs.E009"),
+        ({"MAX_OPTIONS_BYTES": None}, "detached_runs.E004"),
+        ({"MAX_QUEUED_PER_SESSION": 0}, "detached_runs.E004"),
     ],
 )
 def test_a_wrong_setting_is_reported_with_its_id(configured, values, expected):

@@ -131,7 +131,7 @@ async def test_an_idle_socket_answers_stop_and_resume_with_an_error_frame_and_st
     for frame in ({"type": "stop"}, {"type": "resume", "after": None}):
         await communicator.send_json_to(frame)
         reply = await communicator.receive_json_from(timeout=5)
-        assert reply == {"event": "error", "data": {"error": "No such session."}}
+        assert reply == {"event": "error", "data": {"error": "No such session.", "status": 404}}
     assert await communicator.receive_nothing(timeout=0.1)
     await communicator.disconnect()
 
@@ -142,7 +142,7 @@ async def test_a_start_frame_on_a_session_taken_meanwhile_by_another_owner_is_an
     await runs.start("contested", prompt="x", owner="anon:someone-else", agent=forever)
     await communicator.send_json_to({"type": "start", "prompt": "mine"})
     reply = await communicator.receive_json_from(timeout=5)
-    assert reply == {"event": "error", "data": {"error": "No such session."}}
+    assert reply == {"event": "error", "data": {"error": "No such session.", "status": 404}}
     await communicator.disconnect()
 
 
@@ -361,8 +361,29 @@ async def test_bad_frames_get_an_error_event_the_socket_stays_open_and_nothing_c
     await communicator.disconnect()
 
 
+async def test_an_error_frame_carries_the_status_an_http_request_would_get(config):
+    config(MAX_QUEUED_PER_SESSION=1)
+    cookie = await cookie_for(OWNER)
+    await runs.start("chat", prompt="x", owner=OWNER, agent=forever)
+    await runs.start("chat", prompt="y", owner=OWNER, multitask="enqueue")
+    communicator = await connect("chat", cookie)
+    await communicator.receive_json_from()  # start
+    await communicator.receive_json_from()  # "thinking "
+    replies = []
+    for frame in (
+        {"type": "start", "prompt": "x", "multitask": "reject"},  # a run in flight
+        {"type": "start", "prompt": "x", "multitask": "enqueue"},  # the queue is full
+        {"type": "explode"},
+    ):
+        await communicator.send_json_to(frame)
+        replies.append((await communicator.receive_json_from(timeout=5))["data"])
+    assert [reply["status"] for reply in replies] == [409, 429, 400]
+    assert "in flight" in replies[0]["error"] and "queued" in replies[1]["error"]
+    await communicator.disconnect()
+
+
 async def test_an_over_long_prompt_gets_the_prompt_limit_message_as_over_http(config):
-    config(MAX_PROMPT_CHARS=100)
+    config(MAX_PROMPT_CHARS=100, MAX_OPTIONS_BYTES=100)
     cookie = await cookie_for(OWNER)
     await runs.start("chat", prompt="1", owner=OWNER)
     communicator = await connect("chat", cookie)
@@ -372,7 +393,7 @@ async def test_an_over_long_prompt_gets_the_prompt_limit_message_as_over_http(co
         await communicator.send_json_to({"type": "start", "prompt": prompt})
         reply = await communicator.receive_json_from(timeout=5)
         message = f"The prompt is too long ({len(prompt)} characters; the limit is 100)."
-        assert reply == {"event": "error", "data": {"error": message}}
+        assert reply == {"event": "error", "data": {"error": message, "status": 400}}
     assert await Run.objects.acount() == 1
     await communicator.disconnect()
 
@@ -392,7 +413,7 @@ async def test_a_prompt_within_the_limit_is_accepted_however_json_escapes_it(con
 
 
 async def test_an_absurd_frame_is_refused_unread_naming_the_prompt_limit(config):
-    config(MAX_PROMPT_CHARS=100)
+    config(MAX_PROMPT_CHARS=100, MAX_OPTIONS_BYTES=100, MAX_INPUT_BYTES=50)
     cookie = await cookie_for(OWNER)
     await runs.start("chat", prompt="1", owner=OWNER)
     communicator = await connect("chat", cookie)
@@ -403,7 +424,8 @@ async def test_an_absurd_frame_is_refused_unread_naming_the_prompt_limit(config)
     assert reply["event"] == "error"
     assert reply["data"]["error"] == (
         f"The frame is too large ({len(frame)} characters); "
-        "a prompt may have at most 100 characters."
+        "a prompt may have at most 100 characters, its options 100 bytes of JSON, "
+        "an answer's value 50."
     )
     assert await Run.objects.acount() == 1
     await communicator.disconnect()

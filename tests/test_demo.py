@@ -51,6 +51,19 @@ def test_the_chat_page_loads_and_sets_the_csrf_cookie(demo):
     assert "csrftoken" in browser.cookies
 
 
+def test_an_anonymous_client_starts_a_run_with_the_pages_csrf_cookie_and_no_origin(demo):
+    """docs/http.md: the demo's `GET /` gives the csrftoken cookie, and over
+    plain HTTP no Origin header is needed."""
+    browser = Browser(demo.port)
+    browser.cookies.clear()
+    assert browser.request("GET", "/").status == 200
+    token = browser.cookies["csrftoken"]
+    reply = browser.request(
+        "POST", "/runs/csrf1/", {"prompt": "Hi"}, headers={"X-CSRFToken": token}, csrf=False
+    )
+    assert reply.status == 202, reply.body
+
+
 def test_the_demo_agent_streams_an_answer_that_survives_a_reload(demo):
     browser = Browser(demo.port)
     reply = browser.request("POST", "/runs/demo1/", {"prompt": "What is this?"})
@@ -63,9 +76,38 @@ def test_the_demo_agent_streams_an_answer_that_survives_a_reload(demo):
     answer = text(seen) + text(rest)
     assert answer.startswith("You asked: “What is this?”.")
     assert [e.event for e in seen[:2]] == ["start", "status"]
-    turns = browser.request("GET", "/history/demo1/").json()["turns"]
+    turns = browser.request("GET", "/runs/demo1/runs/").json()["runs"]
     assert [t["output"] for t in turns] == [answer]
-    assert Browser(demo.port).request("GET", "/history/demo1/").json() == {"turns": []}
+    assert Browser(demo.port).request("GET", "/runs/demo1/runs/").status == 404
+    listed = browser.request("GET", "/runs/").json()["sessions"]
+    assert [(s["session"], s["title"]) for s in listed] == [("demo1", "What is this?")]
+
+
+def test_the_demo_agent_reports_its_words_as_estimated_usage(demo):
+    """So that a new user sees usage in the run objects and the admin: input
+    and output tokens counted as words, marked estimated, no cost."""
+    browser = Browser(demo.port)
+    assert browser.request("POST", "/runs/usage1/", {"prompt": "Count  my words"}).status == 202
+    events = browser.stream("/runs/usage1/events/").rest()
+    words = len(text(events).split())
+    reports = [e.data for e in events if e.event == "usage"]
+    expected = {"input_tokens": 3, "output_tokens": words, "estimated": True}
+    assert reports == [{**expected, "total_tokens": 3 + words}]
+    run = browser.request("GET", "/runs/usage1/").json()["run"]
+    assert run["status"] == "done" and run["usage"] == reports[0]
+
+
+def test_a_stopped_demo_run_reports_the_words_it_wrote(demo):
+    browser = Browser(demo.port)
+    assert browser.request("POST", "/runs/usage2/", {"prompt": "Stop me"}).status == 202
+    stream = browser.stream("/runs/usage2/events/")
+    stream.take(6)
+    assert browser.request("POST", "/runs/usage2/stop/").json() == {"stopped": True}
+    stream.rest()
+    run = browser.request("GET", "/runs/usage2/").json()["run"]
+    assert run["status"] == "stopped"
+    assert run["usage"]["output_tokens"] == len(run["output"].split()) > 0
+    assert run["usage"]["input_tokens"] == 2 and run["usage"]["estimated"] is True
 
 
 async def test_the_demo_mounts_the_websocket_route(demo):

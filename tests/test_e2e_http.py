@@ -115,10 +115,10 @@ def test_after_eviction_the_run_is_served_from_the_database(browser, key):
 def test_an_idle_stream_sends_keep_alive_comments(browser, key):
     browser.request("POST", f"/runs/{key}/", {"prompt": "slow"})
     stream = browser.stream(f"/runs/{key}/events/")
-    stream.take(2)
+    stream.take(2)  # start, and the slow agent's one word; then it pauses 10 s
+    time.sleep(0.8)  # KEEPALIVE is 0.3 s
     browser.request("POST", f"/runs/{key}/stop/")
     stream.rest()
-    # The slow agent pauses 0.5 s before its first word; KEEPALIVE is 0.3 s.
     assert ": keep-alive" in stream.comments
 
 
@@ -179,7 +179,7 @@ def test_bad_input_gets_its_status_and_the_run_goes_on_untouched(browser, key):
     assert all("error" in r.json() for r in bad)
     assert browser.request("POST", f"/runs/{key}/", {"prompt": "x"}, csrf=False).status == 403
     assert browser.request("POST", f"/runs/{key}/", {"prompt": "x"}, csrf=False).json()["error"]
-    assert browser.request("DELETE", f"/runs/{key}/").status == 405
+    assert browser.request("PUT", f"/runs/{key}/").status == 405
     assert browser.request("GET", f"/runs/{key}/stop/").status == 405
     rest = stream.rest()
     assert text(seen) + text(rest) == WORDS_40

@@ -103,7 +103,10 @@ async def test_a_frame_that_is_not_json_gets_an_error_frame_and_the_socket_stays
         await until_done(socket)
         await socket.send(frame)
         reply = json.loads(await asyncio.wait_for(socket.recv(), 10))
-        assert reply == {"event": "error", "data": {"error": "The frame is not valid JSON."}}
+        assert reply == {
+            "event": "error",
+            "data": {"error": "The frame is not valid JSON.", "status": 400},
+        }
         await socket.send(json.dumps({"type": "start", "prompt": "2"}))
         assert text(await until_done(socket)) == "w0 w1 "
 

@@ -18,7 +18,7 @@ from websockets.typing import Origin
 from detached_runs.events import parse_id
 from detached_runs.models import Run
 
-from .conftest import LEASE_BOUND, SHORT_LEASE, ended_row, positions_follow
+from .conftest import LEASE_BOUND, SHORT_LEASE, ended_row, positions_follow, require_redis
 from .http import SSE, Browser, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -26,17 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 redis = pytest.importorskip("redis")
 
 
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-if not _redis_up():
-    if os.environ.get("DETACHED_RUNS_REQUIRE_REDIS") == "1":
-        raise RuntimeError("DETACHED_RUNS_REQUIRE_REDIS=1 but no Redis on 127.0.0.1:6379")
-    pytest.skip("no Redis server on 127.0.0.1:6379", allow_module_level=True)
+require_redis(module=True)
 
 ALL_500 = "".join(f"w{i} " for i in range(500))
 ALL_400 = "".join(f"w{i} " for i in range(400))

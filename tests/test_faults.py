@@ -284,10 +284,10 @@ async def test_after_the_database_dropped_the_connection_the_save_reconnects(mon
     assert (row.status, row.output) == ("stopped", "before the hang ")
 
 
-async def test_an_agent_error_message_no_database_can_store_is_cleaned_like_its_text():
-    """The agent's own words in an `AgentError` are saved and sent too: the
-    same cleaning as its text (a NUL sank a PostgreSQL save; a lone
-    surrogate, SQLite's and MariaDB's)."""
+async def test_an_agent_error_message_no_database_can_store_is_cleaned_like_its_text(caplog):
+    """The agent's own words in an `AgentError` are saved, sent and logged
+    too: the same cleaning as its text (a NUL sank a PostgreSQL save; a lone
+    surrogate, SQLite's and MariaDB's, and a log file's line)."""
 
     async def failing(ctx: Any) -> AsyncIterator[str]:
         yield "partial "
@@ -302,3 +302,6 @@ async def test_an_agent_error_message_no_database_can_store_is_cleaned_like_its_
         "partial ",
         "the model said \ufffd\ufffd",
     )
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.getMessage().split(": ", 1)[1] for r in failed] == ["the model said \ufffd\ufffd"]
+    assert all(r.exc_info is None for r in failed)  # a deliberate end: no traceback

@@ -55,6 +55,23 @@ def test_the_readme_shows_the_snippet_files_as_they_are() -> None:
         assert (language, (SNIPPETS / name).read_text()) in blocks, f"README.md: {name} differs"
 
 
+def test_the_chat_pages_python_imports_every_name_it_uses() -> None:
+    """docs/chat.md's settings and urls.py, copied as they are, run: ruff finds
+    no undefined name (F821) in them."""
+    blocks = code_blocks((ROOT / "docs" / "chat.md").read_text())
+    sources = [body for language, body in blocks if language == "python"]
+    assert sources
+    for source in sources:
+        ruff = Path(sys.executable).parent / "ruff"
+        checked = subprocess.run(
+            [str(ruff), "check", "--no-cache", "--select", "F821", "--stdin-filename", "chat.py"],
+            input=source,
+            capture_output=True,
+            text=True,
+        )
+        assert checked.returncode == 0, checked.stdout
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``mysite`` as the installation steps leave it, served by daphne."""

@@ -13,6 +13,7 @@ import pytest
 from detached_runs.events import parse_id
 from detached_runs.models import Run
 
+from .agents import script
 from .conftest import server_env, start_server, stop_server
 from .http import Browser, text
 
@@ -21,9 +22,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 ALL_500 = "".join(f"w{i} " for i in range(500))
 
 
-def launch(kind: str = "daphne") -> Any:
+def launch(kind: str = "daphne", after: Any = None) -> Any:
+    """A server; ``after`` another (stopped) one: this one is it restarted,
+    with its environment (on the Redis pass, its keys)."""
     env = server_env(TEST_AGENT_DELAY="0.02", TEST_SHUTDOWN_TIMEOUT="5", LOG="INFO")
-    return start_server(env, kind=kind)
+    return start_server(env if after is None else after.env, kind=kind)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +83,7 @@ def test_after_kill_9_a_restarted_server_shows_the_run_interrupted_with_its_chec
     row = Run.objects.get(session_key=key)
     assert row.status == "running"  # nobody could save it: that is what kill -9 means
 
-    second = launch()
+    second = launch(after=first)
     try:
         browser.port = second.port
         status = browser.request("GET", f"/runs/{key}/").json()["run"]
@@ -157,3 +160,40 @@ def test_a_shutdown_ends_the_run_of_an_agent_that_will_not_let_go(kind):
     row = Run.objects.get(session_key=key)
     assert (row.status, row.output) == ("interrupted", "stubborn ")
     assert "did not stop within" in server.output()
+
+
+@pytest.mark.parametrize("ending", ["SIGTERM", "SIGKILL"])
+def test_a_waiting_run_whose_server_ends_is_interrupted_and_its_question_refused(ending):
+    """What a restart does to a run waiting for the user's answer: a waiting
+    agent is a coroutine of one process, so the run ends ``interrupted`` with
+    its text, by the shutdown (SIGTERM) or, after kill -9, by the restarted
+    server's read of the session; its question is then no longer pending."""
+    first = launch()
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(first.port)
+    prompt = script(["said so far ", {"ask": {"question": "Go on?"}}, "never"])
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": prompt}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        request = next(e for e in stream.events() if e.event == "input_required").data["request"]
+        time.sleep(0.5)  # a checkpoint (every 0.2 s) with the text and the waiting status
+        os.kill(first.process.pid, getattr(signal, ending))
+        rest = stream.rest()
+        first.process.wait(timeout=15)
+    finally:
+        stop_server(first)
+    if ending == "SIGTERM":
+        assert rest[-1].data == {"status": "interrupted"}
+        assert Run.objects.get(session_key=key).status == "interrupted"
+    else:
+        assert Run.objects.get(session_key=key).status == "waiting"  # nobody could save it
+    second = launch(after=first)
+    try:
+        browser.port = second.port
+        run = browser.request("GET", f"/runs/{key}/").json()["run"]
+        assert (run["status"], run["output"]) == ("interrupted", "said so far ")
+        assert "input_request" not in run
+        reply = browser.request("POST", f"/runs/{key}/input/", {"request": request, "value": 1})
+        assert reply.status == 409
+    finally:
+        stop_server(second)

@@ -5,6 +5,7 @@ the service so the whole path is real: settings, history, events, stop, save."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import sys
 import time
@@ -18,10 +19,11 @@ from detached_runs.agents import AgentContext
 from detached_runs.agents.openai import OpenAIAgent
 from detached_runs.checks import check_settings
 from detached_runs.events import Event
+from detached_runs.exceptions import AgentError
 from detached_runs.models import Run
 
 from .conftest import free_port, text_of
-from .fake_openai import FakeOpenAI, Reply, chunk, text_chunks
+from .fake_openai import FakeOpenAI, Reply, chunk, text_chunks, usage_chunk
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -93,8 +95,9 @@ def of_type(events: list[Event], kind: str) -> list[dict[str, Any]]:
 async def test_the_agent_yields_each_text_delta_in_order(fake):
     fake.replies.append(Reply(text_chunks("Hel", "lo, ", "wor", "ld!")))
     ctx = AgentContext("chat", "Hi", (), "", "run-1")
-    items = [item async for item in agent_for(fake)(ctx)]
-    assert items == ["Hel", "lo, ", "wor", "ld!"]
+    items: list[Any] = [item async for item in agent_for(fake)(ctx)]
+    assert items[:-1] == ["Hel", "lo, ", "wor", "ld!"]
+    assert items[-1]["event"] == "usage"
 
 
 async def test_a_run_streams_the_answer_saves_it_and_releases_the_connection(fake):
@@ -414,6 +417,233 @@ async def test_stopping_mid_stream_hangs_up_on_the_endpoint_and_saves_the_partia
     assert row.status == "stopped" and row.output == "Half an answer"
     events = [event async for event in runs.subscribe("chat")]
     assert events[-1].data == {"status": "stopped"}
+
+
+# -- usage -------------------------------------------------------------------------
+
+
+async def test_the_request_asks_for_usage_in_the_stream(fake):
+    fake.replies += [Reply(text_chunks("a")), Reply(text_chunks("b"))]
+    await run_to_end("chat", "Hello", agent_for(fake))
+    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    # For a server that refuses the option: PARAMS leaves it out.
+    await run_to_end("other", "Hello", agent_for(fake, params={"stream_options": None}))
+    assert "stream_options" not in fake.requests[-1].body
+
+
+async def test_a_finished_run_reports_and_saves_the_endpoints_usage_and_its_cost(fake):
+    fake.replies.append(
+        Reply(
+            [
+                *text_chunks("The ", "answer."),
+                usage_chunk(
+                    1200,
+                    300,
+                    prompt_tokens_details={"cached_tokens": 200},
+                    completion_tokens_details={"reasoning_tokens": 50},
+                ),
+            ]
+        )
+    )
+    prices = {"fake-model": {"input": 1.0, "cached_input": 0.5, "output": 4.0}}
+    events, row = await run_to_end("chat", "Question?", agent_for(fake, prices=prices))
+    expected = {
+        "input_tokens": 1200,
+        "output_tokens": 300,
+        "total_tokens": 1500,
+        "cached_input_tokens": 200,
+        "reasoning_tokens": 50,
+        "model": "fake-model-2024",  # the model that answered, as the endpoint names it
+        "cost": (1000 * 1.0 + 200 * 0.5 + 300 * 4.0) / 1_000_000,
+    }
+    assert of_type(events, "usage") == [expected]
+    assert [e.event for e in events][-2:] == ["usage", "done"]
+    assert row.status == "done" and row.usage == expected
+
+
+async def test_an_endpoint_that_sends_no_usage_gets_an_estimate(fake):
+    fake.replies.append(Reply(text_chunks("12345678")))
+    events, row = await run_to_end("chat", "abcd" * 3, agent_for(fake, system_prompt="abcd"))
+    assert row.usage == {
+        "input_tokens": 4,  # 16 characters sent
+        "output_tokens": 2,  # 8 written
+        "total_tokens": 6,
+        "model": "fake-model",
+        "estimated": True,
+    }
+    assert of_type(events, "usage") == [row.usage]
+
+
+async def test_a_run_stopped_before_the_endpoint_said_reports_an_estimate(fake):
+    fake.replies.append(
+        Reply([chunk(role="assistant", content="Half "), chunk(content="an answer")], ending="hold")
+    )
+    prices = {"fake-model": {"input": 2.0, "output": 8.0}}
+    await runs.start("chat", prompt="Tell me everything", agent=agent_for(fake, prices=prices))
+    subscription = await runs.subscribe("chat")
+
+    async def streamed() -> bool:
+        run = await runs.status("chat")
+        return run is not None and run.output == "Half an answer"
+
+    await eventually(streamed, "the first chunks")
+    assert await runs.stop("chat") is True
+    async with asyncio.timeout(5):
+        events = [event async for event in subscription]
+    estimate = {
+        "input_tokens": 5,  # "Tell me everything": 18 characters
+        "output_tokens": 4,  # "Half an answer": 14
+        "total_tokens": 9,
+        "model": "fake-model",  # no usage chunk came, nor a model with the chunks
+        "estimated": True,
+        "cost": (5 * 2.0 + 4 * 8.0) / 1_000_000,
+    }
+    assert of_type(events, "usage") == [estimate]
+    assert events[-1].data == {"status": "stopped"}
+    row = await finished("chat")
+    assert row.status == "stopped" and row.usage == estimate
+
+
+async def test_a_connection_lost_mid_answer_reports_an_estimate_and_a_refused_request_none(fake):
+    fake.replies += [
+        Reply(three_chunks(), ending="reset"),
+        Reply(status=500, error={"message": "down"}),
+    ]
+    events, row = await run_to_end("chat", "Hello", agent_for(fake))
+    assert row.status == "error" and row.usage["estimated"] is True
+    assert row.usage["output_tokens"] == 4  # "One two three": 13 characters
+    events, row = await run_to_end("other", "Hello", agent_for(fake))
+    assert row.status == "error" and row.usage == {} and of_type(events, "usage") == []
+
+
+async def test_the_agent_alone_reports_its_usage_through_the_context_when_closed(fake):
+    fake.replies.append(Reply(three_chunks(), ending="hold"))
+    reports: list[Any] = []
+    ctx = AgentContext("chat", "Hi", (), "", "run-1", on_usage=reports.append)
+    stream: Any = agent_for(fake)(ctx)
+    assert await anext(stream) == "One "
+    await stream.aclose()  # GeneratorExit at its yield: it may not yield, it reports
+    assert reports == [
+        {
+            "input_tokens": 1,
+            "output_tokens": 1,
+            "total_tokens": 2,
+            "model": "fake-model",
+            "estimated": True,
+        }
+    ]
+
+
+# -- options -----------------------------------------------------------------------
+#
+# The agent reads ctx.options; how a request gets them into the run (and the
+# project's VALIDATE_OPTIONS) is the service's, so the agent is called here
+# with a context as the service builds it.
+
+ALLOWING = {"model": ["small", "large"], "temperature": None, "max_tokens": None}
+
+
+async def answer(agent: OpenAIAgent, options: dict[str, Any]) -> list[Any]:
+    ctx = AgentContext("chat", "Hi", (), "", "run-1", options=options)
+    return [item async for item in agent(ctx)]
+
+
+async def test_options_the_project_allows_set_the_model_and_sampling(fake):
+    agent = agent_for(
+        fake,
+        temperature=0.7,
+        params={"max_tokens": 100},
+        allowed_options=ALLOWING,
+        prices={"large": {"input": 1000, "output": 1000}},
+    )
+    fake.replies += [Reply(text_chunks("ok")) for _ in range(3)]
+    await answer(agent, {})
+    body = fake.requests[-1].body
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("fake-model", 0.7, 100)
+    options = {"model": "large", "temperature": 0, "max_tokens": 5, "top_p": 0.1, "other": 1}
+    items = await answer(agent, options)
+    body = fake.requests[-1].body
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("large", 0, 5)
+    assert "top_p" not in body and "other" not in body  # not allowed: ignored
+    # Priced as the model the options chose (the endpoint names it otherwise).
+    assert items[-1]["data"]["model"] == "fake-model" and items[-1]["data"]["cost"] > 0
+    assert "cost" not in (await answer(agent, {}))[-1]["data"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": "hot"}, "The option 'temperature' must be a number from 0 to 2."),
+        ({"temperature": 3}, "The option 'temperature' must be a number from 0 to 2."),
+        ({"temperature": float("nan")}, "The option 'temperature' must be a number from 0 to 2."),
+        ({"model": "huge"}, "The option 'model' must be one of 'small', 'large'."),
+        ({"model": ""}, "The option 'model' must be a model name"),
+        ({"max_tokens": True}, "The option 'max_tokens' must be a whole number"),
+    ],
+)
+async def test_an_allowed_option_with_a_bad_value_ends_the_run_saying_what_it_must_be(
+    fake, options, message
+):
+    with pytest.raises(AgentError) as raised:
+        await answer(agent_for(fake, allowed_options=ALLOWING), options)
+    assert str(raised.value).startswith(message)
+    assert fake.requests == []  # nothing was sent
+
+
+async def test_by_default_no_option_reaches_the_request(fake):
+    fake.replies.append(Reply(text_chunks("ok")))
+    await answer(agent_for(fake), {"model": "expensive", "temperature": 2, "seed": 1})
+    body = fake.requests[-1].body
+    assert body["model"] == "fake-model" and "temperature" not in body and "seed" not in body
+
+
+async def test_a_bad_option_ends_a_run_through_the_service_as_an_error(fake):
+    """Through the service, the same error reaches clients as the run's end."""
+
+    async def with_options(ctx: AgentContext) -> Any:
+        ctx = dataclasses.replace(ctx, options={"temperature": -1})
+        async for item in agent_for(fake, allowed_options=["temperature"])(ctx):
+            yield item
+
+    events, row = await run_to_end("chat", "Hello", with_options)
+    assert events[-1].data == {
+        "status": "error",
+        "error": "The option 'temperature' must be a number from 0 to 2.",
+    }
+    assert row.status == "error" and row.usage == {}
+
+
+def test_allowed_options_and_prices_are_checked_with_the_configuration():
+    base = {"model": "m", "api_key": KEY}
+    allowed: Any
+    for allowed in ("model", ["modle"], {"model": "large"}, {"temperature": [5]}, {"seed": []}):
+        with pytest.raises(ImproperlyConfigured, match="ALLOWED_OPTIONS"):
+            OpenAIAgent(**base, allowed_options=allowed).config()
+    for prices in (
+        [1],
+        {"m": {"input": 1}},
+        {"m": {"input": 1, "output": -1}},
+        {"m": {"input": 1, "output": 2, "tip": 1}},
+        {"m": {"input": "1", "output": 2}},
+    ):
+        with pytest.raises(ImproperlyConfigured, match="PRICES"):
+            OpenAIAgent(**base, prices=prices).config()
+    config = OpenAIAgent(
+        **base,
+        allowed_options=("model", "top_p"),
+        prices={"m": {"input": 1, "output": 2}},
+    ).config()
+    assert config.allowed_options == {"model": None, "top_p": None}
+    assert config.prices == {"m": {"input": 1.0, "output": 2.0}}
+
+
+def test_the_system_check_reports_bad_allowed_options(settings):
+    settings.DETACHED_RUNS = {
+        "AGENT": "detached_runs.agents.openai.agent",
+        "OPENAI": {"BASE_URL": "http://127.0.0.1:8001/v1", "MODEL": "m", "ALLOWED_OPTIONS": "m"},
+    }
+    errors = {str(message.id): message.msg for message in check_settings()}
+    assert "ALLOWED_OPTIONS" in errors["detached_runs.E006"]
 
 
 # -- configuration -----------------------------------------------------------------

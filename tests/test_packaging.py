@@ -1,6 +1,6 @@
 """The distributions: `python -m build` makes a wheel and an sdist that carry
-what a Django project needs from the app (migrations, static files, py.typed)
-and nothing of the development tree."""
+what a Django project needs from the app (migrations, static files, the
+admin's template, py.typed) and nothing of the development tree."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def test_the_wheel_has_migrations_static_files_and_the_typed_marker(dist: Path) 
         "detached_runs/migrations/0001_initial.py",
         "detached_runs/backends/redis.py",
         "detached_runs/agents/openai.py",
+        "detached_runs/templates/admin/detached_runs/run/change_list.html",
+        "detached_runs/aisdk/views.py",
     ):
         assert name in names, name
     assert not [n for n in names if n.startswith(("tests/", "demo_project/", "bench/"))]
@@ -69,8 +71,10 @@ def test_the_sdist_carries_the_tests_docs_license_and_changelog(dist: Path) -> N
         "tests/settings.py",
         "docs/conf.py",
         "docs/snippets/asgi.py",  # tests/test_install_snippets.py runs them
+        "frontend/package-lock.json",  # tests/test_e2e_aisdk.py reads streams with it
+        "frontend/parse-ui-stream.mjs",
     ):
         assert name in names, name
-    assert not [n for n in names if n.startswith("docs/_build")]
+    assert not [n for n in names if n.startswith(("docs/_build", "frontend/node_modules"))]
     assert "detached_runs/static/detached_runs/detached-runs.js" in names
     assert not [n for n in names if n.endswith((".pyc", ".sqlite3"))]

@@ -288,3 +288,16 @@ async def test_a_stream_dropped_before_it_was_read_releases_its_subscriber(confi
     del stream  # the client vanished before Django read a byte of it
     gc.collect()
     assert log.subscribers == 0
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+async def test_a_stop_whose_all_is_not_a_boolean_says_so(client, config, value):
+    config(AGENT=forever)
+    await post(client, "/runs/chat/", {"prompt": "hi"})
+    reply = await post(client, "/runs/chat/stop/", {"all": value})
+    assert reply.status_code == 400
+    assert reply.json() == {"error": '"all" must be true or false.'}
+    assert (await client.get("/runs/chat/")).json()["run"]["status"] == "running"
+    reply = await post(client, "/runs/chat/stop/", ["all"])  # not an object
+    assert reply.json() == {"error": 'Send nothing, or a JSON object: {"all": true}.'}
+    assert (await post(client, "/runs/chat/stop/", {"all": True})).json() == {"stopped": True}

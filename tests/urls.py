@@ -33,6 +33,7 @@ async def log_out(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("runs/", include("detached_runs.urls")),
+    path("api/", include("detached_runs.aisdk.urls")),
     path("login/", log_in),
     path("logout/", log_out),
 ]

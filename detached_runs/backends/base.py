@@ -10,7 +10,10 @@ event. Pick one with ``DETACHED_RUNS["BACKEND"]``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,9 +26,19 @@ if TYPE_CHECKING:
 
 #: What a source yields: a text delta, or a custom ``(event type, data)``.
 Item = str | tuple[str, dict[str, Any]]
+#: What a backend drives. A source may also have a ``remaining()`` method:
+#: the items it has for the log once it is closed (``aclose()``), which it
+#: could not yield during its own clean-up (an async generator may not yield
+#: then). They are logged after it closed, before the terminal event
+#: (`detached_runs.backends.driver.RunDriver`); `remaining` is called once,
+#: unless the run was abandoned (its agent never let go).
 Source = AsyncIterator[Item]
 
 RUNNING = "running"
+#: In flight, its agent waiting for the user's answer (``ctx.ask``).
+WAITING = "waiting"
+#: The statuses of a run in flight.
+ACTIVE = frozenset({RUNNING, WAITING})
 DONE = "done"
 ERROR = "error"
 STOPPED = "stopped"
@@ -36,6 +49,17 @@ TERMINAL = frozenset({DONE, ERROR, STOPPED, INTERRUPTED})
 #: to its client): a replay of a long answer goes out in pieces of this size,
 #: each read once the previous one was written.
 READ_CHUNK = 64 * 1024
+
+
+def is_seconds(value: object) -> bool:
+    """Whether ``value`` is a finite number (an int or a float, not a bool):
+    what a backend option in seconds must be."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def piece_end(data: bytes | bytearray, begin: int, size: int) -> int:
@@ -60,6 +84,12 @@ class RunEnd:
     output: str
     terminal_id: str
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The merge of the run's ``usage`` events, as its log holds them
+    #: (`detached_runs.backends.log.RunLog.usage`).
+    usage: dict[str, Any] = field(default_factory=dict)
+    #: Wall-clock (time.time()) moment its first text delta was logged; None
+    #: if it logged none.
+    first_token_at: float | None = None
 
 
 #: The service's save of a run's end. It returns ``False`` if the end could not
@@ -72,6 +102,11 @@ Finalize = Callable[[RunEnd], Awaitable[bool | None]]
 #: Seconds between later attempts of a final save that failed (the last one
 #: repeats): a run's end the database refused is kept and saved again.
 SAVE_AGAIN_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+#: Seconds `BaseBackend.delete` waits for the run it stopped to end: more than
+#: an agent that will not let go is given (``STOP_GRACE``), and than a Redis
+#: lease of a worker that died (``LEASE_MS``).
+DELETE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +125,16 @@ class RunState:
     #: False while the run's end is not saved in the database (its final save
     #: failed and is being retried: `Finalize`).
     saved: bool = True
+    #: The merge of the ``usage`` events in the run's log so far: a backend
+    #: whose log outlives its workers (Redis) rebuilds it from the log, so
+    #: the usage of a run whose worker died is saved with its end.
+    usage: dict[str, Any] = field(default_factory=dict)
+    #: Wall-clock (time.time()) moment its first text delta was logged, by the
+    #: process that drives it; None before that, or if unknown.
+    first_token_at: float | None = None
+    #: While its agent waits for the user (status ``waiting``): the data of the
+    #: pending ``input_required`` event, ``{"request": "<id>", ...}``; else None.
+    input_request: dict[str, Any] | None = None
 
 
 class Subscription:
@@ -184,11 +229,7 @@ class BaseBackend:
         for no limit (`TooManySubscribers`). A subclass takes options of its
         own as keyword arguments (``DETACHED_RUNS["BACKEND_OPTIONS"]``); an
         unknown one is an error, not dropped (`option_names`)."""
-        if (
-            isinstance(evict_after, bool)
-            or not isinstance(evict_after, int | float)
-            or not 0 <= evict_after < float("inf")
-        ):
+        if not is_seconds(evict_after) or evict_after < 0:
             raise ValueError(f"evict_after must be a number of seconds >= 0, not {evict_after!r}")
         if max_subscribers is not None and (
             isinstance(max_subscribers, bool)
@@ -254,6 +295,24 @@ class BaseBackend:
         on the run's row, so that the latest row is the current run.
         """
         raise NotImplementedError("subclasses of BaseBackend must provide start()")
+
+    def ordered(self, session_key: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """An async context manager inside which the starts of the session are
+        ordered across every process sharing this backend: the service takes
+        it around a start's decision (what is in flight, the queue, the row)
+        and the `start` itself, and around a queued run's start. A `start`
+        inside it does not take it again. By default (one process: the
+        service's own per-session lock orders its starts) it does nothing.
+        `BackendUnavailable` if it cannot be taken."""
+        return contextlib.nullcontext()
+
+    async def now(self) -> float:
+        """The time (epoch seconds) by the clock that orders the session's
+        starts: this process's (`time.time`) by default; a backend shared by
+        processes on several hosts answers with its own (Redis's ``TIME``), so
+        that a queued run's place is comparable with the start times the
+        backend set (``meta["started_at"]``)."""
+        return time.time()
 
     def check_accepting(self) -> None:
         """Raise `BackendUnavailable` if `start` would refuse a new run now
@@ -357,9 +416,58 @@ class BaseBackend:
         """
         raise NotImplementedError("subclasses of BaseBackend must provide adopt()")
 
+    async def delete(
+        self, session_key: str, run_ids: Collection[str], *, timeout: float = DELETE_TIMEOUT
+    ) -> None:
+        """Delete the runs ``run_ids`` (hex) of the session, wherever they are
+        (a conversation deleted: `RunService.delete`).
+
+        The session's run in flight, if it is one of them, is stopped first,
+        and this waits until it ended: its finalize returned and its terminal
+        event is in the log, so every subscriber gets that event and closes
+        (with Redis, those on other workers too). Then everything the backend
+        holds of those runs goes: their logs and state, and the session's
+        current run if it is one of them. Nothing of theirs is written again
+        afterwards, and no task of theirs is left. A run of the session that
+        is not in ``run_ids`` (started meanwhile by another worker) is left
+        alone. `BackendUnavailable` if the run did not end within ``timeout``
+        seconds (nothing is deleted then), or the backend is unreachable.
+        """
+        raise NotImplementedError("subclasses of BaseBackend must provide delete()")
+
+    async def ask(
+        self, session_key: str, run_id: str, data: Mapping[str, Any], timeout: float | None
+    ) -> Any:
+        """For the agent of run ``run_id``, which this process drives (its
+        ``ctx.ask``): log ``input_required`` ``{"request": "<id>", **data}``
+        (a new id), so that the run is ``waiting``; wait for the answer
+        (`answer`, in any process sharing this backend), log
+        ``input_received`` ``{"request": "<id>"}`` and return the answer's
+        value. After ``timeout`` seconds (None: no limit) without one, log
+        ``input_timeout`` and raise `detached_runs.exceptions.InputTimeout`.
+        ``RUN_TIMEOUT`` does not count the wait. A stop cancels it
+        (`asyncio.CancelledError`). ``data`` is checked already (a JSON
+        object, cleaned and bounded: the service's `Recorder`)."""
+        raise NotImplementedError("subclasses of BaseBackend must provide ask()")
+
+    async def answer(self, session_key: str, request: str, value: Any) -> bool:
+        """Answer the question ``request`` of the session's run with ``value``
+        (JSON data, checked already), whichever process drives it: True if
+        the run waited for it and takes this answer; False if it does not
+        wait for it (answered already, timed out, ended, another run's). Of
+        two answers to one request, in any processes, exactly one is taken."""
+        raise NotImplementedError("subclasses of BaseBackend must provide answer()")
+
+    def driven(self, session_key: str, run_id: str) -> RunState | None:
+        """The state of run ``run_id`` if this process drives it (its text so
+        far, last event id, usage, first token), read without I/O: what the
+        service checkpoints; None if this process does not drive it."""
+        raise NotImplementedError("subclasses of BaseBackend must provide driven()")
+
     def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
         """``(text so far, id of the last event)`` of a run this process drives."""
-        raise NotImplementedError("subclasses of BaseBackend must provide output()")
+        state = self.driven(session_key, run_id)
+        return None if state is None else (state.output, state.last_id)
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new runs, end every run in flight as ``interrupted`` and wait

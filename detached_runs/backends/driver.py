@@ -26,11 +26,12 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol
 
-from ..events import DONE, START, Position, make_id
-from ..exceptions import AgentError, BackendUnavailable
+from ..events import DONE, INPUT_RECEIVED, INPUT_REQUIRED, INPUT_TIMEOUT, START, Position, make_id
+from ..exceptions import AgentError, BackendUnavailable, InputTimeout
 from ..text import clean_text
 from .base import DONE as STATUS_DONE
 from .base import (
@@ -41,6 +42,7 @@ from .base import (
     BaseBackend,
     Finalize,
     RunEnd,
+    RunState,
     Source,
     _adopt_meta,
 )
@@ -66,7 +68,9 @@ class DrivenRun(RunLog):
 
     __slots__ = (
         "abandon",
+        "deadline",
         "finalize",
+        "pending",
         "phase",
         "previous",
         "retry",
@@ -83,6 +87,13 @@ class DrivenRun(RunLog):
         # Why it must end early: (status, error) of a stop, a timeout or a shutdown.
         self.stop_reason: tuple[str, str] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        #: Loop time at which RUN_TIMEOUT ends it (None: no limit); while its
+        #: agent waits for an answer, the seconds it has left (the timer is
+        #: paused: waiting does not count).
+        self.deadline: float | None = None
+        #: Its agent's question waiting for an answer: (request id, the
+        #: future the answer's value is set on).
+        self.pending: tuple[str, asyncio.Future[Any]] | None = None
         # Set once stopped while its agent runs: ends the run without the
         # agent if the agent has not let go after STOP_GRACE seconds.
         self.abandon: asyncio.TimerHandle | None = None
@@ -99,6 +110,11 @@ class DrivenRun(RunLog):
         self.retry = asyncio.Event()
         # Set once its end is saved (at once, or by `RunDriver._save_again`).
         self.stored = asyncio.Event()
+
+    def append_text(self, text: str) -> None:
+        if self.first_text_at is None and text:
+            self.first_text_at = time.time()  # the first token, as this process logs it
+        super().append_text(text)
 
 
 class RunDriver:
@@ -194,6 +210,43 @@ class RunDriver:
             return False
         return self.request_stop(run)
 
+    async def end(
+        self, session_key: str, run_ids: Collection[str], timeout: float
+    ) -> DrivenRun | None:
+        """Stop the session's run here if it is one of ``run_ids`` and wait (up
+        to ``timeout`` s) until it finished: its finalize returned (its first
+        attempt) and its terminal event is in its log. Returns it; None if
+        the session has none of them here. `BackendUnavailable` on timeout."""
+        run = self._sessions.get(session_key)
+        if run is None or run.id not in run_ids:
+            return None
+        self.request_stop(run)
+        try:
+            await asyncio.wait_for(run.finished.wait(), timeout)
+        except TimeoutError:
+            raise BackendUnavailable(
+                "The session's run did not stop in time; nothing was deleted. Try again."
+            ) from None
+        return run
+
+    def forget(self, session_key: str, run_ids: Collection[str]) -> DrivenRun | None:
+        """Drop the session's run here if it is one of ``run_ids`` and it has
+        ended (`BaseBackend.delete`); return it. Its subscribers keep reading
+        the log they hold (they have its terminal event); a new one finds
+        nothing here. A final save that is being retried is tried at once:
+        with its row gone it has nothing left to write."""
+        run = self._sessions.get(session_key)
+        if run is None or run.id not in run_ids or run.phase != _FINISHED:
+            return None
+        if run.evict_handle is not None:
+            run.evict_handle.cancel()
+            run.evict_handle = None
+        del self._sessions[session_key]
+        if run.unsaved:
+            run.retry.set()
+        logger.debug("Forgot run %s of session %s", run.id, session_key)
+        return run
+
     def count(self, key: str, value: str) -> int:
         """How many runs here are in flight whose ``meta[key]`` is ``value``."""
         return sum(
@@ -213,12 +266,12 @@ class RunDriver:
             _adopt_meta(run.meta, new_owner)
         return adopted
 
-    def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
-        """``(text so far, last event id)`` of run ``run_id`` here."""
+    def driven(self, session_key: str, run_id: str) -> RunState | None:
+        """The state of run ``run_id`` here (`BaseBackend.driven`)."""
         run = self._sessions.get(session_key)
         if run is None or run.id != run_id:
             return None
-        return run.output(), run.last_id()
+        return run.state()
 
     def refuse_new_runs(self) -> None:
         """From now on `start` (and `check_accepting`) refuse: the first step
@@ -290,6 +343,125 @@ class RunDriver:
                 run.task.cancel()
             self._arm_abandon(run, grace)
         return first
+
+    def _arm_timeout(self, run: DrivenRun, seconds: float) -> None:
+        """``RUN_TIMEOUT``: stop the run as ``error`` in ``seconds``."""
+        run.timer = asyncio.get_running_loop().call_later(
+            seconds, self.request_stop, run, (ERROR, "The run took too long.")
+        )
+
+    # -- questions (ctx.ask) -------------------------------------------------
+
+    async def ask(
+        self,
+        session_key: str,
+        run_id: str,
+        data: Mapping[str, Any],
+        timeout: float | None,
+        shared: SharedQuestions | None = None,
+    ) -> Any:
+        """`BaseBackend.ask` for a run here: log ``input_required``, wait for
+        the answer (`answer`, or ``shared``'s for a backend whose answers may
+        reach another process), log ``input_received`` and return its value;
+        on ``timeout``, log ``input_timeout`` and raise `InputTimeout`. The
+        run's ``RUN_TIMEOUT`` is paused while it waits. `RuntimeError` unless
+        the run's agent is running here with no question pending;
+        `asyncio.CancelledError` if the run is being stopped."""
+        run = self._sessions.get(session_key)
+        if (
+            run is None
+            or run.id != run_id
+            or run.phase != _RUNNING
+            or asyncio.current_task() is not run.task
+        ):
+            # From a task the agent started, a question could outlive its run.
+            raise RuntimeError(
+                "ctx.ask() is for the agent of a run in flight, from the run's own task."
+            )
+        if run.stop_reason is not None:
+            raise asyncio.CancelledError  # it is ending: the wait is cut short, as by a stop
+        if run.pending is not None:
+            raise RuntimeError("ctx.ask(): one question at a time; this run waits for one.")
+        request = uuid.uuid4().hex
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        run.pending = (request, future)  # before any await: a second question is refused
+        try:
+            if shared is not None:
+                await shared.opened(run, request)  # before any client can see it
+        except BaseException:
+            run.pending = None
+            raise
+        self._pause_timeout(run)
+        run.append_event(INPUT_REQUIRED, {"request": request, **data})
+        watch = None if shared is None else asyncio.ensure_future(shared.watch(run, request))
+        ended = False
+        try:
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the
+            # result and swallows a cancel (a stop) that lands in the same turn
+            # as the answer, and the agent would go on past its stop.
+            try:
+                done, _ = await asyncio.wait({future}, timeout=timeout)
+            except asyncio.CancelledError:
+                if not future.done() or future.cancelled() or future.exception() is not None:
+                    raise
+                # Answered in the same turn as the stop, and the answer was
+                # accepted: the agent takes it, and the stop cancels the
+                # agent at its next await instead.
+                asyncio.current_task().cancel()  # type: ignore[union-attr]  # the run's
+                done = {future}
+            if not done:
+                if shared is not None:
+                    # An answer accepted as it timed out is delivered: it wins.
+                    await shared.withdraw(run, request)
+                if not future.done():
+                    run.append_event(INPUT_TIMEOUT, {"request": request})
+                    raise InputTimeout(request, float(timeout or 0))
+            ended = True
+            return future.result()
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if run.pending is not None and run.pending[0] == request:
+                run.pending = None
+            if not ended and shared is not None and not future.done():
+                shared.abandoned(run, request)  # stopped while waiting: no answer is taken now
+            if run.phase == _RUNNING:
+                self._resume_timeout(run)
+
+    def answer(self, session_key: str, request: str, value: Any) -> bool:
+        """Give ``value`` to the question ``request`` of the session's run
+        here, if it waits for it; False if it does not (answered, timed out,
+        ended, another run's, or not here)."""
+        run = self._sessions.get(session_key)
+        return run is not None and self.deliver(run, request, value)
+
+    def deliver(self, run: DrivenRun, request: str, value: Any) -> bool:
+        """Wake the agent of ``run`` waiting for ``request`` with ``value`` and
+        log ``input_received``; False if it does not wait for it."""
+        pending = run.pending
+        if (
+            pending is None
+            or pending[0] != request
+            or pending[1].done()
+            or run.phase != _RUNNING
+            or run.stop_reason is not None
+        ):
+            return False
+        pending[1].set_result(value)
+        run.append_event(INPUT_RECEIVED, {"request": request})
+        return True
+
+    def _pause_timeout(self, run: DrivenRun) -> None:
+        if run.timer is not None and run.deadline is not None:
+            run.timer.cancel()
+            run.timer = None
+            run.deadline -= asyncio.get_running_loop().time()  # seconds left
+
+    def _resume_timeout(self, run: DrivenRun) -> None:
+        if run.timer is None and run.deadline is not None:
+            left = max(run.deadline, 0.0)
+            run.deadline = asyncio.get_running_loop().time() + left
+            self._arm_timeout(run, left)
 
     def _arm_abandon(self, run: DrivenRun, grace: float) -> None:
         loop = asyncio.get_running_loop()
@@ -366,9 +538,8 @@ class RunDriver:
             if run.stop_reason is None and not interrupted:
                 run.phase = _RUNNING
                 if timeout is not None:
-                    run.timer = asyncio.get_running_loop().call_later(
-                        timeout, self.request_stop, run, (ERROR, "The run took too long.")
-                    )
+                    run.deadline = asyncio.get_running_loop().time() + timeout
+                    self._arm_timeout(run, timeout)
                 status, error, interrupted = await self._consume(run, source)
         finally:
             # Abandoned (_abandon): ended without this task, nothing is its to do.
@@ -390,6 +561,9 @@ class RunDriver:
                 except asyncio.CancelledError:
                     interrupted = True
             if run.phase < _FINISHING:
+                # What the source had to say during its clean-up (an agent's
+                # usage, reported in its finally while stopped), before the end.
+                _log_remaining(run, source)
                 run.phase = _FINISHING
                 if run.abandon is not None:
                     run.abandon.cancel()
@@ -414,6 +588,13 @@ class RunDriver:
                     task.uncancel()
                 return STOPPED, "", False
             return INTERRUPTED, "", True
+        except AgentError as exc:
+            # The agent's deliberate end, with a message for clients: no traceback,
+            # and the message as they see it (cleaned: a log file's encoder
+            # refuses a lone surrogate, and the line would be lost).
+            error = _safe_error(exc)
+            logger.warning("Run %s of session %s failed: %s", run.id, run.session_key, error)
+            return ERROR, error, False
         except BaseException as exc:
             logger.exception("Run %s of session %s failed", run.id, run.session_key)
             return ERROR, _safe_error(exc), False
@@ -429,6 +610,8 @@ class RunDriver:
             output=run.output(),
             terminal_id=make_id(run.id, terminal),
             meta=run.meta,
+            usage=dict(run.usage),
+            first_token_at=run.first_text_at,
         )
         saved = await _save(run, end, finalize)
         run.status, run.error = status, error
@@ -533,6 +716,30 @@ class RunDriver:
             logger.debug("Evicted run %s of session %s", run.id, run.session_key)
 
 
+class SharedQuestions(Protocol):
+    """What a backend whose answers may reach another process (Redis) adds to
+    `RunDriver.ask`: it records the pending question where every process
+    sees it, watches for its answer, and takes it back."""
+
+    async def opened(self, run: DrivenRun, request: str) -> None:
+        """Record that ``run`` waits for ``request`` (before it is logged)."""
+
+    async def watch(self, run: DrivenRun, request: str) -> None:
+        """Until cancelled: `RunDriver.deliver` the answer accepted elsewhere."""
+
+    async def withdraw(self, run: DrivenRun, request: str) -> None:
+        """The question timed out: take it back, so that no answer is accepted
+        any more; an answer accepted before that, and any being taken here,
+        is `RunDriver.deliver`-ed before this returns. Where every process
+        sees the question, only they can say which came first: this waits
+        for them (a shared store that is unreachable is tried again), so that
+        an answer is taken or refused, never both."""
+
+    def abandoned(self, run: DrivenRun, request: str) -> None:
+        """The run stopped while waiting: take the question back, soon (not
+        awaited: the run is ending)."""
+
+
 def call_in_loop(loop: asyncio.AbstractEventLoop | None, function: Any, *args: Any) -> None:
     """Call ``function`` on ``loop``: now if we are on it (or there is none
     yet), else soon (a stream released by the garbage collector may be
@@ -591,6 +798,22 @@ async def _close(source: Source) -> None:
         raise
     except BaseException:
         logger.exception("Closing a run's source failed")
+
+
+def _log_remaining(run: DrivenRun, source: Source) -> None:
+    """Log the items a closed source still has (``remaining()``, see `Source`).
+    Its failure is logged, not raised: the run still ends."""
+    remaining = getattr(source, "remaining", None)
+    if remaining is None:
+        return
+    try:
+        for item in remaining():
+            if isinstance(item, str):
+                run.append_text(item)
+            else:
+                run.append_event(*item)
+    except Exception:
+        logger.exception("Run %s: logging what its source had left failed", run.id)
 
 
 def _safe_error(exc: BaseException) -> str:

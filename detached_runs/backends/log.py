@@ -22,9 +22,21 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
-from ..events import DELTA, ORIGIN, Event, Position, make_id
+from ..events import (
+    DELTA,
+    DONE,
+    INPUT_RECEIVED,
+    INPUT_REQUIRED,
+    INPUT_TIMEOUT,
+    ORIGIN,
+    USAGE,
+    Event,
+    Position,
+    make_id,
+)
 from ..exceptions import BadEventId
-from .base import READ_CHUNK, RUNNING, RunState, Subscription, piece_end
+from ..usage import merge_usage
+from .base import READ_CHUNK, RUNNING, WAITING, RunState, Subscription, piece_end
 
 #: How long subscribers may be kept waiting while a producer appends on every
 #: turn of the loop, so that they take a burst in one write (seconds).
@@ -45,8 +57,8 @@ class TextBlock:
 
 
 class RunLog:
-    """One run's log, its state (status, error, whether it ended) and the
-    subscribers that wait on it. Used from one event loop."""
+    """One run's log, its state (status, error, usage, whether it ended) and
+    the subscribers that wait on it. Used from one event loop."""
 
     __slots__ = (
         "__weakref__",
@@ -60,13 +72,16 @@ class RunLog:
         "evict_handle",
         "finished",
         "finished_at",
+        "first_text_at",
         "id",
+        "input_request",
         "meta",
         "position",
         "session_key",
         "status",
         "subscribers",
         "unsaved",
+        "usage",
         "waiters",
     )
 
@@ -87,6 +102,19 @@ class RunLog:
         self.ended_at: float | None = None  # loop time
         #: Its end is not in the database yet (the final save failed).
         self.unsaved = False
+        #: The merge of its ``usage`` events so far, later keys winning
+        #: (`detached_runs.usage.merge_usage`): every copy of the log, a
+        #: worker's own or another's mirror of it, merges the same events.
+        self.usage: dict[str, Any] = {}
+        #: Wall-clock moment its first text delta was logged (time.time()):
+        #: set by the process that drives the run (`DrivenRun`), or copied
+        #: from where that process wrote it (a Redis mirror); None before.
+        self.first_text_at: float | None = None
+        #: The data of its pending ``input_required`` event (``{"request":
+        #: "<id>", ...}``) until its ``input_received`` or ``input_timeout``
+        #: (or the run's end): the run is ``waiting`` meanwhile. Every copy of
+        #: the log sees the same events, so every worker agrees.
+        self.input_request: dict[str, Any] | None = None
         self.waiters: list[asyncio.Future[None]] = []
         self._flush: asyncio.Handle | None = None
         self.subscribers = 0
@@ -120,6 +148,16 @@ class RunLog:
         position = Position(self.position.text, self.position.seq + 1)
         item = Event(make_id(self.id, position), event, data)
         item.sse  # encoded once, here; raises TypeError for data that is not JSON  # noqa: B018
+        if event == USAGE:
+            self.usage = merge_usage(self.usage, data)
+        elif event == INPUT_REQUIRED:
+            self.input_request = data
+        elif event == DONE or (
+            event in (INPUT_RECEIVED, INPUT_TIMEOUT)
+            and self.input_request is not None
+            and self.input_request.get("request") == data.get("request")
+        ):
+            self.input_request = None
         self.position = position
         self.entries.append(item)
         self.ends.append(self.position)
@@ -246,14 +284,25 @@ class RunLog:
         return RunState(
             run_id=self.id,
             session_key=self.session_key,
-            status=self.status,
+            status=self.live_status,
             error=self.error,
             output=self.output(),
             last_id=self.last_id(),
             meta=self.meta,
             finished_at=self.finished_at,
             saved=not self.unsaved,
+            usage=dict(self.usage),
+            first_token_at=self.first_text_at,
+            input_request=self.input_request,
         )
+
+    @property
+    def live_status(self) -> str:
+        """Its status as clients see it: ``waiting`` while a request is
+        pending (`input_request`), else `status` (``running`` until it ends)."""
+        if self.status == RUNNING and self.input_request is not None:
+            return WAITING
+        return self.status
 
     async def wait_for_change(self, timeout: float) -> None:
         """Return at the next append, or after ``timeout`` seconds."""

@@ -20,10 +20,10 @@ How it keeps DESIGN.md's promises:
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from .base import BaseBackend, Finalize, RunState, Source, _counted
+from .base import DELETE_TIMEOUT, BaseBackend, Finalize, RunState, Source, _counted
 from .driver import RunDriver
 from .log import RunLog
 
@@ -81,8 +81,24 @@ class MemoryBackend(BaseBackend):
         # the driver's: no need of the session keys.
         return len(self.driver.adopt(owner, new_owner))
 
-    def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
-        return self.driver.output(session_key, run_id)
+    async def delete(
+        self, session_key: str, run_ids: Collection[str], *, timeout: float = DELETE_TIMEOUT
+    ) -> None:
+        # The registry is all there is: the session's run here, stopped and
+        # waited for if it is one of them, then dropped.
+        await self.driver.end(session_key, run_ids, timeout)
+        self.driver.forget(session_key, run_ids)
+
+    async def ask(
+        self, session_key: str, run_id: str, data: Mapping[str, Any], timeout: float | None
+    ) -> Any:
+        return await self.driver.ask(session_key, run_id, data, timeout)
+
+    async def answer(self, session_key: str, request: str, value: Any) -> bool:
+        return self.driver.answer(session_key, request, value)
+
+    def driven(self, session_key: str, run_id: str) -> RunState | None:
+        return self.driver.driven(session_key, run_id)
 
     async def shutdown(self, timeout: float) -> None:
         await self.driver.shutdown(timeout)

@@ -36,12 +36,24 @@ How it works, reusing the memory backend's machinery:
   after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
 * A stop that arrives at another worker is published on ``<prefix>:stop``;
   the worker running the run stops it.
+* An agent's question (``ctx.ask``) is pending in the run's hash (``input``):
+  an answer, at any worker, is taken by a script that accepts one answer per
+  request (`redis_scripts.ANSWER`) and keeps its value in the hash; the
+  worker running the run is told on ``<prefix>:input``, and looks in the hash
+  every ``renew_every`` seconds too (a message published while its channel
+  reconnects is lost), takes the value (`redis_scripts.TAKE`) and logs
+  ``input_received``. A question that times out is withdrawn by the same
+  script, so an answer is either taken by the agent or refused, never lost.
 * Runs in flight are counted (`count_running`) in a set per owner and, for
   anonymous owners, per client address. When an owner's runs are adopted
   (a visitor logs in), the adopting worker rewrites each run's stored meta
   and publishes on ``<prefix>:adopt``; the worker that drives a run moves it
   between the sets and updates its own copy of the meta, so that its end
   takes the run out of the right set.
+* A deleted session (`RedisBackend.delete`): its run in flight is stopped
+  wherever it runs and waited for, then its runs' keys go, and a message on
+  ``<prefix>:delete`` has every worker end its copies of them (their
+  followers get the terminal event) and forget them.
 * The running worker holds a lease key (``host:pid:boot``, renewed by its
   writer). A run whose lease lapsed, or names a process of this host that is
   gone, is ended ``interrupted`` with what its stream holds, by a script, so
@@ -71,6 +83,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -78,16 +91,19 @@ from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
 from ..exceptions import BackendUnavailable, BadEventId
 from ..workers import process_gone, worker_id
 from .base import (
+    DELETE_TIMEOUT,
     INTERRUPTED,
     RUNNING,
+    WAITING,
     BaseBackend,
     Finalize,
     RunState,
     Source,
     _adopt_meta,
     _counted,
+    is_seconds,
 )
-from .driver import DrivenRun, RunDriver, call_in_loop
+from .driver import DrivenRun, RunDriver, SharedQuestions, call_in_loop
 from .log import RunLog
 from .redis_scripts import ENDED, MISSING, STOP_ASKED, Scripts
 
@@ -133,11 +149,21 @@ LOCK_MS = 10_000
 #: Milliseconds an ended run's keys are kept while its end is not saved in the
 #: database (its worker retries the save; they expire EVICT_AFTER after it).
 UNSAVED_KEEP_MS = 24 * 3600 * 1000
+#: The keys of one run (`_key`'s parts, with its id).
+_RUN_KEYS = ("run", "lease", "log", "head")
+#: Runs whose keys `RedisBackend.delete` reads and deletes per round trip.
+_DELETE_BATCH = 500
 
 
-def _seconds(value: object) -> bool:
-    """Whether ``value`` is a finite number (not a bool)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _moment(value: bytes | str | None) -> float | None:
+    """A wall-clock moment a run's hash holds (``first_token_at``), if any."""
+    if not value:
+        return None
+    try:
+        moment = float(value)
+    except ValueError:
+        return None
+    return moment if math.isfinite(moment) else None
 
 
 def _stream_id(position: Position) -> str:
@@ -175,7 +201,7 @@ class RedisBackend(BaseBackend):
         super().__init__(**kwargs)
         if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 1:
             raise ValueError(f"lease_ms must be a whole number of milliseconds, not {lease_ms!r}")
-        if not _seconds(renew_every) or renew_every <= 0 or renew_every * 3000 > lease_ms:
+        if not is_seconds(renew_every) or renew_every <= 0 or renew_every * 3000 > lease_ms:
             raise ValueError(
                 f"renew_every must be a number of seconds more than 0 and at most a third "
                 f"of lease_ms ({lease_ms} ms), not {renew_every!r}"
@@ -223,6 +249,10 @@ class RedisBackend(BaseBackend):
         self._sweeper: asyncio.Task[None] | None = None
         # Per run whose final save failed: the task holding it (`_hold_unsaved`).
         self._holds: dict[str, asyncio.Task[None]] = {}
+        # Per run here whose agent waits for an answer: set when another
+        # worker says it took one (``<prefix>:input``).
+        self._answered: dict[str, asyncio.Event] = {}
+        self._questions = _Questions(self)
 
     # -- keys --------------------------------------------------------------
 
@@ -367,16 +397,60 @@ class RedisBackend(BaseBackend):
         mirror = self._mirrors.get(run_id)
         if mirror is None:
             mirror = await self._replay(session_key, run_id)
+        status = info.get("status", RUNNING)
         return RunState(
             run_id=run_id,
             session_key=session_key,
-            status=info.get("status", RUNNING),
+            status=WAITING if status == RUNNING and mirror.input_request is not None else status,
             error=info.get("error", ""),
             output=mirror.output(),
             last_id=mirror.last_id(),
             meta=json.loads(info.get("meta", "{}")),
             finished_at=float(info["finished_at"]) if info.get("finished_at") else None,
+            usage=dict(mirror.usage),
+            first_token_at=_moment(info.get("first_token_at")),
+            input_request=mirror.input_request if status == RUNNING else None,
         )
+
+    async def ask(
+        self, session_key: str, run_id: str, data: Mapping[str, Any], timeout: float | None
+    ) -> Any:
+        await self._ensure_listener()
+        return await self.driver.ask(session_key, run_id, data, timeout, self._questions)
+
+    async def answer(self, session_key: str, request: str, value: Any) -> bool:
+        """See `BaseBackend.answer`: taken once, by a script, whichever worker
+        it reaches; then given to the run here, or the run's worker is told."""
+        current = await self._current(session_key)
+        if current is None:
+            return False
+        local = self.driver.runs.get(session_key)
+        pending = None if local is None else local.pending
+        taken = await self._call(
+            self._lua.answer(
+                keys=[self._key(session_key, "run", current)], args=[request, json.dumps(value)]
+            )
+        )
+        if not taken:
+            return False
+        if local is not None and local.id == current:
+            # Given here, or refused here (the run is stopping): either way what
+            # the script kept for the run's worker goes, and the answer counts
+            # as taken only if the agent has it.
+            return await self._questions.given(local, request, value, pending)
+        try:
+            await self._call(
+                self.redis.publish(f"{self.prefix}:input", f"{session_key} {current} {request}")
+            )
+        except BackendUnavailable:
+            pass  # taken all the same: the run's worker finds it at its next look
+        return True
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(f"detached_runs:redis-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def count_running(self, owner: str | None = None, *, address: str | None = None) -> int:
         self._ensure_sweeper()
@@ -402,11 +476,122 @@ class RedisBackend(BaseBackend):
         await self._call(self.redis.publish(f"{self.prefix}:adopt", message))
         return len(adopted)
 
+    async def delete(
+        self, session_key: str, run_ids: Collection[str], *, timeout: float = DELETE_TIMEOUT
+    ) -> None:
+        """See `BaseBackend.delete`. The run in flight is stopped wherever it
+        runs: here, then waited for until its writer has copied its end to
+        Redis (a writer that found its keys gone would write the run again
+        from its start); or on another worker, through the stop channel,
+        until its status in Redis says it ended (or its lease lapsed and it
+        was reaped). Then the runs' keys go, and a message on
+        ``<prefix>:delete`` has every worker end its mirrors of them (a
+        follower that had not read the terminal event yet gets one with the
+        run's status) and forget them."""
+        ids = set(run_ids)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        local = await self.driver.end(session_key, ids, timeout)
+        writer = self._writers.get(local.id) if local is not None else None
+        if writer is not None:
+            await asyncio.wait({writer}, timeout=max(deadline - loop.time(), 0))
+            if not writer.done():
+                raise BackendUnavailable(
+                    "The run store (Redis) did not take the run's end in time; nothing was "
+                    "deleted. Try again."
+                )
+        ends: dict[str, tuple[str, str]] = {}
+        ordered = sorted(ids)
+        for begin in range(0, len(ordered), _DELETE_BATCH):
+            batch = ordered[begin : begin + _DELETE_BATCH]
+            for run_id, (status, error) in (await self._ends(session_key, batch)).items():
+                if status == RUNNING:
+                    # In flight elsewhere (the session's current run, or one it
+                    # replaced that has not ended yet): stopped and waited for.
+                    await self._end_elsewhere(session_key, run_id, deadline - loop.time())
+                    status, error = (await self._ends(session_key, [run_id]))[run_id]
+                ends[run_id] = (status, error)
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id in batch:
+                pipe.delete(*(self._key(session_key, part, run_id) for part in _RUN_KEYS))
+                member = f"{session_key} {run_id}"
+                pipe.zrem(self._index_key(), member).zrem(self._unsaved_key(), member)
+            await self._call(pipe.execute())
+        current = self._key(session_key, "current")
+        for run_id in ends:
+            await self._call(self._lua.drop_current(keys=[current], args=[run_id]))
+        if ends:
+            self._deleted(session_key, ends)
+            message = json.dumps({"session": session_key, "runs": ends})
+            await self._call(self.redis.publish(f"{self.prefix}:delete", message))
+
+    async def _ends(self, session_key: str, run_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """``(status, error)`` of each of these runs that Redis holds."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hmget(self._key(session_key, "run", run_id), "status", "error")
+        found = await self._call(pipe.execute())
+        return {
+            run_id: (status.decode(), (error or b"").decode())
+            for run_id, (status, error) in zip(run_ids, found, strict=True)
+            if status is not None
+        }
+
+    async def _end_elsewhere(self, session_key: str, run_id: str, timeout: float) -> None:
+        """Stop a run another worker drives and wait (up to ``timeout`` s) until
+        it ended: its status in Redis is no longer running (its worker saved
+        it), or its lease lapsed and it was reaped. `BackendUnavailable` on
+        timeout."""
+        if await self._reap(session_key, run_id):
+            return
+        await self._ask_to_stop(session_key, run_id)
+        ended = asyncio.Event()
+        waiting = asyncio.create_task(
+            self._await_end(session_key, run_id, ended), name=f"detached_runs:redis-end:{run_id}"
+        )
+        try:
+            await asyncio.wait_for(ended.wait(), max(timeout, 0))
+        except TimeoutError:
+            raise BackendUnavailable(
+                "The session's run did not stop in time; nothing was deleted. Try again."
+            ) from None
+        finally:
+            waiting.cancel()
+
+    def _deleted(self, session_key: str, ends: Mapping[str, tuple[str, str]]) -> None:
+        """Runs of a session were deleted (`delete`, here or on another worker):
+        end this worker's mirrors of them, with the status Redis had (a run
+        still running there counts as interrupted), so that their followers
+        get a terminal event and close, and forget the ones it drives."""
+        for run_id, (status, error) in ends.items():
+            mirror = self._mirrors.pop(run_id, None)
+            if mirror is None:
+                continue
+            reader = self._readers.pop(run_id, None)
+            if reader is not None:
+                reader.cancel()
+            if not mirror.closed:
+                status = INTERRUPTED if status == RUNNING else status
+                mirror.append_event(DONE, {"status": status, **({"error": error} if error else {})})
+                mirror.mark_finished(status, error)
+        self.driver.forget(session_key, ends)
+
+    def _deleted_elsewhere(self, data: bytes) -> None:
+        """A message on ``<prefix>:delete``: runs another worker deleted."""
+        try:
+            message = json.loads(data)
+            session_key = str(message["session"])
+            ends = {str(k): (str(v[0]), str(v[1])) for k, v in message["runs"].items()}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            logger.warning("Ignored a malformed message on %s:delete", self.prefix)
+            return
+        self._deleted(session_key, ends)
+
     def check_accepting(self) -> None:
         self.driver.check_accepting()
 
-    def output(self, session_key: str, run_id: str) -> tuple[str, str] | None:
-        return self.driver.output(session_key, run_id)
+    def driven(self, session_key: str, run_id: str) -> RunState | None:
+        return self.driver.driven(session_key, run_id)
 
     def __len__(self) -> int:
         """How many runs this worker drives (for tests and the admin)."""
@@ -451,10 +636,13 @@ class RedisBackend(BaseBackend):
         Redis that came back empty gets the run again from its start.
         """
         flushed, renewed, delay, resync = ORIGIN, 0.0, 0.05, False
+        # Whether the run's hash has its first token's time (`RunState.first_token_at`).
+        told_first = False
         key = self._key(run.session_key, "log", run.id)
         try:
             while True:
                 if resync:
+                    told_first = False
                     try:
                         flushed = await self._resync(run, record)
                     except (RedisError, OSError):
@@ -506,6 +694,15 @@ class RedisBackend(BaseBackend):
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
                         return
+                    if run.first_text_at is not None and not told_first:
+                        # Once, for the other workers: their mirrors cannot
+                        # know when this worker logged the first token.
+                        await self.redis.hset(
+                            self._key(run.session_key, "run", run.id),
+                            "first_token_at",
+                            repr(run.first_text_at),
+                        )
+                        told_first = True
                     if ended:
                         pipe = self.redis.pipeline(transaction=False)
                         kept = run.unsaved
@@ -548,7 +745,12 @@ class RedisBackend(BaseBackend):
             # The meta as it is now: its owner may have changed (`adopt`).
             .hset(
                 self._key(run.session_key, "run", run.id),
-                mapping={**record, "meta": json.dumps(run.meta)},
+                # Its pending question too: answers are taken again at once.
+                mapping={
+                    **record,
+                    "meta": json.dumps(run.meta),
+                    **({"input": run.pending[0]} if run.pending is not None else {}),
+                },
             )
             .set(self._key(run.session_key, "lease", run.id), worker_id(), px=self.lease_ms)
             .set(self._key(run.session_key, "current"), run.id, nx=True)
@@ -694,6 +896,8 @@ class RedisBackend(BaseBackend):
                 # not written its start yet. It is followed like any other.)
                 return None
             self._mirrors[current] = mirror
+            # A follower hears of a deletion of the run on ``<prefix>:delete``.
+            await self._ensure_listener()
             if not mirror.closed:
                 self._readers[current] = asyncio.create_task(
                     self._follow(mirror), name=f"detached_runs:redis-reader:{current}"
@@ -871,6 +1075,8 @@ class RedisBackend(BaseBackend):
                             last_id=log.last_id(),
                             meta=log.meta,
                             finished_at=float(info.get("finished_at") or time.time()),
+                            usage=dict(log.usage),
+                            first_token_at=_moment(info.get("first_token_at")),
                         )
                     )
                     if agreed:
@@ -889,13 +1095,25 @@ class RedisBackend(BaseBackend):
         while True:
             pubsub = self.redis.pubsub()
             adopt = f"{self.prefix}:adopt".encode()
+            deleted = f"{self.prefix}:delete".encode()
+            answered = f"{self.prefix}:input".encode()
             try:
-                await pubsub.subscribe(f"{self.prefix}:stop", adopt)
+                await pubsub.subscribe(f"{self.prefix}:stop", adopt, deleted, answered)
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
                     if message.get("channel") == adopt:
                         self._adopted_elsewhere(message["data"])
+                        continue
+                    if message.get("channel") == deleted:
+                        self._deleted_elsewhere(message["data"])
+                        continue
+                    if message.get("channel") == answered:
+                        # "<session> <run> <request>"; a malformed one wakes nobody.
+                        words = message["data"].decode(errors="replace").split(" ")
+                        wakeup = self._answered.get(words[1]) if len(words) == 3 else None
+                        if wakeup is not None:
+                            wakeup.set()
                         continue
                     session_key, _, run_id = message["data"].decode().partition(" ")
                     run = self.driver.runs.get(session_key)
@@ -971,17 +1189,19 @@ class RedisBackend(BaseBackend):
 
         Its worker is gone when its lease lapsed, or at once when the lease
         names a process of this host that no longer exists (a restart after a
-        crash). The run ends ``interrupted`` with what its stream holds:
-        nothing that reached Redis is lost. Atomic (a script), so of several
+        crash). The run ends ``interrupted`` with what its stream holds (its
+        text, and its usage: the merge of its ``usage`` events): nothing that
+        reached Redis is lost. Atomic (a script), so of several
         workers noticing at once exactly one writes the terminal event.
         """
         local = self.driver.runs.get(session_key)
         if local is not None and local.id == run_id:
             return False
-        holder, status = await self._call(
+        holder, status, first_token = await self._call(
             self.redis.pipeline(transaction=False)
             .get(self._key(session_key, "lease", run_id))
             .hget(self._key(session_key, "run", run_id), "status")
+            .hget(self._key(session_key, "run", run_id), "first_token_at")
             .execute()
         )
         if status != RUNNING.encode() or (holder is not None and not process_gone(holder.decode())):
@@ -1001,6 +1221,16 @@ class RedisBackend(BaseBackend):
             # the row's, and the text Redis lacks goes in with it, so that
             # followers on every worker get the one end the row has.
             status_, error, output, rest, terminal = saved
+        start_id = start_data = ""
+        if saved is None and log.position == ORIGIN:
+            # Its worker died after it wrote the run and before the run's
+            # first event reached Redis: the log begins with a start all the
+            # same (every replay does).
+            start_id = _stream_id(Position(0, 1))
+            start_data = json.dumps(
+                {"run": str(uuid.UUID(run_id)), "prompt": log.meta.get("prompt", "")}
+            )
+            terminal = Position(0, 2)
         grace = max(int(self.evict_after * 1000), 1)
         done: dict[str, Any] = {"status": status_, **({"error": error} if error else {})}
         reaped = await self._call(
@@ -1024,6 +1254,8 @@ class RedisBackend(BaseBackend):
                     error,
                     _stream_id(Position(terminal.text, terminal.seq - 1)) if rest else "",
                     json.dumps({"text": rest}) if rest else "",
+                    start_id,
+                    start_data,
                 ],
             )
         )
@@ -1040,14 +1272,29 @@ class RedisBackend(BaseBackend):
                     last_id=make_id(run_id, terminal),
                     meta=log.meta,
                     finished_at=time.time(),
+                    # Its usage events are in its log: what the agent reported
+                    # up to the last event that reached Redis.
+                    usage=dict(log.usage),
+                    first_token_at=_moment(first_token),
                 )
                 try:
                     if not await self.on_reaped(state):
                         await self._forget(session_key, run_id, log.meta)
                 except Exception:
                     # The database refuses: the run is ended all the same, and
-                    # a later sweep saves its row.
+                    # a later sweep saves its row (`_save_orphaned_ends`, which
+                    # then lets the keys expire): they are kept until then, or
+                    # an outage longer than the grace would lose the end and
+                    # text the row needs (fault injection, seed 295).
                     logger.warning("Could not save the end of run %s yet", run_id, exc_info=True)
+                    with contextlib.suppress(RedisError, OSError):
+                        await (
+                            self.redis.pipeline(transaction=False)
+                            .persist(self._key(session_key, "run", run_id))
+                            .persist(self._key(session_key, "log", run_id))
+                            .persist(self._key(session_key, "head", run_id))
+                            .execute()
+                        )
                     return True
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self._unsaved_key(), member)
@@ -1217,11 +1464,23 @@ class RedisBackend(BaseBackend):
     def _session_lock(self, session_key: str) -> _SessionLock:
         return _SessionLock(self, self._key(session_key, "lock"))
 
+    async def now(self) -> float:
+        seconds, micros = await self._call(self.redis.time())
+        return float(seconds + micros / 1_000_000)
+
+    def ordered(self, session_key: str) -> _SessionLock:
+        """The session's Redis lock (`_SessionLock`), which `start` takes too."""
+        return self._session_lock(session_key)
+
     async def _call(self, awaitable: Any) -> Any:
         try:
             return await awaitable
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
+
+
+#: The task of this process holding each session lock it holds (`_SessionLock`).
+_HOLDERS: dict[str, asyncio.Task[Any]] = {}
 
 
 class _SessionLock:
@@ -1234,20 +1493,151 @@ class _SessionLock:
         self.lock = backend.redis.lock(
             key, timeout=LOCK_MS / 1000, sleep=0.01, blocking_timeout=LOCK_MS / 1000
         )
+        #: Whether this one holds the lock (not: the task held it already).
+        self._holding = False
 
     async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and _HOLDERS.get(self.key) is task:
+            # Taken by this task already (`RedisBackend.ordered` around a start):
+            # a second acquire would wait for itself.
+            return
         try:
             acquired = await self.lock.acquire()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
         if not acquired:
             raise BackendUnavailable("The session is busy; try again.")
+        self._holding = True
+        if task is not None:
+            _HOLDERS[self.key] = task
 
     async def __aexit__(self, *exc: object) -> None:
+        if not self._holding:
+            return
+        self._holding = False
+        _HOLDERS.pop(self.key, None)
         try:
             await self.lock.release()
         except (RedisError, OSError):  # LockNotOwnedError: it expired (and may be taken)
             logger.warning("Could not release %s; it expires by itself", self.key)
+
+
+class _Questions(SharedQuestions):
+    """The Redis backend's side of `RunDriver.ask` (`SharedQuestions`): the
+    pending request in the run's hash, answers taken there by any worker."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self.backend = backend
+        # One per run waiting here. A take and the delivery of what it took
+        # hold it: the timeout's withdrawal waits for a take in flight (the
+        # watch's), so an answer taken from Redis is never dropped between.
+        self._takes: dict[str, asyncio.Lock] = {}
+
+    def _run_key(self, run: DrivenRun) -> str:
+        return self.backend._key(run.session_key, "run", run.id)
+
+    def _lock(self, run: DrivenRun) -> asyncio.Lock:
+        return self._takes.get(run.id) or asyncio.Lock()
+
+    async def opened(self, run: DrivenRun, request: str) -> None:
+        backend = self.backend
+        backend._answered[run.id] = wakeup = asyncio.Event()
+        self._takes[run.id] = lock = asyncio.Lock()
+        try:
+            recorded = await backend._lua.ask(keys=[self._run_key(run)], args=[request])
+        except (RedisError, OSError):
+            logger.warning("Redis unreachable; run %s asks without it for now", run.id)
+            recorded = 0
+        except BaseException:
+            self._forget(run, wakeup, lock)
+            raise
+        if not recorded:
+            # Unreachable, or Redis does not hold the run (it lost it: the
+            # writer puts it back): answers are refused (503, 409) meanwhile,
+            # and the question is recorded by the next look (`watch`).
+            wakeup.set()
+
+    def _forget(self, run: DrivenRun, wakeup: asyncio.Event, lock: asyncio.Lock | None) -> None:
+        # Only this question's: the run's next one may be open already.
+        if self.backend._answered.get(run.id) is wakeup:
+            del self.backend._answered[run.id]
+        if self._takes.get(run.id) is lock:
+            del self._takes[run.id]
+
+    async def watch(self, run: DrivenRun, request: str) -> None:
+        backend = self.backend
+        wakeup = backend._answered.setdefault(run.id, asyncio.Event())
+        lock = self._takes.get(run.id)
+        recorded = not wakeup.is_set()  # set by `opened` when it could not record it
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(wakeup.wait(), backend.renew_every)
+                except TimeoutError:
+                    pass
+                wakeup.clear()
+                try:
+                    if not recorded:
+                        recorded = bool(
+                            await backend._lua.ask(keys=[self._run_key(run)], args=[request])
+                        )
+                    if await self._deliver(run, request, withdraw=False):
+                        return
+                except (RedisError, OSError):
+                    recorded = False
+        finally:
+            self._forget(run, wakeup, lock)
+
+    async def _deliver(self, run: DrivenRun, request: str, *, withdraw: bool) -> bool:
+        """Take the answer kept for ``request`` (and with ``withdraw``, the
+        question too) and `RunDriver.deliver` it, as one step for this
+        worker; True if one was taken. Raises `RedisError` or `OSError` if
+        Redis is unreachable."""
+        async with self._lock(run):
+            value = await self.backend._lua.take(
+                keys=[self._run_key(run)], args=[request, "1" if withdraw else "0"]
+            )
+            if value is None:
+                return False
+            self.backend.driver.deliver(run, request, json.loads(value))
+            return True
+
+    async def withdraw(self, run: DrivenRun, request: str) -> None:
+        """See `SharedQuestions.withdraw`: tried again while Redis is
+        unreachable (an answer may have been taken there meanwhile), until
+        it answers or the run's end is in Redis (which refuses answers)."""
+        delay = 0.1
+        while True:
+            try:
+                await self._deliver(run, request, withdraw=True)
+                return
+            except (RedisError, OSError):
+                if run.closed:
+                    return
+                logger.warning("Redis unreachable; run %s withdraws its question later", run.id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def given(self, run: DrivenRun, request: str, value: Any, pending: Any) -> bool:
+        """An answer this worker took in Redis for its own ``run``: give it
+        to the agent now, unless a take in flight (the watch's, the
+        timeout's) delivers it first; then clear it from Redis. True if the
+        agent has it (``pending``, the run's question when it was taken,
+        has a result: only one answer to a request is ever taken)."""
+        async with self._lock(run):
+            self.backend.driver.deliver(run, request, value)
+        self.backend._spawn(self.withdraw(run, request), "input-taken")
+        future = pending[1] if pending is not None and pending[0] == request else None
+        return (
+            future is not None
+            and future.done()
+            and not future.cancelled()
+            and future.exception() is None
+        )
+
+    def abandoned(self, run: DrivenRun, request: str) -> None:
+        self.backend._spawn(self.withdraw(run, request), "input-withdrawn")
 
 
 def _event_position(event: Event) -> Position:

@@ -136,15 +136,54 @@ if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], 'stop', '
 return 1
 """
 
+# An agent's question (ctx.ask) is pending: answers to it are taken from now
+# on, in any worker, while the run is running. KEYS: run hash. ARGV: request.
+ASK = """
+if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('hset', KEYS[1], 'input', ARGV[1])
+return 1
+"""
+
+# Take an answer to the pending request, once: it is kept in the run's hash
+# for the run's worker (`TAKE`). KEYS: run hash. ARGV: request, value (JSON).
+ANSWER = """
+if redis.call('hget', KEYS[1], 'status') ~= 'running'
+  or redis.call('hget', KEYS[1], 'input') ~= ARGV[1]
+  or redis.call('hget', KEYS[1], 'stop') == '1' then
+  return 0
+end
+redis.call('hdel', KEYS[1], 'input')
+redis.call('hset', KEYS[1], 'answered', ARGV[1], 'answer', ARGV[2])
+return 1
+"""
+
+# The run's worker takes the answer `ANSWER` kept (its JSON, or nil if there is
+# none yet); with ARGV[2] = '1' the question is withdrawn as well (it timed
+# out, or the run stops), so that no answer is taken any more. KEYS: run hash.
+# ARGV: request, withdraw.
+TAKE = """
+if redis.call('hget', KEYS[1], 'answered') == ARGV[1] then
+  local value = redis.call('hget', KEYS[1], 'answer')
+  redis.call('hdel', KEYS[1], 'answered', 'answer')
+  return value
+end
+if ARGV[2] == '1' and redis.call('hget', KEYS[1], 'input') == ARGV[1] then
+  redis.call('hdel', KEYS[1], 'input')
+end
+return false
+"""
+
 # KEYS: run hash, log, current, head. ARGV: terminal id, its data, finished_at,
-# grace (ms), run id, maxlen, keep, piece, status, error, and the id and data
-# of a last delta (or two empty strings): the text its worker saved but never
-# wrote to Redis.
+# grace (ms), run id, maxlen, keep, piece, status, error, the id and data of a
+# last delta (or two empty strings): the text its worker saved but never wrote
+# to Redis, and the id and data of a start event (or two empty strings): for
+# a run whose worker died before its first event reached Redis.
 REAP = (
     LUA
     + """
 if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('hset', KEYS[1], 'status', ARGV[9], 'error', ARGV[10], 'finished_at', ARGV[3])
+if ARGV[13] ~= '' then redis.call('xadd', KEYS[2], ARGV[13], 'e', 'start', 'd', ARGV[14]) end
 if ARGV[11] ~= '' then redis.call('xadd', KEYS[2], ARGV[11], 'e', 'delta', 'd', ARGV[12]) end
 redis.call('xadd', KEYS[2], ARGV[1], 'e', 'done', 'd', ARGV[2])
 compact(KEYS[2], KEYS[4], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
@@ -189,7 +228,9 @@ class Scripts:
 
     def __init__(self, redis: Any) -> None:
         register = redis.register_script
+        self.answer = register(ANSWER)
         self.append = register(APPEND)
+        self.ask = register(ASK)
         self.count = register(COUNT)
         self.drop_current = register(DROP_CURRENT)
         self.due = register(DUE)
@@ -198,4 +239,5 @@ class Scripts:
         self.reap = register(REAP)
         self.renew = register(RENEW)
         self.swap_meta = register(SWAP_META)
+        self.take = register(TAKE)
         self.touch = register(TOUCH)

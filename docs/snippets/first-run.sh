@@ -7,6 +7,9 @@ csrftoken() { awk '$6 == "csrftoken" { print $7 }' "$jar"; }
 
 # A session login, as a browser's: the login page sets the csrftoken cookie, the
 # form sends it back. (The admin's login page here; any login view will do.)
+# Do not follow the login's redirect (no -L): without a "next" field it leads to
+# LOGIN_REDIRECT_URL, /accounts/profile/, which a project may not have (404).
+# A client that follows redirects posts next=/admin/ too.
 curl -sf -c "$jar" -o /dev/null "$BASE/admin/login/"
 curl -sf -b "$jar" -c "$jar" -o /dev/null -H "Origin: $BASE" "$BASE/admin/login/" \
     --data-urlencode "username=$LOGIN" --data-urlencode "password=$PASSWORD" \

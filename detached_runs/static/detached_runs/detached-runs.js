@@ -1,10 +1,12 @@
 /**
  * The browser side of django detached_runs, without dependencies: start a run,
- * follow it over Server-Sent Events or a WebSocket (replay, then live), stop it.
+ * follow it over Server-Sent Events or a WebSocket (replay, then live), stop it;
+ * list the conversations, read one, delete one.
  *
  *   const client = new DetachedRuns({ base: "/runs/" });
  *   const run = await client.start("chat-1", "Hello", { onDelta: (text) => out.append(text) });
  *   for await (const event of run) console.log(event.event, event.data);
+ *   const { sessions, next } = await client.sessions({ limit: 20 });
  *
  * A dropped connection, and an answer that may change if asked again (a proxy's
  * 502, 503 or 504 while the server restarts, a 429 with a Retry-After), are
@@ -23,12 +25,64 @@
  */
 
 /**
+ * One conversation of `sessions()`.
+ * @typedef {object} SessionSummary
+ * @property {string} session its key
+ * @property {string} title its first prompt, cut to 80 characters at a word
+ * @property {string} status its latest run's status ("running", "waiting", "done", ...)
+ * @property {number} runs how many runs it has
+ * @property {string} started_at when its first run started (ISO 8601)
+ * @property {string} updated_at when its latest run started (ISO 8601): the list's order
+ */
+
+/**
+ * A page of `sessions()`, most recently active first; `next` is the cursor of the
+ * page after it, null on the last one.
+ * @typedef {{ sessions: SessionSummary[], next: string | null }} SessionsPage
+ */
+
+/**
+ * One run, as `GET <key>/` and `runs()` show it (times in ISO 8601, or null).
+ * @typedef {object} RunInfo
+ * @property {string} id @property {string} status @property {string} prompt
+ * @property {string} output the answer: so far, for the run in flight
+ * @property {string} error a safe message, for status "error"
+ * @property {object} options @property {object} usage
+ * @property {string} started_at @property {string | null} first_token_at
+ * @property {string | null} finished_at
+ */
+
+/**
+ * A page of `runs()`: runs oldest first; `next` is the cursor of the page of older
+ * runs, null on the page with the session's first run.
+ * @typedef {{ session: string, runs: RunInfo[], next: string | null }} RunsPage
+ */
+
+/**
+ * A question of the agent (an `input_required` event's data): its id, and what the
+ * agent asks (the rest is the agent's: `{ question, choices }`, say).
+ * @typedef {{ request: string, [key: string]: any }} InputRequest
+ */
+
+/**
+ * Which page of a list: at most `limit` items (1 to 100; the server's default
+ * without it: 20 sessions, 50 runs), after `cursor` (the previous page's `next`).
+ * @typedef {{ limit?: number, cursor?: string | null }} PageOptions
+ */
+
+/**
  * What a run reports. Every callback is optional.
  * @typedef {object} Callbacks
  * @property {(data: { run: string, prompt: string }, event: RunEvent) => void} [onStart]
  *   first event of a run; a replay (after a reload, say) begins with it too
  * @property {(text: string, event: RunEvent) => void} [onDelta] a piece of the answer
  * @property {(name: string, data: any, event: RunEvent) => void} [onEvent] the agent's own events
+ * @property {(request: InputRequest, event: RunEvent) => void} [onInputRequired] the agent asks
+ *   the user something (`ctx.ask`): the run waits for `run.answer(request.request, value)`.
+ *   A replay has it too: after a reload, in another tab, it comes again while it is pending
+ * @property {(data: { request: string }, how: "received" | "timeout" | "ended",
+ *   event: RunEvent | null) => void} [onInputDone] the pending question is no longer pending:
+ *   answered (here or in another tab), timed out, or its run ended (`event` is then null)
  * @property {(status: string, data: { status: string, error?: string }) => void} [onDone]
  *   the terminal event: "done", "error", "stopped" or "interrupted"; the stream is closed
  * @property {(error: RunError) => void} [onError] a refusal (404, 403, 429...), or transient
@@ -63,6 +117,19 @@
  * @property {string} [csrfToken] default: the `csrftoken` cookie, read at each request
  * @property {RetryOptions} [retry] the back-off of transient failures
  */
+
+/**
+ * Whether a run's status is that of a run in flight: "running", or "waiting" (its agent
+ * asked the user something and waits for the answer). "queued" is not yet in flight;
+ * "done", "error", "stopped" and "interrupted" are ended.
+ * @param {string} status @returns {boolean}
+ */
+export function inFlight(status) {
+  return status === "running" || status === "waiting";
+}
+
+/** The events of a question (`ctx.ask`): every Run listens for them. */
+const INPUT_EVENTS = ["input_required", "input_received", "input_timeout"];
 
 /** @type {Required<RetryOptions>} */
 export const RETRY = Object.freeze({
@@ -152,6 +219,9 @@ export class Backoff {
 const REFUSALS = { 4400: "Bad request.", 4403: "Log in first.", 4404: "No such session.",
   4429: "Too many at once; try again later.", 4503: "Unavailable; try again shortly." };
 
+/** A run's statuses once it has ended: those of its `done` event. */
+const ENDED = new Set(["done", "error", "stopped", "interrupted"]);
+
 /** @param {string} name */
 function cookie(name) {
   const pair = document.cookie.split("; ").find((c) => c.startsWith(`${name}=`));
@@ -188,8 +258,26 @@ function closeError(close, idempotent) {
   return new RunError("The connection to the server was lost.", 0, { idempotent });
 }
 
+/**
+ * A WebSocket error frame as a `RunError`: `data.status` is the HTTP status the
+ * same request would have got (400 from a server that does not send it).
+ * @param {{ data: { error: string, status?: number } }} frame
+ */
+function frameError(frame) {
+  return new RunError(frame.data.error, frame.data.status ?? 400);
+}
+
 /** @param {number} ms */
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+/** The query string of a page of a list ("" for the defaults). @param {PageOptions} page */
+function pageQuery({ limit, cursor } = {}) {
+  const query = new URLSearchParams();
+  if (limit !== undefined && limit !== null) { query.set("limit", String(limit)); }
+  if (cursor) { query.set("cursor", cursor); }
+  const text = query.toString();
+  return text ? `?${text}` : "";
+}
 
 export class DetachedRuns {
   /** @param {Options} [options] */
@@ -209,24 +297,39 @@ export class DetachedRuns {
   }
 
   /**
-   * Start a run of session `key` (stopping the one in flight) and follow it.
+   * Start a run of session `key` and follow it. `options.options` (a JSON
+   * object) reaches the agent as `ctx.options`; `options.multitask` says what
+   * happens to a run in flight: "interrupt" (the server's default setting
+   * decides if absent), "reject" (a 409 `RunError`), "enqueue" (the run waits
+   * for the runs before it: the returned `Run` reports nothing until its own
+   * `start`, then follows it; if the queue is cancelled first, it ends with
+   * `done`, "stopped", alone) or "rollback".
    * Rejects with a `RunError` when the server refuses (bad prompt, 403, 429...).
    * A 503 (or a 429 with a Retry-After) is retried: nothing was started. No
    * answer, a 502 or a 504 is not: the run may have started, and sending the
    * prompt again could start it twice; the caller decides (look at the session).
    * @param {string} key @param {string} prompt @param {Callbacks} [callbacks]
-   * @param {{ transport?: "sse" | "ws" }} [options]
+   * @param {{ transport?: "sse" | "ws", options?: object,
+   *   multitask?: "interrupt" | "reject" | "enqueue" | "rollback" }} [options]
    * @returns {Promise<Run>}
    */
   async start(key, prompt, callbacks = {}, options = {}) {
     const transport = options.transport ?? this.transport;
-    if (transport === "ws") {
-      const run = new Run(this, key, "ws", callbacks, null, prompt);
+    const extra = {
+      ...(options.options === undefined ? {} : { options: options.options }),
+      ...(options.multitask === undefined ? {} : { multitask: options.multitask }),
+    };
+    if (transport === "ws" && options.multitask !== "enqueue") {
+      const run = new Run(this, key, "ws", callbacks, null, prompt, extra);
       await run.started;
       return run;
     }
-    await this._persist(this.url(key), { prompt }, false, callbacks.onReconnecting);
-    return new Run(this, key, "sse", callbacks, null, null);
+    // A queued run is started over HTTP, then followed (over either transport)
+    // past the runs before it.
+    const body = { prompt, ...extra };
+    const answer = await this._persist(this.url(key), body, false, callbacks.onReconnecting);
+    const run = new Run(this, key, transport, callbacks, null, null, {}, answer.id);
+    return run;
   }
 
   /**
@@ -241,25 +344,90 @@ export class DetachedRuns {
   }
 
   /**
-   * Stop the session's run in flight: true if one was stopped. Retried while the
-   * answer is transient: stopping twice does no more than once.
-   * @param {string} key
+   * Stop the session's run in flight: true if one was stopped; with `all`, cancel
+   * its queued runs first. Retried while the answer is transient: stopping twice
+   * does no more than once.
+   * @param {string} key @param {{ all?: boolean }} [options]
    */
-  async stop(key) {
-    return (await this._persist(this.url(key, "stop/"), {})).stopped;
+  async stop(key, { all = false } = {}) {
+    return (await this._persist(this.url(key, "stop/"), all ? { all: true } : {})).stopped;
   }
 
   /**
-   * GET `url`, or POST `body` to it as JSON, once; throws a `RunError` unless the answer is 2xx.
-   * @param {string} url @param {object} [body] @param {boolean} [idempotent] false for a start
+   * Answer the question `request` (an `input_required` event's `request`) that the
+   * session's run waits for with `value` (any JSON value): resolves `true` once the
+   * server took it (its `input_received` event follows). Rejects with a `RunError`:
+   * 409 if the run no longer waits for it (answered in another tab, timed out, ended),
+   * 404 for a session that is not yours, 400 for a value over `MAX_INPUT_BYTES`. A 503 is
+   * retried (nothing was taken); no answer at all is not (it may have been taken).
+   * @param {string} key @param {string} request @param {any} value
+   * @returns {Promise<boolean>}
    */
-  async request(url, body, idempotent = true) {
+  async answer(key, request, value) {
+    const body = { request, value };
+    return (await this._persist(this.url(key, "input/"), body, false)).accepted;
+  }
+
+  /**
+   * The requester's conversations, most recently active first, a page at a time:
+   * pass the `next` it resolves to as `cursor` for the following page. Retried while
+   * the answer is transient; rejects with a `RunError` otherwise (400 for a bad
+   * `limit` or `cursor`, 403 when not logged in and anonymous use is off).
+   * @param {PageOptions} [page]
+   * @returns {Promise<SessionsPage>}
+   */
+  async sessions(page = {}) {
+    return this._persist(this.base + pageQuery(page));
+  }
+
+  /**
+   * The runs of session `key`, from the newest backwards: the first page holds the
+   * latest runs, `next` leads to older ones; each page is oldest first. The run in
+   * flight shows its answer so far (follow it for the rest). Rejects with a
+   * `RunError` 404 for a session that has no run or is not the requester's.
+   * @param {string} key @param {PageOptions} [page]
+   * @returns {Promise<RunsPage>}
+   */
+  async runs(key, page = {}) {
+    return this._persist(this.url(key, "runs/") + pageQuery(page));
+  }
+
+  /**
+   * Delete session `key`: its run in flight is stopped (its followers get `done`,
+   * "stopped"), then every run of it goes, saved answers and logs. Resolves once it
+   * is gone; rejects with a `RunError` 404 for a session that has no run or is not
+   * the requester's. Retried while the answer is transient: a retry that finds the
+   * session gone (the first attempt did it, but its answer was lost) resolves too.
+   * @param {string} key
+   * @returns {Promise<void>}
+   */
+  async delete(key) {
+    let retried = false;
+    try {
+      await this._persist(this.url(key), undefined, true, () => { retried = true; }, "DELETE");
+    } catch (error) {
+      if (!(retried && error instanceof RunError && error.status === 404)) { throw error; }
+    }
+  }
+
+  /**
+   * GET `url`, or POST `body` to it as JSON (or send `method`), once; throws a
+   * `RunError` unless the answer is 2xx. Resolves to the JSON answer (null for 204).
+   * @param {string} url @param {object} [body] @param {boolean} [idempotent] false for a start
+   * @param {string} [method] default: GET without a body, POST with one
+   */
+  async request(url, body, idempotent = true, method = body === undefined ? "GET" : "POST") {
     const csrf = this.csrfToken ?? cookie("csrftoken");
-    const headers = { "Content-Type": "application/json", "X-CSRFToken": csrf };
-    const post = body === undefined ? {} : { method: "POST", headers, body: JSON.stringify(body) };
+    /** @type {RequestInit} */
+    const init = { credentials: "same-origin", method };
+    if (method !== "GET") { init.headers = { "X-CSRFToken": csrf }; }
+    if (body !== undefined) {
+      init.headers = { "Content-Type": "application/json", "X-CSRFToken": csrf };
+      init.body = JSON.stringify(body);
+    }
     let response;
     try {
-      response = await fetch(url, { credentials: "same-origin", ...post });
+      response = await fetch(url, init);
     } catch {
       throw new RunError("The server cannot be reached.", 0, { idempotent });
     }
@@ -270,13 +438,13 @@ export class DetachedRuns {
   /**
    * `request`, made again after each transient failure on the back-off schedule.
    * @param {string} url @param {object} [body] @param {boolean} [idempotent]
-   * @param {(retrying: Retrying) => void} [onRetry]
+   * @param {(retrying: Retrying) => void} [onRetry] @param {string} [method]
    */
-  async _persist(url, body, idempotent = true, onRetry = undefined) {
+  async _persist(url, body, idempotent = true, onRetry = undefined, method = undefined) {
     const backoff = new Backoff(this.retry);
     for (;;) {
       try {
-        return await this.request(url, body, idempotent);
+        return await this.request(url, body, idempotent, method);
       } catch (error) {
         const delay = backoff.next(/** @type {RunError} */ (error));
         if (delay === null) { throw error; }
@@ -297,21 +465,35 @@ export class Run {
   /**
    * @param {DetachedRuns} client @param {string} key @param {"sse" | "ws"} transport
    * @param {Callbacks} callbacks @param {string | null} after @param {string | null} prompt
+   * @param {object} [extra] `options` and `multitask` of a WebSocket start
+   * @param {string | null} [expect] the id of a run started over HTTP: events of the
+   *   session's runs before it (a queue) are skipped
    */
-  constructor(client, key, transport, callbacks, after, prompt) {
+  constructor(client, key, transport, callbacks, after, prompt, extra = {}, expect = null) {
     this.client = client;
     this.key = key;
     this.transport = transport;
     this.callbacks = callbacks;
-    /** @type {string | null} the run followed: from the last `start` event */
-    this.runId = null;
+    /**
+     * @type {string | null} the run's id: from the 202 of a start made over HTTP
+     * (a queued run's too), else from the last `start` event
+     */
+    this.runId = expect;
     /** @type {string | null} */
     this.lastEventId = after;
     /** @type {string | null} the terminal status, once there */
     this.status = null;
+    /** @type {InputRequest | null} the question the run waits for, while it is pending */
+    this.inputRequest = null;
     /** @type {RunError | null} why the stream ended without `done` */
     this.error = null;
     this.closed = false;
+    /** @type {string | null} a queued run's id, until its `start` arrives */
+    this._expect = expect;
+    /** @type {boolean} inside a run before the expected one */
+    this._skipping = false;
+    /** @type {object} */
+    this._extra = extra;
     /** @type {RunEvent[]} */
     this._buffer = [];
     /** The iterator's pending `next()`. @type {{ resolve: Function, reject: Function } | null} */
@@ -330,14 +512,23 @@ export class Run {
     else { this._openSocket(null); }
   }
 
-  /** Stop the run on the server; its `done` ("stopped") follows. */
+  /**
+   * Stop the session's run in flight on the server, as `client.stop(key)` does
+   * (over HTTP whatever the transport: a WebSocket's stop frame gets no answer),
+   * and resolve to the same: true if a run was stopped. Its `done` ("stopped")
+   * follows on the stream.
+   * @returns {Promise<boolean>}
+   */
   async stop() {
-    const socket = this._source;
-    if (socket instanceof WebSocket && socket.readyState === WebSocket.OPEN) {
-      socket.send(JSON.stringify({ type: "stop" }));
-    } else {
-      await this.client.stop(this.key);
-    }
+    return this.client.stop(this.key);
+  }
+
+  /**
+   * Answer the question the run waits for (`client.answer` for this run's session).
+   * @param {string} request @param {any} value @returns {Promise<boolean>}
+   */
+  async answer(request, value) {
+    return this.client.answer(this.key, request, value);
   }
 
   /** Let go of the stream (the run goes on on the server); ends the iterator. */
@@ -382,6 +573,20 @@ export class Run {
     if (this.closed) { return; }
     this._backoff.reset();  // the server answers: the outage, if any, is over
     if (id) { this.lastEventId = id; }
+    if (this._expect !== null) {
+      // A queued run: the session's runs before it stream first. Skip them; at
+      // each one's end, follow the session again (the server gives the next run).
+      if (name === "start") {
+        this._skipping = data.run !== this._expect;
+        // Another run started: one before ours, or one that replaced the queue.
+        if (this._skipping) { this._checkQueued(); }
+      }
+      if (this._skipping) {
+        if (name === "done") { this._next(); }
+        return;
+      }
+      this._expect = null;
+    }
     const event = { id, event: name, data };
     const on = this.callbacks;
     if (name === "start") { this.runId = data.run; }
@@ -390,13 +595,22 @@ export class Run {
       // Close before anything else, so that nothing reconnects after the end.
       this.status = data.status;
       this.close();
+      const pending = this.inputRequest;
+      this.inputRequest = null;
+      if (pending) { on.onInputDone?.({ request: pending.request }, "ended", null); }
       on.onDone?.(data.status, data);
       return;
     }
     this._wake();
     if (name === "start") { on.onStart?.(data, event); }
     else if (name === "delta") { on.onDelta?.(data.text, event); }
-    else { on.onEvent?.(name, data, event); }
+    else if (name === "input_required") {
+      this.inputRequest = data;
+      on.onInputRequired?.(data, event);
+    } else if (name === "input_received" || name === "input_timeout") {
+      if (this.inputRequest?.request === data.request) { this.inputRequest = null; }
+      on.onInputDone?.(data, name === "input_received" ? "received" : "timeout", event);
+    } else { on.onEvent?.(name, data, event); }
   }
 
   /** The stream was refused or failed for good. @param {RunError} error */
@@ -446,7 +660,7 @@ export class Run {
     this._source = source;
     let opened = 0;
     source.onopen = () => { opened = Date.now(); };
-    for (const name of ["start", "delta", "done", ...this.client.events]) {
+    for (const name of new Set([...INPUT_EVENTS, "start", "delta", "done", ...this.client.events])) {
       source.addEventListener(name, (message) => {
         if (this._source !== source) { return; }
         this._receive(message.lastEventId || null, name, JSON.parse(message.data));
@@ -470,6 +684,70 @@ export class Run {
   }
 
   _reopen() { this._openEvents(this.lastEventId); }
+
+  /**
+   * A run before the expected one ended: follow the session again after its
+   * last event. The server gives the next run (it waits a moment for a queued
+   * one to start), or answers 204 when nothing follows, which `_ended`
+   * explains. A WebSocket would follow the queue by itself, but says nothing
+   * when the expected run was cancelled meanwhile: it is reopened the same way.
+   */
+  _next() {
+    const source = this._source;
+    if (source === null) { return; }
+    this._source = null;  // first: its close is not a drop
+    source.close();
+    this._followAgain();
+  }
+
+  /** Follow the session again after `lastEventId`, over this run's transport. */
+  _followAgain() {
+    if (this.transport === "sse") { this._reopen(); } else { this._resumeSocket(); }
+  }
+
+  /**
+   * The row of run `id` in the session's latest runs, or null if it is not
+   * there (deleted: a `rollback` deletes the queue).
+   * @param {string} id @returns {Promise<RunInfo | null>}
+   */
+  async _queuedRow(id) {
+    const url = this.client.url(this.key, "runs/") + pageQuery({ limit: 100 });
+    const page = /** @type {RunsPage} */ (await this.client.request(url));
+    return page.runs.find((run) => run.id === id) ?? null;
+  }
+
+  /**
+   * While waiting for a queued run, another run started. If ours was
+   * cancelled before it started (a stop with `all`, an `interrupt` or
+   * `rollback` start), its events never come: end now. Its row first, then
+   * the session's current run: a run that ended after being current has
+   * its events to replay. A failure here changes nothing (`_ended` asks again
+   * when the stream has nothing more).
+   */
+  async _checkQueued() {
+    const expect = this._expect;
+    let row;
+    try {
+      row = await this._queuedRow(/** @type {string} */ (expect));
+      if (row !== null && !ENDED.has(row.status)) { return; }
+      const { run } = await this.client.request(this.client.url(this.key));
+      if (run.id === expect) { return; }
+    } catch {
+      return;
+    }
+    if (this._expect === expect) { this._endQueued(row); }
+  }
+
+  /**
+   * End a `Run` whose queued run will never stream: with its row's status
+   * ("stopped" when cancelled), or "stopped" if the row is gone.
+   * @param {RunInfo | null} row
+   */
+  _endQueued(row) {
+    this._expect = null;
+    const status = row?.status ?? "stopped";
+    this._receive(null, "done", row?.error ? { status, error: row.error } : { status });
+  }
 
   /**
    * A plain GET of the events URL after `lastEventId`, for its status only
@@ -497,16 +775,32 @@ export class Run {
    * `after`). The run's status says how it ended.
    */
   async _ended() {
-    let answer;
+    let run;
+    /** @type {RunInfo | null | undefined} */
+    let row;
     try {
-      answer = await this.client.request(this.client.url(this.key));
+      ({ run } = await this.client.request(this.client.url(this.key)));
+      // Waiting for a queued run, and the session's current run is another:
+      // was ours cancelled, or is it still to start?
+      if (this._expect !== null && run.id !== this._expect) {
+        row = await this._queuedRow(this._expect);
+      }
     } catch (error) {
       this._retry(/** @type {RunError} */ (error), () => this._ended());
       return;
     }
-    const { run } = answer;
-    const data = run.error ? { status: run.status, error: run.error } : { status: run.status };
-    this._receive(null, "done", data);
+    if (this.closed) { return; }
+    if (row === undefined) {
+      this._expect = null;  // ours (or the one followed) ended
+      const data = run.error ? { status: run.status, error: run.error } : { status: run.status };
+      this._receive(null, "done", data);
+    } else if (row === null || ENDED.has(row.status)) {
+      this._endQueued(row);
+    } else {
+      // Still queued, and nothing started it within the server's wait: ask again.
+      const waiting = new RunError("The queued run has not started yet.", 0);
+      this._retry(waiting, () => this._followAgain());
+    }
   }
 
   /** Ask the events URL again with a plain request to learn why EventSource gave up. */
@@ -571,7 +865,7 @@ export class Run {
       const frame = JSON.parse(message.data);
       if (this._pending && !this._accepted(socket, frame)) { return; }
       if (frame.event === "error") {
-        this.callbacks.onError?.(new RunError(frame.data.error, 400));
+        this.callbacks.onError?.(frameError(frame));
       } else {
         this._receive(frame.id, frame.event, frame.data);
       }
@@ -615,13 +909,13 @@ export class Run {
       return false;
     }
     if (frame.event === "error") {
-      this._fail(new RunError(frame.data.error, 400));
+      this._fail(frameError(frame));
       return false;
     }
     if (!pending.sent) {
       pending.sent = true;
       pending.previous = frame.event === "start" ? frame.data.run : undefined;
-      socket.send(JSON.stringify({ type: "start", prompt: pending.prompt }));
+      socket.send(JSON.stringify({ type: "start", prompt: pending.prompt, ...this._extra }));
       return false;
     }
     if (frame.event !== "start" || frame.data.run === pending.previous) { return false; }
@@ -633,13 +927,15 @@ export class Run {
   /** @param {string} prompt */
   async _startOverHttp(prompt) {
     const url = this.client.url(this.key);
+    let answer;
     try {
-      await this.client._persist(url, { prompt }, false, this.callbacks.onReconnecting);
+      answer = await this.client._persist(url, { prompt }, false, this.callbacks.onReconnecting);
     } catch (error) {
       this._fail(/** @type {RunError} */ (error));
       return;
     }
     if (this.closed) { return; }
+    this.runId = answer.id;
     this._pending = null;
     this._settle.resolve();
     this._openSocket(null);

@@ -1,0 +1,174 @@
+"""The admin of runs with Django's test client: usage per run in the list and
+on its page, the filters on it, the sums for what the list selects, on
+whichever database the suite runs (the JSON key casts are SQL)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from detached_runs.admin import RunAdmin
+from detached_runs.models import Run
+
+pytestmark = pytest.mark.django_db
+
+URL = "/admin/detached_runs/run/"
+
+
+@pytest.fixture
+def runs_with_usage() -> dict[str, Run]:
+    """Five runs: reported usage (big, small), estimated, none, and one whose
+    usage has only a model (no tokens). Times to first token 0.5 s, 2 s, 40 s."""
+    now = timezone.now()
+
+    def run(key: str, usage: dict[str, Any], ttft: float | None, minutes: int) -> Run:
+        started = now - timedelta(minutes=minutes)
+        return Run.objects.create(
+            session_key=key,
+            prompt=f"prompt of {key}",
+            status="done",
+            usage=usage,
+            started_at=started,
+            first_token_at=None if ttft is None else started + timedelta(seconds=ttft),
+        )
+
+    return {
+        "big": run(
+            "big",
+            {"input_tokens": 1200, "output_tokens": 300, "total_tokens": 1500, "cost": 2.5},
+            0.5,
+            1,
+        ),
+        "small": run(
+            "small",
+            {"input_tokens": 300, "output_tokens": 20, "total_tokens": 320, "cost": 0.004},
+            2.0,
+            2,
+        ),
+        "guess": run(
+            "guess",
+            {
+                "input_tokens": 50,
+                "output_tokens": 5,
+                "total_tokens": 55,
+                "cost": 0.05,
+                "estimated": True,
+            },
+            40.0,
+            3,
+        ),
+        "bare": run("bare", {}, None, 4),
+        "model": run("model", {"model": "m"}, None, 5),
+    }
+
+
+def listed(content: bytes) -> list[str]:
+    """The session keys of the list's rows, in order."""
+    return re.findall(r'<td class="field-session_key">([^<]*)</td>', content.decode())
+
+
+def totals(content: bytes) -> str:
+    match = re.search(r'<p class="detached-runs-usage-totals">(.*?)</p>', content.decode(), re.S)
+    assert match is not None, "no totals"
+    return " ".join(re.sub(r"<[^>]+>", "", match[1]).split())
+
+
+def test_the_list_shows_each_runs_tokens_cost_and_time_to_first_token(
+    admin_client, runs_with_usage
+):
+    page = admin_client.get(URL)
+    assert page.status_code == 200
+    html = page.content.decode()
+    for header in ("input tokens", "output tokens", "total tokens", "cost", "time to first token"):
+        assert header in html.lower()
+    assert '<td class="field-input_tokens">1,200</td>' in html
+    assert '<td class="field-cost">2.5</td>' in html
+    assert '<td class="field-cost">0.004</td>' in html
+    assert '<td class="field-time_to_first_token">0.50 s</td>' in html
+    # An estimate says so; a run without usage shows none.
+    assert '<td class="field-input_tokens">≈ 50</td>' in html
+    assert '<td class="field-cost">≈ 0.05</td>' in html
+    assert html.count('<td class="field-total_tokens">-</td>') == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "keys"),
+    [
+        ("usage=reported", {"big", "small"}),
+        ("usage=estimated", {"guess"}),
+        ("usage=none", {"bare", "model"}),
+        ("cost=none", {"bare", "model"}),
+        ("cost=lt0.01", {"small"}),
+        ("cost=0.01-0.1", {"guess"}),
+        ("cost=ge1", {"big"}),
+        ("ttft=lt1", {"big"}),
+        ("ttft=1-5", {"small"}),
+        ("ttft=ge30", {"guess"}),
+        ("ttft=none", {"bare", "model"}),
+        ("usage=reported&ttft=1-5", {"small"}),
+    ],
+)
+def test_the_filters_select_runs_by_usage_cost_and_time_to_first_token(
+    admin_client, runs_with_usage, query, keys
+):
+    page = admin_client.get(f"{URL}?{query}")
+    assert page.status_code == 200
+    assert set(listed(page.content)) == keys
+
+
+def test_the_sums_cover_every_run_the_filters_select_on_every_page(
+    admin_client, runs_with_usage, monkeypatch
+):
+    monkeypatch.setattr(RunAdmin, "list_per_page", 2)
+    page = admin_client.get(URL)
+    assert len(listed(page.content)) == 2  # a page of two, the sums of five
+    assert totals(page.content) == (
+        "5 runs selected: 1,550 input tokens, 325 output tokens, 1,875 in total, "
+        "cost 2.554, mean time to first token 14.17 s (1 run estimated)"
+    )
+    page = admin_client.get(f"{URL}?usage=reported&q=small")
+    assert totals(page.content) == (
+        "1 run selected: 300 input tokens, 20 output tokens, 320 in total, "
+        "cost 0.004, mean time to first token 2.00 s"
+    )
+    page = admin_client.get(f"{URL}?usage=none")
+    assert totals(page.content) == (
+        "2 runs selected: 0 input tokens, 0 output tokens, 0 in total, "
+        "cost 0, mean time to first token -"
+    )
+
+
+def test_the_columns_sort_as_numbers(admin_client, runs_with_usage):
+    column = RunAdmin.list_display.index("input_tokens") + 1
+    page = admin_client.get(f"{URL}?usage=reported&o=-{column}")
+    assert listed(page.content) == ["big", "small"]  # 1200 before 300, not as text
+    page = admin_client.get(f"{URL}?usage=reported&o={column}")
+    assert listed(page.content) == ["small", "big"]
+    cost = RunAdmin.list_display.index("cost") + 1
+    page = admin_client.get(f"{URL}?o=-{cost}")
+    priced = [key for key in listed(page.content) if key not in ("bare", "model")]
+    assert priced == ["big", "guess", "small"]  # 2.5, 0.05, 0.004 (unpriced: where NULLs go)
+    ttft = RunAdmin.list_display.index("time_to_first_token") + 1
+    page = admin_client.get(f"{URL}?ttft=lt1&o={ttft}")
+    assert page.status_code == 200 and listed(page.content) == ["big"]
+
+
+def test_a_runs_page_shows_its_usage_read_only(admin_client, runs_with_usage):
+    run = runs_with_usage["guess"]
+    page = admin_client.get(f"{URL}{run.pk}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Usage" in html and "≈ 55" in html and "40.00 s" in html
+    assert "&quot;estimated&quot;: true" in html  # the usage itself, as JSON
+    assert 'name="usage"' not in html  # nothing is editable
+
+
+def test_an_action_still_redirects(admin_client, runs_with_usage):
+    reply = admin_client.post(
+        URL, {"action": "stop_runs", "_selected_action": [str(runs_with_usage["big"].pk)]}
+    )
+    assert reply.status_code == 302
