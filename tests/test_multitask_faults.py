@@ -5,6 +5,7 @@ docstring says what was found), and failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -95,28 +96,40 @@ async def test_after_a_restart_a_reject_start_is_not_refused_forever():
 async def test_an_enqueue_during_the_final_save_of_the_run_in_flight_is_started(monkeypatch):
     """An ``enqueue`` start reads the session's run as in flight (the backend
     keeps it ``running`` until its finalize returns), so it queues its row;
-    if the run's final save counted the queue (`rows.save_end`:
-    ``queued_count``) before that row was written, the save says "nothing
-    queued", `_ended` starts nothing, and the start does not either (it saw
-    a run in flight). Found: the queued run stays ``queued`` for good with
+    if the run's end counted the queue before that row was written, it found
+    "nothing queued" and started nothing, and the start did not either (it
+    saw a run in flight). Found: the queued run stays ``queued`` for good with
     the memory backend (no sweep), whether or not anybody follows the
     session, although nothing is in flight. The window is the final save's
-    duration (a slow database, a save retried); the test widens it with a
-    pause after the save."""
+    duration (a slow database, a save retried); the test holds the save
+    until the start has read the run in flight, so that the start always
+    lands in the window (a fixed pause did not, once, on a loaded machine)."""
     real_save_end = rows.save_end
+    backend = get_service().backend
+    real_get = backend.get
     saving = asyncio.Event()
+    read = threading.Event()  # the enqueue start has read the run in flight
     loop = asyncio.get_running_loop()
 
-    def slow_save_end(*args: Any, **kwargs: Any) -> Any:
-        result = real_save_end(*args, **kwargs)
-        loop.call_soon_threadsafe(saving.set)
-        time.sleep(0.5)  # the database answers slowly
+    def slow_save_end(pk: Any, fields: dict[str, Any]) -> Any:
+        result = real_save_end(pk, fields)
+        if Run.objects.filter(pk=pk, session_key="race").exists():
+            loop.call_soon_threadsafe(saving.set)
+            read.wait(10)  # the database answers slowly
         return result
 
+    async def get(session_key: str) -> Any:
+        state = await real_get(session_key)
+        if session_key == "race" and saving.is_set():
+            read.set()
+        return state
+
     monkeypatch.setattr(rows, "save_end", slow_save_end)
+    monkeypatch.setattr(backend, "get", get)
     await runs.start("race", prompt="2", owner=OWNER)
     await asyncio.wait_for(saving.wait(), 5)
     queued = await runs.start("race", prompt="3", owner=OWNER, multitask="enqueue")
+    assert read.is_set()
     assert queued.status == "queued"
     assert await settles("race", "3", timeout=4) == "done"
 
