@@ -180,4 +180,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="detached_runs.E008",
             )
         )
+    token = config["METRICS_TOKEN"]
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        errors.append(
+            Error(
+                "DETACHED_RUNS['METRICS_TOKEN'] must be None or a string of at least 16 "
+                "characters.",
+                hint="A scraper sends it as 'Authorization: Bearer <token>'; "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one.",
+                id="detached_runs.E010",
+            )
+        )
     return errors

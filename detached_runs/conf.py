@@ -71,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
     "RUN_TIMEOUT": None,
     # End runs gracefully on the server's SIGTERM/SIGINT (see detached_runs.lifecycle).
     "HANDLE_SIGNALS": True,
+    # The bearer token a scraper sends for the metrics URL (detached_runs.metrics);
+    # None: staff users only.
+    "METRICS_TOKEN": None,
 }
 
 NUMBERS = ("EVICT_AFTER", "CHECKPOINT_EVERY", "KEEPALIVE", "SHUTDOWN_TIMEOUT")

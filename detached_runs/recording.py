@@ -19,7 +19,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from . import rows
+from . import metrics, rows
 from .agents.base import Agent, AgentContext, Turn
 from .backends.base import BaseBackend, Item, RunEnd, is_seconds
 from .conf import get_config
@@ -268,6 +268,7 @@ class Recorder:
                     continue
             except database_errors() as exc:
                 failure, delay = exc, next(delays)
+            metrics.save_failures.labels(save="final").inc()
             if delay is None:
                 logger.error(
                     "Could not save run %s (%s, %d characters)",
@@ -285,6 +286,7 @@ class Recorder:
             run = copy.copy(self.run)  # the caller of start() keeps its own
             for name, value in fields.items():
                 setattr(run, name, value)
+            metrics.run_ended(run)
             await self.announce(run_finished, run, status=end.status, output=end.output)
         if self.ended is not None:
             self.ended(self.run)
@@ -326,6 +328,7 @@ class Checkpoints:
             try:
                 refused = await run_sync(rows.write_checkpoints, list(due.values()))
             except Exception:  # one task serves every run: it must go on
+                metrics.save_failures.labels(save="checkpoint").inc(len(due))
                 logger.warning(
                     "Checkpoint of run %s failed; will retry",
                     ", ".join(r.run.id.hex for r in due),
@@ -336,11 +339,13 @@ class Checkpoints:
             for recorder, checkpoint in due.items():
                 if recorder.run.pk in refused:
                     # Its data, not the database: the others' rows were written.
+                    metrics.save_failures.labels(save="checkpoint").inc()
                     logger.warning(
                         "The database refused the checkpoint of run %s; will retry",
                         recorder.run.id.hex,
                     )
                     continue
+                metrics.checkpoint_lag.observe(now - recorder.beat)
                 recorder.saved_id, recorder.beat = checkpoint.last_id, now
 
 

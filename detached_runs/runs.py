@@ -44,7 +44,7 @@ from typing import Any
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import listing, rows
+from . import listing, metrics, rows
 from .agents.base import Agent, AgentContext, Turn, load_agent
 from .backends import load_backend
 from .backends.base import ACTIVE, INTERRUPTED, BaseBackend, RunState, Subscription
@@ -375,6 +375,7 @@ class RunService:
             undo = rows.requeue if queued else rows.delete_row
             await asyncio.shield(run_sync(undo, run.pk))
             raise
+        metrics.run_started()
         if not queued and meta["started_at"] != run.started_at.timestamp():
             # The backend ordered the session's starts (across processes):
             # the rows follow its order, so the latest row is the current run.
@@ -782,6 +783,7 @@ class RunService:
             return await run_sync(rows.fresh_row, fresh, output=output)
         resolved, updated = await run_sync(rows.mark_orphaned, fresh)
         if updated:
+            metrics.run_ended(resolved)
             logger.warning(
                 "Run %s of session %s was orphaned (worker %s): marked interrupted",
                 resolved.id.hex,
@@ -875,6 +877,7 @@ class RunService:
             ),
         )
         if ended and row is not None:
+            metrics.run_ended(row)
             await self._announce(run_finished, row, status=row.status, output=row.output)
             self._queue_next(row.session_key, state.run_id)
         return row is None or row.last_event_id == state.last_id or ended

@@ -114,6 +114,7 @@ DETACHED_RUNS = {
     "MAX_ACTIVE_RUNS_PER_OWNER": int(os.environ.get("TEST_MAX_ACTIVE_RUNS_PER_OWNER", "5")),
     "MAX_QUEUED_PER_SESSION": int(os.environ.get("TEST_MAX_QUEUED_PER_SESSION", "3")),
     "VALIDATE_OPTIONS": "tests.agents.validate_options",
+    "METRICS_TOKEN": "metrics-token-for-the-tests",
 }
 
 if os.environ.get("TEST_BACKEND") == "redis":

@@ -34,6 +34,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("runs/", include("detached_runs.urls")),
     path("api/", include("detached_runs.aisdk.urls")),
+    path("metrics", include("detached_runs.metrics.urls")),
     path("login/", log_in),
     path("logout/", log_out),
 ]

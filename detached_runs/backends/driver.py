@@ -30,7 +30,17 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
-from ..events import DONE, INPUT_RECEIVED, INPUT_REQUIRED, INPUT_TIMEOUT, START, Position, make_id
+from .. import metrics
+from ..events import (
+    DONE,
+    INPUT_RECEIVED,
+    INPUT_REQUIRED,
+    INPUT_TIMEOUT,
+    START,
+    Event,
+    Position,
+    make_id,
+)
 from ..exceptions import AgentError, BackendUnavailable, InputTimeout
 from ..text import clean_text
 from .base import DONE as STATUS_DONE
@@ -74,6 +84,7 @@ class DrivenRun(RunLog):
         "phase",
         "previous",
         "retry",
+        "stop_asked_at",
         "stop_reason",
         "stored",
         "task",
@@ -86,6 +97,8 @@ class DrivenRun(RunLog):
         self.phase = _WAITING
         # Why it must end early: (status, error) of a stop, a timeout or a shutdown.
         self.stop_reason: tuple[str, str] | None = None
+        #: Loop time at which a user's stop first reached it (the stop latency).
+        self.stop_asked_at: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         #: Loop time at which RUN_TIMEOUT ends it (None: no limit); while its
         #: agent waits for an answer, the seconds it has left (the timer is
@@ -115,6 +128,12 @@ class DrivenRun(RunLog):
         if self.first_text_at is None and text:
             self.first_text_at = time.time()  # the first token, as this process logs it
         super().append_text(text)
+        metrics.text_logged(len(text.encode()))
+
+    def append_event(self, event: str, data: dict[str, Any]) -> Event:
+        item = super().append_event(event, data)
+        metrics.event_logged(event)
+        return item
 
 
 class RunDriver:
@@ -332,6 +351,8 @@ class RunDriver:
         if run.phase >= _CLOSING:
             return False
         first = run.stop_reason is None
+        if first and reason[0] == STOPPED:
+            run.stop_asked_at = asyncio.get_running_loop().time()
         if first or reason[0] != STOPPED:
             run.stop_reason = reason  # a shutdown's or a timeout's reason wins
         # Only a task inside the agent is cancelled; a waiting one (or one that
@@ -636,6 +657,8 @@ class RunDriver:
         run.phase = _FINISHED
         run.closed = True  # before its terminal event: subscribers woken by it see the end
         run.append_event(DONE, data)
+        if status == STOPPED and run.stop_asked_at is not None:
+            metrics.stop_latency.observe(run.ended_at - run.stop_asked_at)
         run.compact()
         run.finished.set()
         logger.info("Run %s of session %s ended: %s", run.id, run.session_key, status)

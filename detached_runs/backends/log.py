@@ -22,6 +22,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
+from .. import metrics
 from ..events import (
     DELTA,
     DONE,
@@ -339,6 +340,7 @@ class LogSubscription(Subscription):
         self.run_id = run.id
         self.meta = run.meta
         run.subscribers += 1
+        metrics.subscribers.inc()
         if run.evict_handle is not None:
             run.evict_handle.cancel()
             run.evict_handle = None
@@ -398,6 +400,7 @@ class LogSubscription(Subscription):
             self._timer.cancel()
             self._timer = None
         self._run.subscribers -= 1
+        metrics.subscribers.dec()
         if self._run.subscribers == 0:
             self._released(self._run)
 

@@ -87,6 +87,7 @@ import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from .. import metrics
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
 from ..exceptions import BackendUnavailable, BadEventId
 from ..workers import process_gone, worker_id
@@ -346,6 +347,7 @@ class RedisBackend(BaseBackend):
         try:
             await pipe.execute()
         except (RedisError, OSError):
+            metrics.redis_errors.inc()
             logger.warning("Could not take back the refused run %s from Redis", run_id)
 
     async def catch_up(self, log: RunLog, position: Position) -> None:
@@ -646,6 +648,7 @@ class RedisBackend(BaseBackend):
                     try:
                         flushed = await self._resync(run, record)
                     except (RedisError, OSError):
+                        metrics.redis_errors.inc()
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 2.0)
                         continue
@@ -711,6 +714,7 @@ class RedisBackend(BaseBackend):
                         if kept and not run.unsaved:
                             await self._expire_saved(run)  # saved meanwhile
                 except (RedisError, OSError):
+                    metrics.redis_errors.inc()
                     logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
@@ -820,6 +824,7 @@ class RedisBackend(BaseBackend):
             try:
                 await self._in_sets(entry, add=True)
             except (RedisError, OSError):
+                metrics.redis_errors.inc()
                 pass  # unreachable: the lease may lapse, and the end be saved twice, alike
             await asyncio.sleep(self.renew_every)
 
@@ -836,6 +841,7 @@ class RedisBackend(BaseBackend):
         try:
             await self.redis.zrem(self._unsaved_key(), f"{run.session_key} {run.id}")
         except (RedisError, OSError):
+            metrics.redis_errors.inc()
             pass  # its lease lapses; the sweep finds the row saved
         if run.id not in self._writers:  # else the writer's _ending sets the expiry
             await self._expire_saved(run)
@@ -846,6 +852,7 @@ class RedisBackend(BaseBackend):
         try:
             await pipe.execute()
         except (RedisError, OSError):
+            metrics.redis_errors.inc()
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
     async def _renew(self, run: DrivenRun) -> bool:
@@ -865,6 +872,7 @@ class RedisBackend(BaseBackend):
         try:
             held, *_ = await pipe.execute()
         except (RedisError, OSError):
+            metrics.redis_errors.inc()
             logger.warning("Could not renew the lease of run %s", run.id)
             return True  # unreachable, not lost: the writer's next attempt finds out
         if held == STOP_ASKED:
@@ -974,6 +982,7 @@ class RedisBackend(BaseBackend):
                                 break
                             last = _position(stream_id)
                 except (RedisError, OSError):
+                    metrics.redis_errors.inc()
                     logger.warning("Redis unreachable; following run %s again soon", mirror.id)
                     await asyncio.sleep(0.5)
         finally:
@@ -1022,6 +1031,7 @@ class RedisBackend(BaseBackend):
             try:
                 due = await self._lua.due(keys=[self._index_key()], args=[100])
             except (RedisError, OSError):
+                metrics.redis_errors.inc()
                 continue  # Redis is unreachable: the writers say so
             for member in due:
                 session_key, _, run_id = member.decode().partition(" ")
@@ -1049,6 +1059,7 @@ class RedisBackend(BaseBackend):
         try:
             due = await self._lua.due(keys=[self._unsaved_key()], args=[100])
         except (RedisError, OSError):
+            metrics.redis_errors.inc()
             return
         for member in due:
             session_key, _, run_id = member.decode().partition(" ")
@@ -1120,12 +1131,14 @@ class RedisBackend(BaseBackend):
                     if run is not None and run.id == run_id:
                         self.driver.request_stop(run)
             except (RedisError, OSError):
+                metrics.redis_errors.inc()
                 logger.warning("Lost the Redis stop channel; listening again soon")
                 await asyncio.sleep(0.5)
             finally:
                 try:
                     await pubsub.aclose()
                 except (RedisError, OSError):
+                    metrics.redis_errors.inc()
                     pass
 
     async def _stop_remote_previous(self, session_key: str) -> asyncio.Event | None:
@@ -1171,6 +1184,7 @@ class RedisBackend(BaseBackend):
                         self.redis.hget(meta, "status"), self.redis.exists(lease)
                     )
                 except (RedisError, OSError):
+                    metrics.redis_errors.inc()
                     await asyncio.sleep(0.5)
                     continue
                 if status != RUNNING.encode():
@@ -1476,6 +1490,7 @@ class RedisBackend(BaseBackend):
         try:
             return await awaitable
         except (RedisError, OSError) as exc:
+            metrics.redis_errors.inc()
             raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
 
 
@@ -1505,6 +1520,7 @@ class _SessionLock:
         try:
             acquired = await self.lock.acquire()
         except (RedisError, OSError) as exc:
+            metrics.redis_errors.inc()
             raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
         if not acquired:
             raise BackendUnavailable("The session is busy; try again.")
@@ -1547,6 +1563,7 @@ class _Questions(SharedQuestions):
         try:
             recorded = await backend._lua.ask(keys=[self._run_key(run)], args=[request])
         except (RedisError, OSError):
+            metrics.redis_errors.inc()
             logger.warning("Redis unreachable; run %s asks without it for now", run.id)
             recorded = 0
         except BaseException:
@@ -1585,6 +1602,7 @@ class _Questions(SharedQuestions):
                     if await self._deliver(run, request, withdraw=False):
                         return
                 except (RedisError, OSError):
+                    metrics.redis_errors.inc()
                     recorded = False
         finally:
             self._forget(run, wakeup, lock)
@@ -1613,6 +1631,7 @@ class _Questions(SharedQuestions):
                 await self._deliver(run, request, withdraw=True)
                 return
             except (RedisError, OSError):
+                metrics.redis_errors.inc()
                 if run.closed:
                     return
                 logger.warning("Redis unreachable; run %s withdraws its question later", run.id)

@@ -1,0 +1,94 @@
+"""The metrics URL: the Prometheus text format, for staff or a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any
+
+from django.db.models import Count
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.cache import never_cache
+
+from ..conf import get_config
+from ..models import Run
+from . import prometheus_client
+
+#: The statuses ``detached_runs_runs`` reports, read from the database.
+COUNTED = (Run.Status.RUNNING, Run.Status.WAITING, Run.Status.QUEUED)
+
+
+@never_cache  # each scrape reads the figures of now, whatever caches the project has
+def metrics(request: HttpRequest) -> HttpResponse:
+    """``GET``: every metric of this process (or of all of them, in
+    prometheus_client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR``), and
+    ``detached_runs_runs{status}`` counted in the database.
+
+    Answers ``403`` unless the request's user is staff or it carries
+    ``Authorization: Bearer <DETACHED_RUNS["METRICS_TOKEN"]>``; ``501``
+    without prometheus_client (the ``metrics`` extra); ``405`` for another
+    method."""
+    if request.method not in ("GET", "HEAD"):
+        return _plain(405, "Use GET.", Allow="GET, HEAD")
+    if not _allowed(request):
+        return _plain(403, "Staff only, or Authorization: Bearer <METRICS_TOKEN>.")
+    if prometheus_client is None:
+        return _plain(
+            501,
+            "Metrics need prometheus_client: pip install 'django-detached-runs[metrics]'.",
+        )
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    counted = CollectorRegistry()
+    counted.register(_RunsInDatabase())
+    body = generate_latest(registry) + generate_latest(counted)
+    return HttpResponse(body, content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+def _allowed(request: HttpRequest) -> bool:
+    user = getattr(request, "user", None)
+    if user is not None and user.is_active and user.is_staff:
+        return True
+    token = get_config()["METRICS_TOKEN"]
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    return bool(
+        token
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(value.strip().encode(), str(token).encode())
+    )
+
+
+class _RunsInDatabase:
+    """``detached_runs_runs{status}``: the runs in flight (``running``,
+    ``waiting``) and ``queued``, as the database has them (one query)."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        found = dict(
+            Run.objects.filter(status__in=COUNTED)
+            .order_by()
+            .values_list("status")
+            .annotate(n=Count("id"))
+        )
+        family = GaugeMetricFamily(
+            "detached_runs_runs",
+            "Runs in flight (running, waiting) and queued, as the database has them.",
+            labels=["status"],
+        )
+        for status in COUNTED:
+            family.add_metric([str(status)], found.get(status, 0))
+        return [family]
+
+
+def _plain(status: int, message: str, **headers: str) -> HttpResponse:
+    response = HttpResponse(message + "\n", status=status, content_type="text/plain")
+    for name, value in headers.items():
+        response[name] = value
+    return response

@@ -1,0 +1,252 @@
+"""Step 13, metrics: what `detached_runs.metrics` counts for real runs, who may
+read it (staff, a bearer token), the same figures from two worker processes
+in prometheus_client's multiprocess mode, and the app without
+prometheus_client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from django.test import AsyncClient
+
+from detached_runs import runs
+from detached_runs.models import Run
+
+from .agents import forever, script
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+OWNER = "user:1"
+TOKEN = {"Authorization": "Bearer metrics-token-for-the-tests"}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(body: bytes) -> Samples:
+    """``{(sample name, labels): value}`` of a Prometheus text exposition."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape() -> Samples:
+    response = await AsyncClient().get("/metrics", headers=TOKEN)
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain; version=")
+    return parse(response.content)
+
+
+async def ended(session: str, timeout: float = 10.0) -> Run:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        row = await Run.objects.filter(session_key=session).afirst()
+        if row is not None and row.status not in ("running", "waiting", "queued"):
+            return row
+        assert asyncio.get_running_loop().time() < deadline, "the run did not end"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_run_is_counted_once_started_and_once_ended_with_its_text_events_and_times():
+    before = await scrape()
+    items = [
+        "añ€😀 ",  # 13 bytes of UTF-8
+        {"event": "tool_call", "data": {"id": "1", "name": "search"}},
+        {"event": "my_own_event", "data": {}},
+        {"event": "usage", "data": {"input_tokens": 3}},
+        "end",
+    ]
+    await runs.start("counted", prompt=script(items), owner=OWNER)
+    row = await ended("counted")
+    assert row.status == "done"
+    after = await scrape()
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("detached_runs_runs_started_total") == 1
+    assert grew("detached_runs_runs_ended_total", status="done") == 1
+    assert grew("detached_runs_runs_ended_total", status="stopped") == 0
+    assert grew("detached_runs_text_bytes_total") == len("añ€😀 end".encode())
+    assert grew("detached_runs_events_logged_total", event="start") == 1
+    assert grew("detached_runs_events_logged_total", event="done") == 1
+    assert grew("detached_runs_events_logged_total", event="tool_call") == 1
+    assert grew("detached_runs_events_logged_total", event="usage") == 1
+    # An agent's own event name is not a label of its own: labels stay bounded.
+    assert grew("detached_runs_events_logged_total", event="other") == 1
+    own = frozenset({("event", "my_own_event")})
+    assert ("detached_runs_events_logged_total", own) not in after
+    assert grew("detached_runs_run_duration_seconds_count") == 1
+    assert grew("detached_runs_time_to_first_token_seconds_count") == 1
+    duration = grew("detached_runs_run_duration_seconds_sum")
+    assert row.finished_at is not None
+    assert duration == pytest.approx((row.finished_at - row.started_at).total_seconds())
+
+
+async def test_a_stop_is_timed_from_its_request_to_the_terminal_event():
+    before = await scrape()
+    await runs.start("stopped", prompt="forever", owner=OWNER, agent=forever)
+    await asyncio.sleep(0.1)
+    assert await runs.stop("stopped", owner=OWNER)
+    assert (await ended("stopped")).status == "stopped"
+    after = await scrape()
+    count = "detached_runs_stop_latency_seconds_count"
+    assert value(after, count) - value(before, count) == 1
+    assert (
+        value(after, "detached_runs_runs_ended_total", status="stopped")
+        - value(before, "detached_runs_runs_ended_total", status="stopped")
+        == 1
+    )
+    seconds = value(after, "detached_runs_stop_latency_seconds_sum") - value(
+        before, "detached_runs_stop_latency_seconds_sum"
+    )
+    assert 0 <= seconds < 5
+
+
+async def test_runs_in_flight_and_queued_are_counted_in_the_database():
+    assert {
+        status: value(await scrape(), "detached_runs_runs", status=status)
+        for status in ("running", "waiting", "queued")
+    } == {"running": 0, "waiting": 0, "queued": 0}
+    await runs.start("gauge", prompt="forever", owner=OWNER, agent=forever)
+    await runs.start("gauge", prompt="2", owner=OWNER, multitask="enqueue")
+    await runs.start("gauge-ask", prompt=script([{"ask": {"q": "?"}}]), owner=OWNER)
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        samples = await scrape()
+        counted = {
+            status: value(samples, "detached_runs_runs", status=status)
+            for status in ("running", "waiting", "queued")
+        }
+        if counted == {"running": 1, "waiting": 1, "queued": 1}:
+            break
+        assert asyncio.get_running_loop().time() < deadline, counted
+        await asyncio.sleep(0.05)
+    await runs.stop("gauge", owner=OWNER, queued=True)
+    await runs.stop("gauge-ask", owner=OWNER)
+
+
+async def test_subscribers_are_counted_while_they_follow():
+    await runs.start("followed", prompt="forever", owner=OWNER, agent=forever)
+    before = value(await scrape(), "detached_runs_subscribers")
+    subscription = await runs.subscribe("followed", owner=OWNER)
+    assert value(await scrape(), "detached_runs_subscribers") == before + 1
+    await subscription.aclose()
+    assert value(await scrape(), "detached_runs_subscribers") == before
+    await runs.stop("followed", owner=OWNER)
+
+
+@pytest.mark.parametrize(
+    ("headers", "staff", "status"),
+    [
+        ({}, False, 403),
+        ({"Authorization": "Bearer wrong"}, False, 403),
+        ({"Authorization": "Basic metrics-token-for-the-tests"}, False, 403),
+        ({"Authorization": "Bearer metrics-token-for-the-tests"}, False, 200),
+        ({}, True, 200),
+    ],
+    ids=["nobody", "a-wrong-token", "another-scheme", "the-token", "staff"],
+)
+async def test_only_staff_or_the_token_may_read_them(headers, staff, status):
+    from django.contrib.auth.models import User
+
+    client = AsyncClient()
+    user = await User.objects.acreate(username=f"u{uuid.uuid4().hex[:8]}", is_staff=staff)
+    await client.aforce_login(user)
+    response = await client.get("/metrics", headers=headers)
+    assert response.status_code == status
+    if status != 200:
+        assert b"detached_runs" not in response.content  # no figures leak
+    assert (await client.post("/metrics", headers=TOKEN)).status_code == 405
+
+
+async def test_redis_failures_are_counted(own_redis):
+    pytest.importorskip("redis")
+    from detached_runs.backends.redis import RedisBackend
+    from detached_runs.exceptions import BackendUnavailable
+
+    backend = RedisBackend(redis_url=own_redis.url, redis_prefix="dr-metrics")
+    before = value(await scrape(), "detached_runs_redis_errors_total")
+    own_redis.kill()
+    with pytest.raises(BackendUnavailable):
+        await backend.get("nobody")
+    assert value(await scrape(), "detached_runs_redis_errors_total") == before + 1
+    await backend.shutdown(1)
+
+
+def test_without_prometheus_client_the_app_works_and_the_url_says_what_to_install():
+    """The extra is optional: with prometheus_client missing, runs are counted
+    by no-ops, and the metrics URL answers 501 with the pip command."""
+    program = """
+import sys
+sys.modules["prometheus_client"] = None  # not installed
+import django
+django.setup()
+from django.contrib.auth.models import User
+from django.test import RequestFactory
+from detached_runs import metrics
+from detached_runs.metrics.views import metrics as view
+assert not metrics.available()
+metrics.run_started()
+metrics.event_logged("start")
+metrics.text_logged(3)
+metrics.subscribers.inc()
+metrics.stop_latency.observe(0.1)
+request = RequestFactory().get("/metrics")
+request.user = User(username="staff", is_staff=True, is_active=True)
+response = view(request)
+print(response.status_code, response.content.decode().strip())
+"""
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings")
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "501 Metrics need prometheus_client: pip install 'django-detached-runs[metrics]'."
+    )
+
+
+@pytest.mark.e2e
+def test_two_workers_in_multiprocess_mode_serve_the_sum_of_both(start_workers, tmp_path):
+    """Two real daphne workers sharing a ``PROMETHEUS_MULTIPROC_DIR``: a run
+    on each, and either worker's URL counts both; the database's gauge is
+    the same from both."""
+    from .conftest import require_redis
+    from .http import Browser
+
+    require_redis()
+    a, b = start_workers(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    for server in (a, b):
+        key = uuid.uuid4().hex[:10]
+        browser = Browser(server.port)
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "5"}).status == 202
+        events = browser.stream(f"/runs/{key}/events/").rest()
+        assert events[-1].data == {"status": "done"}
+    for server in (a, b):
+        reply = Browser(server.port).request("GET", "/metrics", headers=TOKEN)
+        assert reply.status == 200
+        samples = parse(reply.body)
+        assert value(samples, "detached_runs_runs_started_total") == 2
+        assert value(samples, "detached_runs_runs_ended_total", status="done") == 2
+        assert value(samples, "detached_runs_text_bytes_total") == 2 * len("w0 w1 w2 w3 w4 ")
+        assert value(samples, "detached_runs_runs", status="running") == 0
