@@ -11,6 +11,8 @@ urlpatterns = [
     path("runs/", include("detached_runs.urls")),
     # The AI SDK's useChat: DefaultChatTransport({api: "/api/chat"}).
     path("api/", include("detached_runs.aisdk.urls")),
+    # Prometheus metrics, for staff users (docs/metrics.md).
+    path("metrics", include("detached_runs.metrics.urls")),
     path("react/", views.react_chat, name="react_chat"),
     path("", views.chat, name="chat"),
 ]
