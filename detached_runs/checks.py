@@ -17,6 +17,7 @@ from .conf import (
     NUMBERS,
     OPTIONAL_NUMBERS,
     REQUIRED_LIMITS,
+    SHUTDOWN_MODES,
     get_config,
 )
 
@@ -178,6 +179,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 f"DETACHED_RUNS['MULTITASK'] = {config['MULTITASK']!r} is not a multitask policy.",
                 hint=f"Use one of {', '.join(repr(p) for p in MULTITASK_POLICIES)}.",
                 id="detached_runs.E008",
+            )
+        )
+    if config["SHUTDOWN_MODE"] not in SHUTDOWN_MODES:
+        errors.append(
+            Error(
+                f"DETACHED_RUNS['SHUTDOWN_MODE'] = {config['SHUTDOWN_MODE']!r} is not a "
+                "shutdown mode.",
+                hint=f"Use one of {', '.join(repr(m) for m in SHUTDOWN_MODES)}.",
+                id="detached_runs.E011",
             )
         )
     token = config["METRICS_TOKEN"]

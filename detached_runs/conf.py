@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds of silence after which an SSE stream sends a ": keep-alive" comment.
     "KEEPALIVE": 15.0,
     "SHUTDOWN_TIMEOUT": 10.0,
+    # On SIGTERM: "interrupt" the runs in flight, or "drain": take no new runs
+    # and let those in flight end within SHUTDOWN_TIMEOUT, then interrupt.
+    "SHUTDOWN_MODE": "interrupt",
     "MAX_PROMPT_CHARS": 32_000,
     # Bytes of the JSON of the options sent with a prompt, at most.
     "MAX_OPTIONS_BYTES": 16_384,
@@ -98,6 +101,8 @@ REQUIRED_LIMITS = (
     "MAX_INPUT_BYTES",
     "MAX_QUEUED_PER_SESSION",
 )
+#: The values of ``SHUTDOWN_MODE``.
+SHUTDOWN_MODES = ("interrupt", "drain")
 #: The values of ``MULTITASK`` (and of a request's ``multitask``).
 MULTITASK_POLICIES = ("interrupt", "reject", "enqueue", "rollback")
 

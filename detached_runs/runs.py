@@ -107,6 +107,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUEUED = Run.Status.QUEUED
+#: Seconds of ``SHUTDOWN_TIMEOUT`` (at most half of it) that a ``"drain"``
+#: shutdown keeps for interrupting the runs still in flight and saving them.
+DRAIN_RESERVE = 5.0
+
 #: Seconds a subscriber past the end of a run waits for the next queued run to
 #: start (`RunService.open`), before it is told the run ended.
 QUEUE_WAIT = 5.0
@@ -819,11 +823,25 @@ class RunService:
             await self._promote(session_key)
         return ended
 
-    async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop every run in flight and wait for their saves (graceful shutdown)."""
+    async def shutdown(self, timeout: float | None = None, *, mode: str | None = None) -> None:
+        """End this process's runs in flight and wait for their saves (a
+        graceful shutdown), within ``timeout`` seconds (``SHUTDOWN_TIMEOUT``).
+
+        ``mode`` (``SHUTDOWN_MODE``): ``"interrupt"`` stops every run at once
+        (``interrupted``, its text so far saved); ``"drain"`` first refuses
+        new runs (``503`` with ``Retry-After``) and lets the runs end by
+        themselves for ``timeout`` less `DRAIN_RESERVE` seconds, then
+        interrupts what is left within that reserve."""
+        config = get_config()
         if timeout is None:
-            timeout = float(get_config()["SHUTDOWN_TIMEOUT"])
+            timeout = float(config["SHUTDOWN_TIMEOUT"])
+        if mode is None:
+            mode = str(config["SHUTDOWN_MODE"])
         if self._backend is not None or self._fixed is not None:
+            if mode == "drain":
+                reserve = min(DRAIN_RESERVE, timeout / 2)
+                await self.backend.drain(timeout - reserve)
+                timeout = reserve
             await self.backend.shutdown(timeout)
         if self._announcing:
             await asyncio.wait(self._announcing, timeout=timeout)

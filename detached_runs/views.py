@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 View = Callable[..., Awaitable[HttpResponseBase]]
 
 
+#: Seconds a ``503`` answer asks the client to wait before it tries again
+#: (its ``Retry-After``).
+RETRY_AFTER = 1
+
+
 def error_response(status: int, message: str) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
 
@@ -89,6 +94,11 @@ def api(*methods: str) -> Callable[[View], Any]:
                     response = await _checked(view, wrapper, request, *args, **kwargs)
                 except Exception as exc:  # noqa: BLE001 - mapped and logged in error_status
                     response = error_response(*error_status(exc, view.__name__))
+                    if response.status_code == 503:
+                        # Refused before anything was done (a worker shutting
+                        # down or draining, Redis or the database unreachable):
+                        # clients and proxies may try again, elsewhere too.
+                        response["Retry-After"] = str(RETRY_AFTER)
             if not response.streaming:
                 add_never_cache_headers(response)
             return response

@@ -111,6 +111,7 @@ DETACHED_RUNS = {
     "KEEPALIVE": float(os.environ.get("TEST_KEEPALIVE", "15")),
     "EVICT_AFTER": float(os.environ.get("TEST_EVICT_AFTER", "180")),
     "SHUTDOWN_TIMEOUT": float(os.environ.get("TEST_SHUTDOWN_TIMEOUT", "10")),
+    "SHUTDOWN_MODE": os.environ.get("TEST_SHUTDOWN_MODE", "interrupt"),
     "MAX_ACTIVE_RUNS_PER_OWNER": int(os.environ.get("TEST_MAX_ACTIVE_RUNS_PER_OWNER", "5")),
     "MAX_QUEUED_PER_SESSION": int(os.environ.get("TEST_MAX_QUEUED_PER_SESSION", "3")),
     "VALIDATE_OPTIONS": "tests.agents.validate_options",

@@ -53,6 +53,8 @@ def test_the_test_settings_pass(configured):
         ({"VALIDATE_OPTIONS": "tests.nothing.here"}, "detached_runs.E009"),
         ({"VALIDATE_OPTIONS": "tests.agents.DELAY"}, "detached_runs.E009"),
         ({"METRICS_TOKEN": "short"}, "detached_runs.E010"),
+        ({"SHUTDOWN_MODE": "wait"}, "detached_runs.E011"),
+        ({"SHUTDOWN_MODE": None}, "detached_runs.E011"),
         ({"METRICS_TOKEN": 1234567890123456789}, "detached_runs.E010"),
         ({"MAX_OPTIONS_BYTES": None}, "detached_runs.E004"),
         ({"MAX_QUEUED_PER_SESSION": 0}, "detached_runs.E004"),

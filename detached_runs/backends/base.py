@@ -469,6 +469,15 @@ class BaseBackend:
         state = self.driven(session_key, run_id)
         return None if state is None else (state.output, state.last_id)
 
+    async def drain(self, timeout: float) -> None:
+        """Refuse new runs (`check_accepting` raises `BackendUnavailable`
+        from now on) and wait up to ``timeout`` seconds for this process's
+        runs in flight to end by themselves: the first part of a shutdown in
+        ``SHUTDOWN_MODE = "drain"``, which `shutdown` follows. Runs driven by
+        other workers are not waited for. The default refuses nothing and
+        returns at once (a backend without it interrupts its runs, as in
+        ``"interrupt"`` mode)."""
+
     async def shutdown(self, timeout: float) -> None:
         """Refuse new runs, end every run in flight as ``interrupted`` and wait
         (up to ``timeout``) for their saves and terminal events, and for the

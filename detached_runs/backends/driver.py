@@ -162,6 +162,8 @@ class RunDriver:
         self._sessions: dict[str, DrivenRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        # Set by refuse_new_runs (a drain, then the shutdown): starts refused.
+        self._refusing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set by shutdown: saves that failed before are tried again at once.
         self._save_now: asyncio.Event | None = None
@@ -218,7 +220,7 @@ class RunDriver:
 
     def check_accepting(self) -> None:
         """`BackendUnavailable` once `shutdown` has begun."""
-        if self._closing:
+        if self._refusing:
             raise BackendUnavailable("The server is shutting down; try again in a moment.")
 
     def stop(self, session_key: str, run_id: str | None = None) -> bool:
@@ -295,12 +297,32 @@ class RunDriver:
     def refuse_new_runs(self) -> None:
         """From now on `start` (and `check_accepting`) refuse: the first step
         of `shutdown`, which a backend may take before anything else of its
-        own shutdown."""
-        self._closing = True
+        own shutdown, or the whole of a drain (`drain`), during which
+        everything else goes on as usual."""
+        self._refusing = True
+
+    async def drain(self, timeout: float) -> None:
+        """`BaseBackend.drain` for the runs here: refuse new runs, then wait
+        up to ``timeout`` s until every run here has ended (a run waiting for
+        its user's answer is waited for too: the answer may come)."""
+        self.refuse_new_runs()
+        left = [run.finished.wait() for run in self._sessions.values() if not run.finished.is_set()]
+        if not left:
+            return
+        logger.info("Draining: waiting up to %ss for %d runs to end", timeout, len(left))
+        tasks = [asyncio.ensure_future(wait) for wait in left]
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if pending:
+            logger.warning("Drained for %ss; %d runs are still in flight", timeout, len(pending))
 
     async def shutdown(self, timeout: float) -> None:
         """`BaseBackend.shutdown` for the runs here."""
         self.refuse_new_runs()
+        self._closing = True
         if self._save_now is not None:
             self._save_now.set()
         # Agents that will not let go are abandoned halfway through the

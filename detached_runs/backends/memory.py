@@ -100,6 +100,9 @@ class MemoryBackend(BaseBackend):
     def driven(self, session_key: str, run_id: str) -> RunState | None:
         return self.driver.driven(session_key, run_id)
 
+    async def drain(self, timeout: float) -> None:
+        await self.driver.drain(timeout)
+
     async def shutdown(self, timeout: float) -> None:
         await self.driver.shutdown(timeout)
 

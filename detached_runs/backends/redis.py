@@ -599,6 +599,12 @@ class RedisBackend(BaseBackend):
         """How many runs this worker drives (for tests and the admin)."""
         return len(self.driver)
 
+    async def drain(self, timeout: float) -> None:
+        """See `BaseBackend.drain`: its runs go on writing to Redis, renewing
+        their leases and serving every worker's subscribers meanwhile, and
+        starts sent to other workers go on there."""
+        await self.driver.drain(timeout)
+
     async def shutdown(self, timeout: float) -> None:
         self.driver.refuse_new_runs()  # at once: the driver's shutdown starts a turn later
         # Its runs end (their saves, their terminal events), while the tasks

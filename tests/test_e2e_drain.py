@@ -1,0 +1,164 @@
+"""Step 13, ``SHUTDOWN_MODE = "drain"`` with real server processes: a worker
+told to stop takes no new runs (503 with Retry-After) but lets its runs end
+by themselves within the grace, then interrupts what is left; a rolling
+restart of two workers sharing Redis loses no answer that fits in it."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from detached_runs.models import Run
+
+from .conftest import ended_row, require_redis, server_env, start_server, stop_server
+from .http import SSE, Browser, text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def words(count: int) -> str:
+    return "".join(f"w{i} " for i in range(count))
+
+
+def refused_while_draining(server: Any) -> Any:
+    """A start sent to ``server`` once its drain began: the first ``503``
+    (a fresh session key per try, so that no try changes another)."""
+    browser = Browser(server.port)
+    for _ in range(200):
+        key = uuid.uuid4().hex[:10]
+        reply = browser.request("POST", f"/runs/{key}/", {"prompt": "3"})
+        if reply.status == 503:
+            assert not Run.objects.filter(session_key=key).exists()
+            return reply
+        assert reply.status == 202, reply.body
+        time.sleep(0.02)
+    raise AssertionError("the draining server took every start")
+
+
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+def test_a_draining_server_finishes_its_runs_and_refuses_new_ones(kind):
+    """One server (either backend, whichever the pass runs): a 2 s answer
+    and a SIGTERM at its start. The answer arrives whole and is saved
+    ``done``; starts meanwhile get 503 with ``Retry-After``; the server exits
+    once the run is saved, well before its grace is over."""
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT="30",
+        LOG="INFO",
+    )
+    server = start_server(env, kind=kind)
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "100"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(3)
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        reply = refused_while_draining(server)
+        rest = stream.rest()
+        server.process.wait(timeout=30)
+        took = time.monotonic() - began
+    finally:
+        stop_server(server)
+    log = server.output()
+    assert reply.headers.get("Retry-After") == "1"
+    assert reply.json() == {"error": "The server is shutting down; try again in a moment."}
+    assert rest[-1].data == {"status": "done"}, log
+    assert text(first) + text(rest) == words(100)
+    row = Run.objects.get(session_key=key)
+    assert (row.status, row.output) == ("done", words(100))
+    assert took < 25, log  # it left once the run ended, not at the end of its grace
+    assert "Traceback" not in log, log
+
+
+def test_a_run_longer_than_the_grace_streams_through_the_drain_then_is_interrupted():
+    """``SHUTDOWN_TIMEOUT`` 6 s: 3 s of drain (the rest is the reserve for
+    interrupting), then the 20 s answer ends ``interrupted`` with everything
+    its subscriber got saved; its words kept coming during the drain."""
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT="6",
+        LOG="INFO",
+    )
+    server = start_server(env)
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "1000"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(3)
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        rest = stream.rest()
+        ended = time.monotonic() - began
+        server.process.wait(timeout=15)
+    finally:
+        stop_server(server)
+    log = server.output()
+    assert rest[-1].data == {"status": "interrupted"}, log
+    assert ended >= 3 - 0.5, log  # the drain came first
+    got = text(first) + text(rest)
+    assert words(1000).startswith(got) and len(got) > len(text(first)) + 40, log
+    row = Run.objects.get(session_key=key)
+    assert (row.status, row.output, row.last_event_id) == ("interrupted", got, rest[-1].id)
+
+
+def test_a_rolling_restart_of_two_workers_loses_no_answer(start_workers):
+    """Two daphne workers sharing Redis, restarted one after the other (A,
+    then B once A is back) while answers stream from both. Each answer fits
+    in the grace: every client, on either worker, gets it whole, every row
+    is ``done``, and starts sent to the draining worker are refused with 503
+    and taken by the other one."""
+    require_redis()
+    a, b = start_workers(TEST_SHUTDOWN_MODE="drain", TEST_SHUTDOWN_TIMEOUT="30")
+    pool = ThreadPoolExecutor(max_workers=8)
+    follows: list[tuple[str, Any]] = []
+
+    def follow(port: int, key: str, cookies: dict[str, str]) -> list[SSE]:
+        return Browser(port, cookies=dict(cookies)).stream(f"/runs/{key}/events/").rest()
+
+    def run_on(server: Any, *followers: Any) -> str:
+        key = uuid.uuid4().hex[:10]
+        browser = Browser(server.port)
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "120"}).status == 202
+        for other in (server, *followers):
+            follows.append((key, pool.submit(follow, other.port, key, browser.cookies)))
+        return key
+
+    def restart(old: Any, other: Any) -> Any:
+        """SIGTERM ``old`` while it streams a run; a start it refuses goes to
+        ``other``; return ``old`` started again."""
+        run_on(old, other)
+        time.sleep(0.3)  # streaming
+        old.process.send_signal(signal.SIGTERM)
+        reply = refused_while_draining(old)
+        assert reply.headers.get("Retry-After") == "1"
+        run_on(other, other)  # the client's retry, balanced to the other worker
+        old.process.wait(timeout=30)
+        assert "Traceback" not in old.output(), old.output()
+        return start_server(old.env)
+
+    try:
+        run_on(b, a)
+        a = restart(a, b)
+        run_on(a, b)
+        b = restart(b, a)
+        for key, future in follows:
+            events = future.result(timeout=60)
+            assert events[-1].data == {"status": "done"}, key
+            assert text(events) == words(120), key
+        for key in {key for key, _ in follows}:
+            row = ended_row(key, 10, f"run {key} did not end")
+            assert (row.status, row.output) == ("done", words(120))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for server in (a, b):
+            stop_server(server)
