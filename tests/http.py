@@ -35,6 +35,8 @@ class Browser:
 
     port: int
     cookies: dict[str, str] = field(default_factory=dict)
+    #: The server's address (another host's, in `tests.hosts`).
+    host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self.csrf = secrets.token_hex(16)  # 32 characters: a valid unmasked secret
@@ -59,7 +61,7 @@ class Browser:
         headers: dict[str, str] | None = None,
         csrf: bool = True,
     ) -> Reply:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
         extra = dict(headers or {})
         payload: bytes | None = None
         if body is not None:
@@ -76,7 +78,7 @@ class Browser:
             connection.close()
 
     def stream(self, path: str, headers: dict[str, str] | None = None) -> Stream:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
         connection.request("GET", path, headers=self._headers(headers))
         response = connection.getresponse()
         self._remember(response)

@@ -39,10 +39,18 @@ DROP: Mode = ("drop", b"")
 
 class Proxy:
     def __init__(
-        self, upstream: int, host: str = "127.0.0.1", *, server_first: bool = False
+        self,
+        upstream: int,
+        host: str = "127.0.0.1",
+        *,
+        server_first: bool = False,
+        upstream_host: str | None = None,
     ) -> None:
+        """``upstream``: the server's port, at ``upstream_host`` (default:
+        ``host``, where the proxy listens)."""
         self.upstream = upstream
         self.host = host
+        self.upstream_host = upstream_host or host
         #: The server speaks first (MySQL's greeting): the mode is chosen when a
         #: connection is accepted, since its client sends nothing before.
         self.server_first = server_first
@@ -147,7 +155,9 @@ class Proxy:
     async def _forward(
         self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.upstream)
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            self.upstream_host, self.upstream
+        )
         self._open.add(upstream_writer)
         try:
             if first:

@@ -19,12 +19,15 @@ class RedisServer:
     """Started at once unless ``start=False`` (then call `start`, from the
     main thread: a child dies with the thread that started it)."""
 
-    def __init__(self, *, start: bool = True) -> None:
+    def __init__(self, *, start: bool = True, also_on: tuple[str, ...] = ()) -> None:
+        """``also_on``: addresses it listens on besides 127.0.0.1 (another
+        host's way to it, in `tests.hosts`), at the same port."""
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
+        self.also_on = also_on
         if start:
             self.start()
 
@@ -33,7 +36,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no"),
+                *self.also_on,
+                *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
             ],
             stdout=subprocess.DEVNULL,
             preexec_fn=die_with_the_tests,
