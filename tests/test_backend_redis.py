@@ -445,12 +445,12 @@ async def test_a_workers_reader_stops_when_its_last_local_subscriber_leaves(work
 
     run_id = await start(a, waiting(), saves)
     one, two = await b.subscribe("s"), await b.subscribe("s")
-    assert list(b._readers) == [run_id]  # one reader for both subscribers
+    assert list(b._followed) == [run_id]  # followed once for both subscribers
     await one.aclose()
-    assert run_id in b._readers
+    assert run_id in b._followed
     await two.aclose()
     await asyncio.sleep(0)
-    assert b._readers == {} and b._mirrors == {}
+    assert b._followed == {} and b._mirrors == {}
     gate.set()
 
 
@@ -619,7 +619,7 @@ async def test_a_follower_that_falls_behind_a_trim_still_gets_every_event_in_ord
         seen: list[Event] = []
         while text_of(seen) != "first ":
             seen += await following.next_batch()
-        assert run_id in b._readers  # B follows with its reader from here on
+        assert run_id in b._followed  # B follows with its reader from here on
         gate.set()
         events = seen + await collect(following)
         assert text_of(events) == "first " + "".join(i for i in burst if isinstance(i, str))
@@ -1081,10 +1081,53 @@ async def test_a_follower_that_had_not_read_the_end_when_its_run_was_deleted_get
     follower = await b.subscribe("s")
     while "x " not in text_of(await follower.next_batch()):
         pass
-    b._readers[run_id].cancel()  # b reads nothing more of the stream
+    b._unfollow(run_id)  # b reads nothing more of the stream
     await asyncio.sleep(0.05)
     await a.delete("s", {run_id})
     events = await asyncio.wait_for(collect(follower), 3)
     assert events[-1].event == "done" and events[-1].data == {"status": "stopped"}
-    assert b._mirrors == {} and b._readers == {}
+    assert b._mirrors == {} and b._followed == {}
     gate.set()
+
+
+async def test_a_worker_follows_many_remote_runs_with_one_blocked_read(own_redis, saves):
+    """Step 13: a worker following runs that another drives used to hold one
+    blocked XREAD, and so one Redis connection, per run (1,000 followed runs,
+    1,000 connections; twenty such workers pass Redis's ``maxclients``). Now
+    one XREAD names them all; runs added while it blocks are named by the
+    next one (a wake entry ends it), and each follower still gets its whole
+    run."""
+    gate = asyncio.Event()
+
+    async def held() -> AsyncIterator[str]:
+        yield "x "
+        await gate.wait()
+        for word in WORDS[:20]:
+            yield word
+
+    async def one_blocked_read() -> bool:
+        clients = own_redis.command("CLIENT", "LIST").decode().splitlines()
+        return sum(" cmd=xread " in f" {line} " for line in clients) == 1
+
+    async with two_workers(f"redis://127.0.0.1:{own_redis.port}/0") as (a, b):
+        sessions = [f"s{i}" for i in range(30)]
+        for session in sessions:
+            await start(a, held(), saves, session=session)
+        followers = []
+        for session in sessions:  # one at a time: each joins the XREAD blocked now
+            follower = await b.subscribe(session)
+            while "x " not in text_of(await follower.next_batch()):
+                pass
+            followers.append(follower)
+        assert sorted(b._mirrors) == sorted(b._followed) and len(b._followed) == 30
+        await eventually(one_blocked_read, "not one blocked XREAD")
+        gate.set()
+        for follower in followers:
+            events = await asyncio.wait_for(collect(follower), 10)
+            assert text_of(events) == "".join(WORDS[:20])
+            assert events[-1].data == {"status": "done"}
+
+        async def nothing_followed() -> bool:
+            return not b._followed
+
+        await eventually(nothing_followed, "closed runs are still followed")

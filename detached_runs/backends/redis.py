@@ -125,6 +125,8 @@ SOCKET_TIMEOUT = 10.0
 #: Seconds a mirror's XREAD waits for new entries at most (less if the socket
 #: timeout is short: at most half of it).
 READ_BLOCK = 5.0
+#: Seconds a worker's wake stream (`RedisBackend._follow`) outlives its last entry.
+WAKE_KEEP = 3600
 #: Seconds a subscriber on one worker waits for an event id of the run's own
 #: worker to reach this worker through Redis, before it is refused as unknown.
 CATCH_UP = 10.0
@@ -244,7 +246,15 @@ class RedisBackend(BaseBackend):
         timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
         self.block_ms = int(min(READ_BLOCK, timeout / 2 if timeout else READ_BLOCK) * 1000) or 1
         self._mirrors: dict[str, RunLog] = {}
-        self._readers: dict[str, asyncio.Task[None]] = {}
+        #: The runs of other workers this worker follows (a mirror each, for
+        #: subscribers here), by id: the mirror and its stream id read so far.
+        self._followed: dict[str, tuple[RunLog, Position]] = {}
+        #: The one task reading them all, with one blocked XREAD (`_read_followed`).
+        self._reader: asyncio.Task[None] | None = None
+        #: The stream that wakes that XREAD when a run is added (`_follow`),
+        #: and the id of its entry read last.
+        self._wake_key = f"{self.prefix}:wake:{worker_id()}"
+        self._woken = "0-0"
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -569,9 +579,7 @@ class RedisBackend(BaseBackend):
             mirror = self._mirrors.pop(run_id, None)
             if mirror is None:
                 continue
-            reader = self._readers.pop(run_id, None)
-            if reader is not None:
-                reader.cancel()
+            self._unfollow(run_id)
             if not mirror.closed:
                 status = INTERRUPTED if status == RUNNING else status
                 mirror.append_event(DONE, {"status": status, **({"error": error} if error else {})})
@@ -619,9 +627,7 @@ class RedisBackend(BaseBackend):
         if writers:
             await asyncio.wait(writers, timeout=timeout)
         readers = [
-            t
-            for t in [*self._readers.values(), *self._holds.values(), self._listener, self._sweeper]
-            if t
+            t for t in [*self._holds.values(), self._reader, self._listener, self._sweeper] if t
         ]
         for task in readers:
             task.cancel()
@@ -913,9 +919,7 @@ class RedisBackend(BaseBackend):
             # A follower hears of a deletion of the run on ``<prefix>:delete``.
             await self._ensure_listener()
             if not mirror.closed:
-                self._readers[current] = asyncio.create_task(
-                    self._follow(mirror), name=f"detached_runs:redis-reader:{current}"
-                )
+                self._follow(mirror)
         return mirror
 
     async def _replay(self, session_key: str, run_id: str) -> RunLog:
@@ -966,33 +970,84 @@ class RedisBackend(BaseBackend):
             _apply(mirror, stream_id, event, data, over_gap=True)
         return _position(read[-1][0]) if read else after
 
-    async def _follow(self, mirror: RunLog) -> None:
-        """The one blocked XREAD of this worker for this run.
+    def _follow(self, mirror: RunLog) -> None:
+        """Follow ``mirror``'s run in Redis from its position on, with the
+        runs this worker follows already (`_read_followed`): one blocked
+        XREAD and one connection for all of them, however many there are."""
+        self._followed[mirror.id] = (mirror, mirror.position)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(
+                self._read_followed(), name="detached_runs:redis-reader"
+            )
+            return
+        # The XREAD blocked now names the runs followed before: an entry on
+        # this worker's wake stream ends it, and the next one names this run.
+        task = asyncio.create_task(self._wake(), name="detached_runs:redis-wake")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        An entry that does not continue the mirror means that what came
-        between was compacted into the head before this read (the stream is
-        bounded): it is read again from the head (`_fill`), not skipped.
-        """
-        key = self._key(mirror.session_key, "log", mirror.id)
-        last = mirror.position
+    def _unfollow(self, run_id: str) -> None:
+        """Read no more of run ``run_id`` (from the next XREAD on)."""
+        self._followed.pop(run_id, None)
+
+    async def _wake(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+        pipe.expire(self._wake_key, WAKE_KEEP)
         try:
-            while not mirror.closed:
-                try:
-                    reply = await self.redis.xread(
-                        {key: _stream_id(last)}, block=self.block_ms, count=1000
-                    )
-                    for _, entries in reply or []:
-                        for stream_id, fields in entries:
-                            if not _apply(mirror, stream_id, fields[b"e"], fields[b"d"]):
-                                last = await self._fill(mirror, last)
-                                break
-                            last = _position(stream_id)
-                except (RedisError, OSError):
-                    metrics.redis_errors.inc()
-                    logger.warning("Redis unreachable; following run %s again soon", mirror.id)
-                    await asyncio.sleep(0.5)
-        finally:
-            self._readers.pop(mirror.id, None)
+            await pipe.execute()
+        except (RedisError, OSError):
+            metrics.redis_errors.inc()  # the reader retries; it names the run then
+
+    async def _read_followed(self) -> None:
+        """The one blocked XREAD of this worker, for every run it follows.
+
+        Each round names every followed run's stream from where its mirror
+        is, and this worker's wake stream (`_follow` adds an entry to it when
+        it adds a run, so that the round in flight ends and the next one
+        names the new run). An entry that does not continue its mirror means
+        that what came between was compacted into the head before this read
+        (the stream is bounded): it is read again from the head (`_fill`),
+        not skipped. A mirror that closed (its terminal event) is dropped;
+        the task ends once nothing is followed.
+        """
+        wake = self._wake_key.encode()
+        while self._followed:
+            names: dict[bytes, str] = {}
+            streams: dict[str, str] = {self._wake_key: self._woken}
+            for run_id, (mirror, last) in self._followed.items():
+                key = self._key(mirror.session_key, "log", run_id)
+                names[key.encode()] = run_id
+                streams[key] = _stream_id(last)
+            try:
+                reply = await self.redis.xread(streams, block=self.block_ms, count=1000)
+                for key, entries in reply or []:
+                    if key == wake:
+                        self._woken = entries[-1][0].decode()
+                        continue
+                    await self._apply_read(names[key], entries)
+            except (RedisError, OSError):
+                metrics.redis_errors.inc()
+                logger.warning("Redis unreachable; following %d runs again soon", len(streams) - 1)
+                await asyncio.sleep(0.5)
+            for run_id, (mirror, _) in list(self._followed.items()):
+                if mirror.closed:
+                    del self._followed[run_id]
+
+    async def _apply_read(self, run_id: str, entries: list[Any]) -> None:
+        """Apply the ``entries`` an XREAD gave of run ``run_id`` to its mirror,
+        if it is still followed."""
+        followed = self._followed.get(run_id)
+        if followed is None:
+            return  # unfollowed meanwhile
+        mirror, last = followed
+        for stream_id, fields in entries:
+            if not _apply(mirror, stream_id, fields[b"e"], fields[b"d"]):
+                last = await self._fill(mirror, last)
+                break
+            last = _position(stream_id)
+        if self._followed.get(run_id, (None,))[0] is mirror:
+            self._followed[run_id] = (mirror, last)
 
     def released(self, log: RunLog) -> None:
         call_in_loop(self._loop, self._released, log)
@@ -1002,9 +1057,7 @@ class RedisBackend(BaseBackend):
         if mirror is run:
             # The last local subscriber left: stop reading, forget the mirror.
             del self._mirrors[run.id]
-            reader = self._readers.pop(run.id, None)
-            if reader is not None:
-                reader.cancel()
+            self._unfollow(run.id)
             return
         self.driver.released(run)
 
