@@ -3,6 +3,9 @@ usage (tokens, cost, time to first token) in the list and on its page,
 filters on them, and their sums for the runs the list shows (its filters
 and search applied: `RunAdmin.changelist_view`).
 
+A run's page is a view, never a form (no Save buttons; a POST to it is
+refused). Times show to the second.
+
 Token counts and costs are read from `Run.usage` in SQL (a JSON key, cast to
 a number: ``usage__input_tokens``), which SQLite, PostgreSQL and MariaDB or
 MySQL all do; the agent boundary made sure they are numbers
@@ -10,7 +13,7 @@ MySQL all do; the agent boundary made sure they are numbers
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -32,6 +35,10 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.timezone import localtime
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
@@ -158,15 +165,11 @@ class FirstTokenFilter(_RangeFilter):
 class RunAdmin(admin.ModelAdmin):
     list_display = (
         "short_id",
-        "session_key",
+        "started",
+        "session",
         "prompt_excerpt",
         "status",
-        "owner",
-        "started_at",
-        "finished_at",
-        "output_length",
-        "input_tokens",
-        "output_tokens",
+        "owner_excerpt",
         "total_tokens",
         "cost",
         "time_to_first_token",
@@ -207,22 +210,12 @@ class RunAdmin(admin.ModelAdmin):
                 )
             },
         ),
-        (_("Times"), {"fields": ("started_at", "first_token_at", "updated_at", "finished_at")}),
+        (_("Times"), {"fields": ("started", "first_token", "last_checkpoint", "finished")}),
         (_("Log"), {"fields": ("last_event_id",), "classes": ("collapse",)}),
     )
 
     #: What the list sums for the runs it shows (`changelist_view`).
     TOTALS = (*TOKEN_KEYS, "cost")
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Run | None = None) -> Any:
-        # Runs are a record of what happened: nothing here is editable.
-        return [field.name for field in Run._meta.fields] + [
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "cost",
-            "time_to_first_token",
-        ]
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -260,17 +253,46 @@ class RunAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
+        """No run changes through a form: its page is a view without Save
+        buttons, and a POST to it is refused (403). Without a run, the
+        permission is the user's: the list's actions, which stop runs in
+        flight and cancel queued ones, need it."""
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
     @admin.display(description=_("id"), ordering="id")
     def short_id(self, obj: Run) -> str:
         return str(obj.id)[:8]
 
-    @admin.display(description=_("prompt"))
-    def prompt_excerpt(self, obj: Run) -> str:
-        return obj.prompt if len(obj.prompt) <= 60 else obj.prompt[:59] + "…"
+    @admin.display(description=_("session"), ordering="session_key")
+    def session(self, obj: Run) -> SafeString:
+        return _excerpt(obj.session_key, 20)
 
-    @admin.display(description=_("output chars"))
-    def output_length(self, obj: Run) -> int:
-        return len(obj.output)
+    @admin.display(description=_("prompt"))
+    def prompt_excerpt(self, obj: Run) -> SafeString:
+        return _excerpt(obj.prompt, 40)
+
+    @admin.display(description=_("owner"), ordering="owner")
+    def owner_excerpt(self, obj: Run) -> SafeString:
+        return _excerpt(obj.owner, 14)
+
+    @admin.display(description=_("started"), ordering="started_at")
+    def started(self, obj: Run) -> str:
+        return _moment(obj.started_at)
+
+    @admin.display(description=_("finished"), ordering="finished_at")
+    def finished(self, obj: Run) -> str:
+        return _moment(obj.finished_at)
+
+    @admin.display(description=_("first token"))
+    def first_token(self, obj: Run) -> str:
+        return _moment(obj.first_token_at)
+
+    @admin.display(description=_("last checkpoint"))
+    def last_checkpoint(self, obj: Run) -> str:
+        return _moment(obj.updated_at)
 
     @admin.display(description=_("input tokens"), ordering=_tokens("input_tokens"))
     def input_tokens(self, obj: Run) -> str:
@@ -341,3 +363,21 @@ def _money(amount: float) -> str:
 
 def _seconds(duration: timedelta | None) -> str:
     return "-" if duration is None else f"{duration.total_seconds():.2f} s"
+
+
+def _moment(value: datetime | None) -> str:
+    """A time to the second, in the current time zone: ``2025-01-31 14:05:09``."""
+    if value is None:
+        return "-"
+    if timezone.is_aware(value):
+        value = localtime(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _excerpt(text: str, size: int) -> SafeString:
+    """``text`` on one line, cut to ``size`` characters with an ellipsis; the
+    whole of it (up to 1,000 characters) in its title, shown on hover."""
+    line = " ".join(text.split())
+    if len(line) <= size:
+        return format_html("{}", line)
+    return format_html('<span title="{}">{}…</span>', line[:1000], line[: size - 1])

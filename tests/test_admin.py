@@ -1,11 +1,12 @@
 """The admin of runs with Django's test client: usage per run in the list and
 on its page, the filters on it, the sums for what the list selects, on
-whichever database the suite runs (the JSON key casts are SQL)."""
+whichever database the suite runs (the JSON key casts are SQL); a run's page
+as a view without Save buttons, times to the second."""
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -68,7 +69,7 @@ def runs_with_usage() -> dict[str, Run]:
 
 def listed(content: bytes) -> list[str]:
     """The session keys of the list's rows, in order."""
-    return re.findall(r'<td class="field-session_key">([^<]*)</td>', content.decode())
+    return re.findall(r'<td class="field-session">([^<]*)</td>', content.decode())
 
 
 def totals(content: bytes) -> str:
@@ -83,14 +84,14 @@ def test_the_list_shows_each_runs_tokens_cost_and_time_to_first_token(
     page = admin_client.get(URL)
     assert page.status_code == 200
     html = page.content.decode()
-    for header in ("input tokens", "output tokens", "total tokens", "cost", "time to first token"):
+    for header in ("total tokens", "cost", "time to first token"):
         assert header in html.lower()
-    assert '<td class="field-input_tokens">1,200</td>' in html
+    assert '<td class="field-total_tokens">1,500</td>' in html
     assert '<td class="field-cost">2.5</td>' in html
     assert '<td class="field-cost">0.004</td>' in html
     assert '<td class="field-time_to_first_token">0.50 s</td>' in html
     # An estimate says so; a run without usage shows none.
-    assert '<td class="field-input_tokens">≈ 50</td>' in html
+    assert '<td class="field-total_tokens">≈ 55</td>' in html
     assert '<td class="field-cost">≈ 0.05</td>' in html
     assert html.count('<td class="field-total_tokens">-</td>') == 2
 
@@ -143,9 +144,9 @@ def test_the_sums_cover_every_run_the_filters_select_on_every_page(
 
 
 def test_the_columns_sort_as_numbers(admin_client, runs_with_usage):
-    column = RunAdmin.list_display.index("input_tokens") + 1
+    column = RunAdmin.list_display.index("total_tokens") + 1
     page = admin_client.get(f"{URL}?usage=reported&o=-{column}")
-    assert listed(page.content) == ["big", "small"]  # 1200 before 300, not as text
+    assert listed(page.content) == ["big", "small"]  # 1500 before 320, not as text
     page = admin_client.get(f"{URL}?usage=reported&o={column}")
     assert listed(page.content) == ["small", "big"]
     cost = RunAdmin.list_display.index("cost") + 1
@@ -172,3 +173,53 @@ def test_an_action_still_redirects(admin_client, runs_with_usage):
         URL, {"action": "stop_runs", "_selected_action": [str(runs_with_usage["big"].pk)]}
     )
     assert reply.status_code == 302
+
+
+# -- a run's page: a view, times to the second ---------------------------------------
+
+
+def test_a_runs_page_is_a_view_without_save_buttons_and_refuses_a_post(
+    admin_client, runs_with_usage
+):
+    run = runs_with_usage["big"]
+    page = admin_client.get(f"{URL}{run.pk}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "View run" in html
+    for button in ('name="_save"', 'name="_continue"', 'name="_addanother"', 'name="_saveasnew"'):
+        assert button not in html
+    # Deleting a run stays as it was: for whoever has the delete permission.
+    assert f"{URL}{run.pk}/delete/" in html
+    reply = admin_client.post(f"{URL}{run.pk}/change/", {"prompt": "changed"})
+    assert reply.status_code == 403
+    run.refresh_from_db()
+    assert run.prompt == "prompt of big"
+
+
+def test_the_list_and_a_runs_page_show_times_to_the_second(admin_client, settings):
+    settings.TIME_ZONE = "Europe/Paris"  # the times show in the current time zone
+    started = datetime(2025, 1, 31, 13, 5, 9, 123456, tzinfo=UTC)
+    run = Run.objects.create(
+        session_key="times",
+        prompt="p",
+        status="done",
+        started_at=started,
+        first_token_at=started + timedelta(seconds=1.5),
+        updated_at=started + timedelta(seconds=2),
+        finished_at=started + timedelta(seconds=3.25),
+    )
+    listing = admin_client.get(URL).content.decode()
+    assert "2025-01-31 14:05:09" in listing  # started, in Paris
+    html = admin_client.get(f"{URL}{run.pk}/change/").content.decode()
+    for moment in ("14:05:09", "14:05:10", "14:05:11", "14:05:12"):
+        assert f"2025-01-31 {moment}" in html  # started, first token, checkpoint, finished
+    assert "123456" not in listing + html and "p.m." not in listing + html
+
+
+def test_the_lists_long_values_are_cut_with_the_whole_in_their_title(admin_client):
+    Run.objects.create(session_key="k" * 64, owner="anon:" + "a" * 32, prompt="word " * 100)
+    html = admin_client.get(URL).content.decode()
+    assert f'<span title="{"k" * 64}">{"k" * 19}…</span>' in html
+    assert f'<span title="{"word " * 99}word">{("word " * 8)[:39]}…</span>' in html
+    owner = re.search(r'<td class="field-owner_excerpt">(.*?)</td>', html)
+    assert owner is not None and owner[1].endswith("…</span>")
