@@ -1,17 +1,25 @@
 """The admin of runs with Django's test client: usage per run in the list and
 on its page, the filters on it, the sums for what the list selects, on
 whichever database the suite runs (the JSON key casts are SQL); a run's page
-as a view without Save buttons, times to the second."""
+as a view without Save buttons, times to the second, and its live view
+following a run in flight through its log."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.test import Client
 from django.utils import timezone
 
+from detached_runs import runs
 from detached_runs.admin import RunAdmin
 from detached_runs.models import Run
 
@@ -223,3 +231,129 @@ def test_the_lists_long_values_are_cut_with_the_whole_in_their_title(admin_clien
     assert f'<span title="{"word " * 99}word">{("word " * 8)[:39]}…</span>' in html
     owner = re.search(r'<td class="field-owner_excerpt">(.*?)</td>', html)
     assert owner is not None and owner[1].endswith("…</span>")
+
+
+# -- the events of a run's log, and its live view --------------------------------------
+
+
+def test_an_ended_runs_page_says_its_log_is_no_longer_kept(admin_client, runs_with_usage):
+    # The backend holds no log of these runs: the database is all there is.
+    run = runs_with_usage["big"]
+    html = admin_client.get(f"{URL}{run.pk}/change/").content.decode()
+    assert "Log no longer kept" in html
+    assert 'data-in-flight="false"' in html
+    live = admin_client.get(f"{URL}{run.pk}/live/").json()
+    assert live["in_flight"] is False and live["log"] is None
+    assert live["status"] == "done" and live["usage"]["total_tokens"] == 1500
+    assert live["time_to_first_token"] == 0.5
+    assert "Log no longer kept" in live["events_html"]
+
+
+def test_the_live_view_is_refused_to_anyone_not_staff(client, runs_with_usage):
+    url = f"{URL}{runs_with_usage['big'].pk}/live/"
+    anonymous = client.get(url)
+    assert anonymous.status_code == 302 and "/admin/login/" in anonymous["Location"]
+    users = get_user_model().objects
+    client.force_login(users.create_user("visitor"))
+    refused = client.get(url)
+    assert refused.status_code == 302 and "/admin/login/" in refused["Location"]
+    # Staff without the permission to view runs: a JSON refusal.
+    staff = users.create_user("staff", is_staff=True)
+    client.force_login(staff)
+    reply = client.get(url)
+    assert reply.status_code == 403 and reply.json() == {"error": "You may not view this run."}
+    staff.user_permissions.add(Permission.objects.get(codename="view_run"))
+    client.force_login(users.get(pk=staff.pk))
+    allowed = client.get(url)
+    assert allowed.status_code == 200 and allowed.json()["id"] == str(runs_with_usage["big"].pk)
+
+
+def test_the_live_view_of_an_unknown_run_is_404_and_takes_only_get(admin_client):
+    reply = admin_client.get(f"{URL}{uuid.uuid4()}/live/")
+    assert reply.status_code == 404 and reply.json() == {"error": "No such run."}
+    run = Run.objects.create(session_key="post", prompt="p", status="done")
+    assert admin_client.post(f"{URL}{run.pk}/live/").status_code == 405
+
+
+async def live(client: Client, run: Run) -> dict[str, Any]:
+    """What the run's live view says now (the admin's sync view, called from
+    a thread as Django's ASGI handler does: it reaches the test's loop)."""
+    reply = await sync_to_async(client.get)(f"{URL}{run.pk}/live/")
+    assert reply.status_code == 200, reply.content
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+async def live_until(client: Client, run: Run, check: Any, what: str) -> dict[str, Any]:
+    """Poll the live view until ``check(answer)``; fail with ``what`` after 10 s."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not check(answer := await live(client, run)):
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {answer}"
+        await asyncio.sleep(0.02)
+    return answer
+
+
+@pytest.fixture
+def staff_client(django_db_blocker: Any) -> Client:
+    with django_db_blocker.unblock():
+        admin = get_user_model().objects.create_superuser("boss", "b@example.com", "pw")
+    client = Client()
+    client.force_login(admin)
+    return client
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_live_view_follows_a_runs_growing_text_through_its_log(staff_client, config):
+    config(CHECKPOINT_EVERY=3600)  # the row holds no text until the run ends
+    run = await runs.start("live", prompt="400")  # w0 w1 ... w399, a word every 10 ms
+    first = await live_until(staff_client, run, lambda answer: answer["output"], "no text came")
+    later = await live_until(
+        staff_client,
+        run,
+        lambda answer: len(answer["output"]) > len(first["output"]),
+        "the text did not grow",
+    )
+    assert later["in_flight"] and later["status"] == "running"
+    assert later["output"].startswith(first["output"])
+    # Read through the run's log: its row has none of it yet.
+    assert (await Run.objects.aget(pk=run.pk)).output == ""
+    assert later["fields"]["output_text"] == later["output"]
+    assert later["last_event_id"].startswith(run.id.hex + ":")
+    assert later["log"]["events"]["start"] == 1 and "done" not in later["log"]["events"]
+    assert later["log"]["text_chars"] >= len(later["output"])
+    assert later["time_to_first_token"] is not None and later["time_to_first_token"] >= 0
+    page = await sync_to_async(staff_client.get)(f"{URL}{run.pk}/change/")
+    html = page.content.decode()
+    assert 'data-in-flight="true"' in html and f'data-live-url="{URL}{run.pk}/live/"' in html
+    assert '<tr class="detached-runs-event-start">' in html
+    assert 'src="/static/detached_runs/admin-live.js"' in html
+
+    assert await runs.stop("live")
+    ended = await live_until(
+        staff_client, run, lambda answer: not answer["in_flight"], "the run did not end"
+    )
+    row = await Run.objects.aget(pk=run.pk)
+    assert ended["status"] == row.status == "stopped"
+    assert ended["output"] == row.output and ended["output"].startswith(later["output"])
+    # Its log is still kept (EVICT_AFTER): every event, the end too.
+    assert ended["log"]["events"]["start"] == ended["log"]["events"]["done"] == 1
+    assert ended["log"]["text_chars"] == len(row.output)
+    assert ended["log"]["last_event_id"] == row.last_event_id
+    assert '<tr class="detached-runs-event-done">' in ended["events_html"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_live_view_counts_the_agents_own_events(staff_client):
+    from .agents import script
+
+    tool = {"event": "tool", "data": {}}
+    reads = {"event": "usage", "data": {"input_tokens": 5}}
+    writes = {"event": "usage", "data": {"output_tokens": 2}}
+    prompt = script(["a ", reads, "b ", tool, tool, writes])
+    run = await runs.start("events", prompt=prompt)
+    ended = await live_until(
+        staff_client, run, lambda answer: not answer["in_flight"], "the run did not end"
+    )
+    assert ended["log"]["events"] == {"start": 1, "usage": 2, "tool": 2, "done": 1}
+    assert ended["log"]["text_chars"] == len("a b ")
+    assert ended["usage"] == {"input_tokens": 5, "output_tokens": 2}
