@@ -3,6 +3,13 @@ usage (tokens, cost, time to first token) in the list and on its page,
 filters on them, and their sums for the runs the list shows (its filters
 and search applied: `RunAdmin.changelist_view`).
 
+A run's page is a view, never a form (no Save buttons; a POST to it is
+refused). While the run is in flight it follows it live: a script
+(``detached_runs/admin-live.js``) polls `RunAdmin.live_view`, a JSON view
+for staff, about once a second, and updates the page with the run's text,
+status, usage and the events in its log, read through the log its clients
+read (`detached_runs.live`). Times show to the second.
+
 Token counts and costs are read from `Run.usage` in SQL (a JSON key, cast to
 a number: ``usage__input_tokens``), which SQLite, PostgreSQL and MariaDB or
 MySQL all do; the agent boundary made sure they are numbers
@@ -10,11 +17,13 @@ MySQL all do; the agent boundary made sure they are numbers
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.db.models import (
     Avg,
     BigIntegerField,
@@ -30,12 +39,19 @@ from django.db.models import (
 from django.db.models.expressions import Combinable
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.timezone import localtime
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
-from . import rows, runs
+from . import live, rows, runs
+from .exceptions import BackendUnavailable
 from .models import Run
 from .usage import TOKEN_KEYS
 
@@ -158,15 +174,11 @@ class FirstTokenFilter(_RangeFilter):
 class RunAdmin(admin.ModelAdmin):
     list_display = (
         "short_id",
-        "session_key",
+        "started",
+        "session",
         "prompt_excerpt",
         "status",
-        "owner",
-        "started_at",
-        "finished_at",
-        "output_length",
-        "input_tokens",
-        "output_tokens",
+        "owner_excerpt",
         "total_tokens",
         "cost",
         "time_to_first_token",
@@ -184,13 +196,13 @@ class RunAdmin(admin.ModelAdmin):
                 "fields": (
                     "id",
                     "session_key",
-                    "status",
+                    "run_status",
                     "owner",
                     "user",
                     "prompt",
                     "options",
-                    "output",
-                    "error",
+                    "output_text",
+                    "error_text",
                 )
             },
         ),
@@ -203,26 +215,35 @@ class RunAdmin(admin.ModelAdmin):
                     "total_tokens",
                     "cost",
                     "time_to_first_token",
-                    "usage",
+                    "usage_json",
                 )
             },
         ),
-        (_("Times"), {"fields": ("started_at", "first_token_at", "updated_at", "finished_at")}),
-        (_("Log"), {"fields": ("last_event_id",), "classes": ("collapse",)}),
+        (_("Times"), {"fields": ("started", "first_token", "last_checkpoint", "finished")}),
+        (_("Log"), {"fields": ("last_event",)}),
     )
 
     #: What the list sums for the runs it shows (`changelist_view`).
     TOTALS = (*TOKEN_KEYS, "cost")
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Run | None = None) -> Any:
-        # Runs are a record of what happened: nothing here is editable.
-        return [field.name for field in Run._meta.fields] + [
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "cost",
-            "time_to_first_token",
-        ]
+    #: The rows of a run's page that follow it while it is in flight: the
+    #: display methods that `live_view` gives the page again at each poll.
+    LIVE_FIELDS = (
+        "run_status",
+        "output_text",
+        "error_text",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cost",
+        "time_to_first_token",
+        "usage_json",
+        "first_token",
+        "last_checkpoint",
+        "finished",
+        "last_event",
+    )
+    #: How the events of a run's log show on its page and in `live_view`.
+    EVENTS_TEMPLATE = "admin/detached_runs/run/log_events.html"
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -260,17 +281,198 @@ class RunAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
+        """No run changes through a form: its page is a view without Save
+        buttons, and a POST to it is refused (403). Without a run, the
+        permission is the user's: the list's actions, which stop runs in
+        flight and cancel queued ones, need it."""
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "<path:object_id>/live/",
+                self.admin_site.admin_view(self.live_view),
+                name=self._live_url_name,
+            ),
+            *super().get_urls(),
+        ]
+
+    @property
+    def _live_url_name(self) -> str:
+        return f"{self.opts.app_label}_{self.opts.model_name}_live"
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Run | None = None,
+    ) -> HttpResponse:
+        # The page shows the run as it is now: live while in flight, with the
+        # events of its log; its script follows it from there (`live_view`).
+        if obj is not None:
+            context.update(self._live_context(request, obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def live_view(self, request: HttpRequest, object_id: str) -> JsonResponse:
+        """``GET <id>/live/``, for staff who may view the run: the run as it
+        is now, what its page's script polls while it is in flight.
+
+        A JSON object: the run's ``as_json()`` (``status``, ``output``: its
+        whole text so far, ``usage``, ``started_at``, ``first_token_at``,
+        ``finished_at`` as ISO 8601...) and ``in_flight`` (running or
+        waiting: poll again), ``last_event_id``, ``time_to_first_token``
+        (seconds, or null), ``log`` (``{"events": {type: count}, "text_chars":
+        characters of text, "last_event_id"}``, or null once the log is no
+        longer kept), ``fields`` (each live row of the page as it shows it:
+        `LIVE_FIELDS`) and ``events_html`` (the page's table of events).
+
+        Errors, as ``{"error": message}``: 404 for an unknown run, 403 for a
+        staff user without the view permission, 405 for another method, 503
+        if the backend cannot be reached. Someone not logged in as staff is
+        redirected to the admin's login page, as for any admin page.
+        """
+        if request.method != "GET":
+            return JsonResponse({"error": "Use GET."}, status=405)
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            return JsonResponse({"error": "No such run."}, status=404)
+        if not self.has_view_or_change_permission(request, obj):
+            return JsonResponse({"error": "You may not view this run."}, status=403)
+        try:
+            summary = async_to_sync(live.refresh)(obj)
+        except BackendUnavailable as error:
+            return JsonResponse({"error": str(error)}, status=503)
+        first_token = obj.first_token_at
+        return JsonResponse(
+            {
+                **obj.as_json(),
+                "in_flight": obj.is_running,
+                "last_event_id": obj.last_event_id,
+                "time_to_first_token": (
+                    None if first_token is None else (first_token - obj.started_at).total_seconds()
+                ),
+                "log": None
+                if summary is None
+                else {
+                    "events": summary.counts,
+                    "text_chars": summary.text_chars,
+                    "last_event_id": summary.last_id,
+                },
+                "fields": {name: str(getattr(self, name)(obj)) for name in self.LIVE_FIELDS},
+                "events_html": render_to_string(
+                    self.EVENTS_TEMPLATE, self._events_context(obj, summary), request
+                ),
+            }
+        )
+
+    def _live_context(self, request: HttpRequest, obj: Run) -> dict[str, Any]:
+        unreachable = ""
+        try:
+            summary = async_to_sync(live.refresh)(obj)
+        except BackendUnavailable as error:
+            # The page shows the row; its script, if the run is in flight, tries again.
+            summary, unreachable = None, str(error)
+        return {
+            "live_url": reverse(
+                f"admin:{self._live_url_name}",
+                args=(obj.pk,),
+                current_app=self.admin_site.name,
+            ),
+            "run_in_flight": obj.is_running,
+            "events_template": self.EVENTS_TEMPLATE,
+            **self._events_context(obj, summary, unreachable),
+        }
+
+    def _events_context(
+        self, obj: Run, summary: live.LogSummary | None, unreachable: str = ""
+    ) -> dict[str, Any]:
+        """The table of the log's events (``log_events``): a row per event
+        type, the text as its characters (the log merges consecutive
+        deltas), with the time the run records for it (its start, first
+        token, end); or why there is none (``log_missing``)."""
+        if summary is None:
+            if unreachable:
+                missing = gettext("The log cannot be read now: %(error)s") % {"error": unreachable}
+            elif obj.is_running:
+                missing = gettext("This process does not hold the log (another may drive the run).")
+            else:
+                missing = gettext("Log no longer kept: the run is served from its row.")
+            return {"log_events": None, "log_missing": missing}
+        times = {"start": obj.started_at, "done": obj.finished_at}
+        events = [
+            {"event": event, "count": f"{count:,}", "at": _moment(times.get(event))}
+            for event, count in summary.counts.items()
+        ]
+        if summary.text_chars:
+            chars = summary.text_chars
+            text = ngettext("%(chars)s character", "%(chars)s characters", chars) % {
+                "chars": f"{chars:,}"
+            }
+            # Where its text begins: after the start.
+            events.insert(
+                min(1, len(events)),
+                {"event": "delta", "count": text, "at": _moment(obj.first_token_at)},
+            )
+        return {"log_events": events, "log_missing": ""}
+
     @admin.display(description=_("id"), ordering="id")
     def short_id(self, obj: Run) -> str:
         return str(obj.id)[:8]
 
-    @admin.display(description=_("prompt"))
-    def prompt_excerpt(self, obj: Run) -> str:
-        return obj.prompt if len(obj.prompt) <= 60 else obj.prompt[:59] + "…"
+    @admin.display(description=_("session"), ordering="session_key")
+    def session(self, obj: Run) -> SafeString:
+        return _excerpt(obj.session_key, 20)
 
-    @admin.display(description=_("output chars"))
-    def output_length(self, obj: Run) -> int:
-        return len(obj.output)
+    @admin.display(description=_("prompt"))
+    def prompt_excerpt(self, obj: Run) -> SafeString:
+        return _excerpt(obj.prompt, 40)
+
+    @admin.display(description=_("owner"), ordering="owner")
+    def owner_excerpt(self, obj: Run) -> SafeString:
+        return _excerpt(obj.owner, 14)
+
+    @admin.display(description=_("started"), ordering="started_at")
+    def started(self, obj: Run) -> str:
+        return _moment(obj.started_at)
+
+    @admin.display(description=_("finished"), ordering="finished_at")
+    def finished(self, obj: Run) -> str:
+        return _moment(obj.finished_at)
+
+    @admin.display(description=_("first token"))
+    def first_token(self, obj: Run) -> str:
+        return _moment(obj.first_token_at)
+
+    @admin.display(description=_("last checkpoint"))
+    def last_checkpoint(self, obj: Run) -> str:
+        return _moment(obj.updated_at)
+
+    @admin.display(description=_("status"))
+    def run_status(self, obj: Run) -> str:
+        return str(obj.get_status_display())
+
+    @admin.display(description=_("output"))
+    def output_text(self, obj: Run) -> str:
+        return obj.output
+
+    @admin.display(description=_("error"))
+    def error_text(self, obj: Run) -> str:
+        return obj.error or "-"
+
+    @admin.display(description=_("usage"))
+    def usage_json(self, obj: Run) -> str:
+        usage = _usage(obj)
+        return json.dumps(usage, ensure_ascii=False) if usage else "-"
+
+    @admin.display(description=_("last event id"))
+    def last_event(self, obj: Run) -> str:
+        return obj.last_event_id or "-"
 
     @admin.display(description=_("input tokens"), ordering=_tokens("input_tokens"))
     def input_tokens(self, obj: Run) -> str:
@@ -341,3 +543,21 @@ def _money(amount: float) -> str:
 
 def _seconds(duration: timedelta | None) -> str:
     return "-" if duration is None else f"{duration.total_seconds():.2f} s"
+
+
+def _moment(value: datetime | None) -> str:
+    """A time to the second, in the current time zone: ``2025-01-31 14:05:09``."""
+    if value is None:
+        return "-"
+    if timezone.is_aware(value):
+        value = localtime(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _excerpt(text: str, size: int) -> SafeString:
+    """``text`` on one line, cut to ``size`` characters with an ellipsis; the
+    whole of it (up to 1,000 characters) in its title, shown on hover."""
+    line = " ".join(text.split())
+    if len(line) <= size:
+        return format_html("{}", line)
+    return format_html('<span title="{}">{}…</span>', line[:1000], line[: size - 1])
