@@ -1131,3 +1131,32 @@ async def test_a_worker_follows_many_remote_runs_with_one_blocked_read(own_redis
             return not b._followed
 
         await eventually(nothing_followed, "closed runs are still followed")
+
+
+async def test_more_runs_than_pooled_connections_wait_for_one_rather_than_fail(saves, caplog):
+    """Found by `bench/followers.py`: redis-py's pool refuses a command at once
+    past its ``max_connections`` (``MaxConnectionsError``, 100 by default),
+    so a worker driving a few hundred runs had writes fail as if Redis were
+    unreachable, and retried them late. The pool is a blocking one now: a
+    command waits for a free connection. Here four connections serve 30
+    runs writing at once (and a follower's reads)."""
+    caplog.set_level("WARNING", logger="detached_runs")
+    gate = asyncio.Event()
+    async with two_workers(connection_kwargs={"max_connections": 4}) as (a, b):
+        words = [f"w{i} " for i in range(40)]
+
+        async def burst() -> AsyncIterator[str]:
+            await gate.wait()  # every run writes at once
+            for word in words:
+                await asyncio.sleep(0)
+                yield word
+
+        sessions = [f"s{i}" for i in range(40)]
+        for session in sessions:
+            await start(a, burst(), saves, session=session)
+        gate.set()
+        for session in sessions:
+            events = await asyncio.wait_for(collect(await b.subscribe(session)), 20)
+            assert text_of(events) == "".join(words) and events[-1].data == {"status": "done"}
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert unreachable == []

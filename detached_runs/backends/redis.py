@@ -122,6 +122,10 @@ logger = logging.getLogger(__name__)
 #: Seconds a Redis command may take before its connection is taken for dead
 #: (the client's ``socket_timeout``, unless the URL sets one).
 SOCKET_TIMEOUT = 10.0
+#: Connections to Redis a worker holds at most (its pool; ``connection_kwargs``
+#: ``max_connections`` changes it): however many runs it drives or follows, a
+#: command past them waits for one to be free.
+MAX_CONNECTIONS = 50
 #: Seconds a mirror's XREAD waits for new entries at most (less if the socket
 #: timeout is short: at most half of it).
 READ_BLOCK = 5.0
@@ -195,8 +199,9 @@ class RedisBackend(BaseBackend):
         """``redis_url``, ``redis_prefix`` and ``stream_maxlen`` default to
         ``REDIS_URL``, ``REDIS_PREFIX`` and ``REDIS_STREAM_MAXLEN``;
         ``connection_kwargs`` go to redis-py as they are
-        (``redis.asyncio.Redis.from_url(redis_url, **connection_kwargs)``:
-        ``socket_timeout``, ``ssl_ca_certs``, ``health_check_interval``...).
+        (``redis.asyncio.BlockingConnectionPool.from_url(redis_url,
+        **connection_kwargs)``: ``socket_timeout``, ``ssl_ca_certs``,
+        ``health_check_interval``, ``max_connections`` (`MAX_CONNECTIONS`)...).
         ``lease_ms``: how long a worker's lease on a run lasts unless renewed,
         so how soon the runs of a worker that died end (``interrupted``);
         ``renew_every``: seconds between renewals and sweeps, at most a third
@@ -228,11 +233,21 @@ class RedisBackend(BaseBackend):
         # last, which tells a writer after a failure where the stream ends.
         self.keep = max(1, (stream_maxlen + 1) // 2, stream_maxlen - COMPACT_AT_MOST)
         # redis-py's type hints mix its sync and async clients; typed loosely here.
-        # A socket_timeout in the URL wins over SOCKET_TIMEOUT.
-        self.redis: Any = aioredis.Redis.from_url(
-            redis_url, **{"socket_timeout": SOCKET_TIMEOUT, **(connection_kwargs or {})}
+        # A socket_timeout in the URL wins over SOCKET_TIMEOUT. A blocking pool:
+        # a command past MAX_CONNECTIONS waits for a connection (up to
+        # SOCKET_TIMEOUT) instead of failing at once with redis-py's
+        # MaxConnectionsError, which a worker driving a few hundred runs hit
+        # (their writes then retried as if Redis were unreachable).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            **{
+                "socket_timeout": SOCKET_TIMEOUT,
+                "max_connections": MAX_CONNECTIONS,
+                "timeout": SOCKET_TIMEOUT,
+                **(connection_kwargs or {}),
+            },
         )
-        pool = self.redis.connection_pool
+        self.redis: Any = aioredis.Redis.from_pool(pool)
         try:
             # A connection object, not connected: redis-py checks its arguments.
             pool.connection_class(**pool.connection_kwargs)
