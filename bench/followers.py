@@ -28,17 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detached_runs.backends.base import RunEnd
+from bench.redis_backend import _saved, percentile
 from detached_runs.backends.redis import RedisBackend
-
-
-async def _saved(end: RunEnd) -> None:
-    return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def connections(probe: Any, name: str) -> tuple[int, int]:

@@ -25,6 +25,17 @@ def words(count: int) -> str:
     return "".join(f"w{i} " for i in range(count))
 
 
+def draining_server(timeout: int, kind: str = "daphne") -> Any:
+    """A server with ``SHUTDOWN_MODE = "drain"`` and ``SHUTDOWN_TIMEOUT`` of ``timeout`` s."""
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT=str(timeout),
+        LOG="INFO",
+    )
+    return start_server(env, kind=kind)
+
+
 def refused_while_draining(server: Any) -> Any:
     """A start sent to ``server`` once its drain began: the first ``503``
     (a fresh session key per try, so that no try changes another)."""
@@ -46,13 +57,7 @@ def test_a_draining_server_finishes_its_runs_and_refuses_new_ones(kind):
     and a SIGTERM at its start. The answer arrives whole and is saved
     ``done``; starts meanwhile get 503 with ``Retry-After``; the server exits
     once the run is saved, well before its grace is over."""
-    env = server_env(
-        TEST_AGENT_DELAY="0.02",
-        TEST_SHUTDOWN_MODE="drain",
-        TEST_SHUTDOWN_TIMEOUT="30",
-        LOG="INFO",
-    )
-    server = start_server(env, kind=kind)
+    server = draining_server(30, kind)
     key = uuid.uuid4().hex[:10]
     browser = Browser(server.port)
     try:
@@ -82,13 +87,7 @@ def test_a_run_longer_than_the_grace_streams_through_the_drain_then_is_interrupt
     """``SHUTDOWN_TIMEOUT`` 6 s: 3 s of drain (the rest is the reserve for
     interrupting), then the 20 s answer ends ``interrupted`` with everything
     its subscriber got saved; its words kept coming during the drain."""
-    env = server_env(
-        TEST_AGENT_DELAY="0.02",
-        TEST_SHUTDOWN_MODE="drain",
-        TEST_SHUTDOWN_TIMEOUT="6",
-        LOG="INFO",
-    )
-    server = start_server(env)
+    server = draining_server(6)
     key = uuid.uuid4().hex[:10]
     browser = Browser(server.port)
     try:
