@@ -162,3 +162,44 @@ def test_a_rolling_restart_of_two_workers_loses_no_answer(start_workers):
         pool.shutdown(wait=False, cancel_futures=True)
         for server in (a, b):
             stop_server(server)
+
+
+def test_a_run_whose_final_save_fails_during_the_drain_is_saved_while_the_drain_lasts(
+    database_fault,
+):
+    """``SHUTDOWN_TIMEOUT`` 40 s: a short answer ends during the drain while
+    the database refuses, for longer than the 5 s reserve but well within
+    the drain. The worker keeps trying its save for as long as its drain
+    lasts (a run is over once its end is saved, not once it is sent), so
+    the row is ``done`` with the whole answer once the database is back."""
+    env = database_fault.env(
+        server_env(
+            TEST_AGENT_DELAY="0.02",
+            TEST_SHUTDOWN_MODE="drain",
+            TEST_SHUTDOWN_TIMEOUT="40",
+            LOG="INFO",
+        )
+    )
+    server = start_server(env)
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "50"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(3)
+        database_fault.refuse()
+        server.process.send_signal(signal.SIGTERM)
+        rest = stream.rest()
+        assert rest[-1].data == {"status": "done", "saved": False}, server.output()
+        # Longer than the reserve and the final save's own retries together.
+        time.sleep(15)
+        database_fault.accept()
+        server.process.wait(timeout=60)
+    finally:
+        database_fault.accept()
+        stop_server(server)
+    log = server.output()
+    row = Run.objects.get(session_key=key)
+    assert (row.status, row.output) == ("done", words(50)), log
+    assert text(first) + text(rest) == words(50)
+    assert "is lost" not in log, log
