@@ -511,19 +511,27 @@ class RunService:
     ) -> Subscription:
         """A subscriber past the end of the session's current run follows the
         next one if runs are queued behind it (it starts within ``QUEUE_WAIT``
-        seconds); else it gets ``ended`` back (a ``204`` for the events URL)."""
-        if not await run_sync(rows.is_next, session_key, ended.run_id):
-            return ended
-        self._queue_next(session_key, ended.run_id)
-        backend = self.backend
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + QUEUE_WAIT
-        while loop.time() < deadline:
-            current = await backend.get(session_key)
-            if current is not None and current.run_id != ended.run_id:
-                await ended.aclose()
-                return await backend.subscribe(session_key, after)
-            await asyncio.sleep(0.05)
+        seconds); else it gets ``ended`` back (a ``204`` for the events URL).
+
+        ``ended`` is this call's until it returns: if the wait fails, or is
+        cancelled (the client went away), it is closed here, since nobody
+        else holds it."""
+        try:
+            if not await run_sync(rows.is_next, session_key, ended.run_id):
+                return ended
+            self._queue_next(session_key, ended.run_id)
+            backend = self.backend
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + QUEUE_WAIT
+            while loop.time() < deadline:
+                current = await backend.get(session_key)
+                if current is not None and current.run_id != ended.run_id:
+                    await ended.aclose()
+                    return await backend.subscribe(session_key, after)
+                await asyncio.sleep(0.05)
+        except BaseException:
+            ended.close()
+            raise
         return ended
 
     async def is_free(self, session_key: str) -> bool:

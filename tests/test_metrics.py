@@ -250,3 +250,61 @@ def test_two_workers_in_multiprocess_mode_serve_the_sum_of_both(start_workers, t
         assert value(samples, "detached_runs_runs_ended_total", status="done") == 2
         assert value(samples, "detached_runs_text_bytes_total") == 2 * len("w0 w1 w2 w3 w4 ")
         assert value(samples, "detached_runs_runs", status="running") == 0
+
+
+@pytest.mark.e2e
+def test_a_client_that_leaves_while_waiting_for_the_queued_run_is_no_subscriber_any_more():
+    """A client asking for a session's events past the end of its run, with a
+    run queued behind it, waits (up to ``QUEUE_WAIT``) for that run to
+    start: here it never does, its worker draining. The client leaves
+    meanwhile; the run it had bound to is released, and
+    ``detached_runs_subscribers`` is back to what it was."""
+    import http.client
+    import signal
+    import time
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT="60",
+        LOG="INFO",
+    )
+    server = start_server(env)
+
+    def subscribers() -> float:
+        reply = Browser(server.port).request("GET", "/metrics", headers=TOKEN)
+        assert reply.status == 200, reply.body
+        return value(parse(reply.body), "detached_runs_subscribers")
+
+    browser = Browser(server.port)
+    keeper, key = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
+    try:
+        # A long run keeps the drain going; the session's run ends during it,
+        # and the run queued behind it is not started by a draining worker.
+        assert browser.request("POST", f"/runs/{keeper}/", {"prompt": "5000"}).status == 202
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "30"}).status == 202
+        queued = browser.request("POST", f"/runs/{key}/", {"prompt": "3", "multitask": "enqueue"})
+        assert queued.json()["status"] == "queued"
+        server.process.send_signal(signal.SIGTERM)
+        last = browser.stream(f"/runs/{key}/events/").rest()[-1]
+        assert last.data == {"status": "done"}
+        assert subscribers() == 0
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        headers = {"Last-Event-ID": str(last.id), "Cookie": browser._headers(None)["Cookie"]}
+        connection.request("GET", f"/runs/{key}/events/", headers=headers)
+        deadline = time.monotonic() + 10
+        while subscribers() != 1:  # bound, waiting for the queued run
+            assert time.monotonic() < deadline, "the client never waited"
+            time.sleep(0.05)
+        connection.sock.close()  # it leaves
+        connection.close()
+        deadline = time.monotonic() + 20
+        while (count := subscribers()) != 0:
+            assert time.monotonic() < deadline, f"{count} subscribers after every client left"
+            time.sleep(0.1)
+    finally:
+        browser.request("POST", f"/runs/{keeper}/stop/")
+        stop_server(server)
