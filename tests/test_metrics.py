@@ -306,5 +306,47 @@ def test_a_client_that_leaves_while_waiting_for_the_queued_run_is_no_subscriber_
             assert time.monotonic() < deadline, f"{count} subscribers after every client left"
             time.sleep(0.1)
     finally:
-        browser.request("POST", f"/runs/{keeper}/stop/")
+        stop_server(server)  # a second SIGTERM: it leaves without waiting for the keeper
+
+
+@pytest.mark.e2e
+def test_the_figures_are_served_while_the_database_refuses(database_fault):
+    """The database is down: just when its failures are worth reading, the
+    scrape still answers ``200`` with every figure this process counts
+    (``detached_runs_save_failures_total`` growing), to a scraper with the
+    token whether or not it sends a session cookie; only
+    ``detached_runs_runs``, read from the database, is left out. Staff
+    logged in by a session, which needs the database to be known, get a
+    ``503``, not a server error."""
+    import time
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    env = database_fault.env(server_env(TEST_AGENT_DELAY="0.02", LOG="INFO"))
+    server = start_server(env)
+    browser = Browser(server.port)  # its session cookie names the run's owner
+    key = uuid.uuid4().hex[:10]
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "1000"}).status == 202
+        database_fault.refuse()
+        deadline = time.monotonic() + 30
+        while True:
+            for scraper in (Browser(server.port), browser):
+                reply = scraper.request("GET", "/metrics", headers=TOKEN)
+                assert reply.status == 200, reply.body
+            samples = parse(reply.body)
+            assert ("detached_runs_runs", frozenset({("status", "running")})) not in samples
+            if value(samples, "detached_runs_save_failures_total", save="checkpoint") > 0:
+                break
+            assert time.monotonic() < deadline, "no failed checkpoint counted"
+            time.sleep(0.2)
+        staff = browser.request("GET", "/metrics")  # no token: its session decides
+        assert staff.status == 503, staff.body
+        assert staff.headers.get("Retry-After") == "1"
+        assert b"detached_runs_" not in staff.body
+    finally:
+        database_fault.accept()
+        browser.request("POST", f"/runs/{key}/stop/")
         stop_server(server)
+    assert "Internal Server Error: /metrics" not in server.output(), server.output()
