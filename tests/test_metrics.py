@@ -350,3 +350,44 @@ def test_the_figures_are_served_while_the_database_refuses(database_fault):
         browser.request("POST", f"/runs/{key}/stop/")
         stop_server(server)
     assert "Internal Server Error: /metrics" not in server.output(), server.output()
+
+
+@pytest.mark.e2e
+def test_a_dead_workers_subscribers_are_not_counted_in_multiprocess_mode(tmp_path):
+    """Two workers sharing a ``PROMETHEUS_MULTIPROC_DIR``; a client follows a
+    run on the first, which is killed (``kill -9``: an OOM, an orchestrator
+    out of patience). prometheus_client keeps a dead process's file, so its
+    live gauge would count that client for ever: the other worker's scrape
+    counts no subscriber once the process is gone, and still counts the
+    run it started."""
+    import time
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    env = server_env(TEST_AGENT_DELAY="0.02", LOG="INFO", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    doomed, survivor = start_server(env), start_server(env)
+
+    def scrape_survivor() -> Samples:
+        reply = Browser(survivor.port).request("GET", "/metrics", headers=TOKEN)
+        assert reply.status == 200, reply.body
+        return parse(reply.body)
+
+    try:
+        browser = Browser(doomed.port)
+        key = uuid.uuid4().hex[:10]
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "5000"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        stream.take(3)
+        assert value(scrape_survivor(), "detached_runs_subscribers") == 1
+        doomed.process.kill()
+        doomed.process.wait()
+        stream.close()
+        deadline = time.monotonic() + 20
+        while (count := value(samples := scrape_survivor(), "detached_runs_subscribers")) != 0:
+            assert time.monotonic() < deadline, f"{count} subscribers of a dead worker"
+            time.sleep(0.1)
+        assert value(samples, "detached_runs_runs_started_total") == 1
+    finally:
+        stop_server(doomed)
+        stop_server(survivor)

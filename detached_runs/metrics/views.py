@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
+import re
 from typing import Any
 
 from django.db.models import Count
@@ -14,6 +16,7 @@ from django.views.decorators.cache import never_cache
 from ..conf import get_config
 from ..db import database_errors
 from ..models import Run
+from ..workers import pid_gone
 from . import prometheus_client
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,9 @@ def metrics(request: HttpRequest) -> HttpResponse:
         )
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        _forget_dead_processes(path)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
@@ -63,6 +68,34 @@ def metrics(request: HttpRequest) -> HttpResponse:
     counted.register(_RunsInDatabase())
     body = generate_latest(registry) + generate_latest(counted)
     return HttpResponse(body, content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+#: The file of a process's live gauges in prometheus_client's multiprocess
+#: directory (``gauge_livesum_<pid>.db``): `metrics.subscribers`.
+_LIVE_GAUGES = re.compile(r"\Agauge_live[a-z]+_(\d+)\.db\Z")
+
+
+def _forget_dead_processes(path: str) -> None:
+    """Drop the live gauges of the processes that are gone.
+
+    prometheus_client keeps a process's file after it exits; its live
+    gauges (the clients it streamed to) are dropped only by
+    ``mark_process_dead(pid)``, which a server that restarts one worker at
+    a time, or a worker killed with ``kill -9``, never calls. Every scrape
+    does it here: the directory is this host's, so a pid that no process
+    has is a process that is gone. Its counters and histograms stay, as
+    prometheus_client means them to."""
+    from prometheus_client import multiprocess
+
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return  # prometheus_client says what is wrong with the directory
+    for name in names:
+        match = _LIVE_GAUGES.match(name)
+        if match is not None and pid_gone(int(match[1])):
+            with contextlib.suppress(OSError):  # another worker's scrape was first
+                multiprocess.mark_process_dead(int(match[1]), path)
 
 
 def _allowed(request: HttpRequest) -> bool:
