@@ -203,3 +203,40 @@ def test_a_run_whose_final_save_fails_during_the_drain_is_saved_while_the_drain_
     assert (row.status, row.output) == ("done", words(50)), log
     assert text(first) + text(rest) == words(50)
     assert "is lost" not in log, log
+
+
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+def test_a_second_sigterm_during_the_drain_lets_the_server_go_at_once(kind):
+    """A drain of up to 295 s for a 100 s answer, and a second SIGTERM once
+    it began: the server goes now, not at the end of the drain. uvicorn,
+    once told, still waits for its connections to close (it takes a second
+    SIGTERM for a first one): the runs are interrupted at once, so that
+    their streams end, with their text saved."""
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT="300",
+        LOG="INFO",
+    )
+    server = start_server(env, kind=kind)
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "5000"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(3)
+        server.process.send_signal(signal.SIGTERM)
+        refused_while_draining(server)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while server.process.poll() is None:
+            assert time.monotonic() < deadline, f"still draining:\n{server.output()}"
+            time.sleep(0.1)
+    finally:
+        stop_server(server)
+    assert "Traceback" not in server.output(), server.output()
+    if kind == "uvicorn":
+        rest = stream.rest()
+        row = Run.objects.get(session_key=key)
+        assert rest[-1].data == {"status": "interrupted"}, server.output()
+        assert (row.status, row.output) == ("interrupted", text(first) + text(rest))
