@@ -391,3 +391,34 @@ def test_a_dead_workers_subscribers_are_not_counted_in_multiprocess_mode(tmp_pat
     finally:
         stop_server(doomed)
         stop_server(survivor)
+
+
+@pytest.mark.e2e
+def test_a_run_whose_worker_died_is_not_counted_in_flight_for_ever():
+    """A worker is killed (``kill -9``) with a run in flight, and nobody asks
+    for that session again: its row stays ``running`` until something reads
+    it, but the run is in flight nowhere. ``detached_runs_runs`` stops
+    counting it once its heartbeat is stale (`workers.stale_after`), as every
+    other part of the app does, instead of counting it for ever."""
+    import asyncio
+    import time
+
+    from detached_runs.workers import stale_after
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    server = start_server(server_env(TEST_AGENT_DELAY="0.02", LOG="INFO"))
+    key = uuid.uuid4().hex[:10]
+    try:
+        assert Browser(server.port).request("POST", f"/runs/{key}/", {"prompt": "5000"}).status
+        assert value(asyncio.run(scrape()), "detached_runs_runs", status="running") == 1
+        server.process.kill()
+        server.process.wait()
+    finally:
+        stop_server(server)
+    deadline = time.monotonic() + stale_after().total_seconds() + 30
+    while (count := value(asyncio.run(scrape()), "detached_runs_runs", status="running")) != 0:
+        assert time.monotonic() < deadline, f"{count} runs in flight, with no worker alive"
+        time.sleep(0.5)
+    assert Run.objects.get(session_key=key).status == "running"  # nobody read it

@@ -9,14 +9,16 @@ import os
 import re
 from typing import Any
 
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
+from ..backends.base import ACTIVE
 from ..conf import get_config
 from ..db import database_errors
 from ..models import Run
-from ..workers import pid_gone
+from ..workers import pid_gone, stale_after
 from . import prometheus_client
 
 logger = logging.getLogger(__name__)
@@ -116,14 +118,22 @@ def _allowed(request: HttpRequest) -> bool:
 
 class _RunsInDatabase:
     """``detached_runs_runs{status}``: the runs in flight (``running``,
-    ``waiting``) and ``queued``, as the database has them (one query)."""
+    ``waiting``) and ``queued``, as the database has them (one query).
+
+    A row left ``running`` by a worker that died is not in flight: it stays
+    so until something reads it (`RunService.resolve`), which may be never.
+    So a row in flight counts only while its heartbeat is fresh (younger
+    than `workers.stale_after`), the app's own test of a live worker."""
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
             found = dict(
-                Run.objects.filter(status__in=COUNTED)
+                Run.objects.filter(
+                    Q(status=Run.Status.QUEUED)
+                    | Q(status__in=ACTIVE, updated_at__gte=timezone.now() - stale_after())
+                )
                 .order_by()
                 .values_list("status")
                 .annotate(n=Count("id"))
