@@ -7,7 +7,11 @@ runs would die mid-answer with their last seconds of text unsaved. So the
 first time a run starts, the service wraps the server's handlers: a signal
 first ends every run (status ``interrupted``, partial text saved, the terminal
 event sent to every subscriber), bounded by ``SHUTDOWN_TIMEOUT``, and only
-then hands the signal on to the server. A second signal hands it on at once.
+then hands the signal on to the server. A second signal hands the first on
+at once, and cuts a drain (``SHUTDOWN_MODE = "drain"``) short: the runs are
+interrupted now, so that a server which waits for its connections to close
+(uvicorn does, until a second SIGINT) goes now too; the server gets each
+signal once, in order.
 
 Only handlers a server installed are wrapped (a Python callable other than
 Python's own SIGINT default), so a test runner or a shell is left alone. Set
@@ -33,18 +37,25 @@ logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _shutdown: Callable[[], Awaitable[None]] | None = None
-_state = {"shutting_down": False}
+_hurry: Callable[[], None] | None = None
+#: ``first``: the signal that began the shutdown, while it is not handed on
+#: to the server yet (its number, frame and the server's handler).
+_state: dict[str, Any] = {"shutting_down": False, "first": None}
 
 
-def install_signal_handlers(shutdown: Callable[[], Awaitable[None]]) -> bool:
-    """Wrap the server's SIGTERM/SIGINT handlers (once); True if any was wrapped."""
-    global _shutdown
+def install_signal_handlers(
+    shutdown: Callable[[], Awaitable[None]], hurry: Callable[[], None] | None = None
+) -> bool:
+    """Wrap the server's SIGTERM/SIGINT handlers (once); True if any was
+    wrapped. ``hurry()`` is called (on the event loop) at a second signal:
+    what ``shutdown()`` still waits for, it ends now."""
+    global _shutdown, _hurry
     if not get_config()["HANDLE_SIGNALS"]:
         return False
     if threading.current_thread() is not threading.main_thread():
         return False
     loop = asyncio.get_running_loop()
-    _shutdown = shutdown
+    _shutdown, _hurry = shutdown, hurry
     wrapped = False
     for number in SIGNALS:
         previous = signal.getsignal(number)
@@ -69,19 +80,28 @@ def _make_handler(loop: asyncio.AbstractEventLoop, previous: Any) -> Any:
 
 def _on_signal(loop: asyncio.AbstractEventLoop, number: int, frame: Any, previous: Any) -> None:
     if _state["shutting_down"]:
+        first = _state["first"]
+        if first is None:
+            # The server has the first one already: this one is its second.
+            logger.warning("Second %s: handed on to the server", signal.Signals(number).name)
+            _hand_on(number, frame, previous)
+            return
         logger.warning("Second %s: shutting down without waiting", signal.Signals(number).name)
-        _hand_on(number, frame, previous)
+        if _hurry is not None:
+            _hurry()  # the runs are interrupted now, not at the end of a drain
+        _hand_on_first()
         return
     _state["shutting_down"] = True
+    _state["first"] = (number, frame, previous)
     logger.info("%s: ending runs in flight before shutdown", signal.Signals(number).name)
-    task = loop.create_task(_graceful(number, frame, previous), name="detached_runs:shutdown")
+    task = loop.create_task(_graceful(), name="detached_runs:shutdown")
     _tasks.add(task)
 
 
 _tasks: set[asyncio.Task[None]] = set()
 
 
-async def _graceful(number: int, frame: Any, previous: Any) -> None:
+async def _graceful() -> None:
     timeout = float(get_config()["SHUTDOWN_TIMEOUT"])
     try:
         if _shutdown is not None:
@@ -89,7 +109,14 @@ async def _graceful(number: int, frame: Any, previous: Any) -> None:
     except Exception:
         logger.exception("Graceful shutdown of runs failed")
     finally:
-        _hand_on(number, frame, previous)
+        _hand_on_first()
+
+
+def _hand_on_first() -> None:
+    """Hand the signal that began the shutdown on to the server, once."""
+    first, _state["first"] = _state["first"], None
+    if first is not None:
+        _hand_on(*first)
 
 
 def _hand_on(number: int, frame: Any, previous: Any) -> None:

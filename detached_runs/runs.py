@@ -154,6 +154,9 @@ class RunService:
         self._outputs = StoredOutputs()
         #: The agents given to `start` for runs this process queued, by session.
         self._queued_agents: dict[str, dict[uuid.UUID, Agent]] = {}
+        # `hurry`: set once a second signal came; the event, while a drain waits.
+        self._hurried = False
+        self._hurry: asyncio.Event | None = None
 
     @property
     def backend(self) -> BaseBackend:
@@ -177,6 +180,7 @@ class RunService:
         process held for its runs (start locks, agents of queued runs)."""
         self._backend, self._loop = None, None
         self._start_locks, self._queued_agents = {}, {}
+        self._hurried, self._hurry = False, None
 
     # -- the API -----------------------------------------------------------
 
@@ -391,7 +395,7 @@ class RunService:
             except database_errors():
                 logger.warning("Could not store the start time of run %s", run.id.hex)
         if not self._signals_installed:
-            self._signals_installed = install_signal_handlers(self.shutdown)
+            self._signals_installed = install_signal_handlers(self.shutdown, self.hurry)
 
     def _ended(self, run: Run) -> None:
         """`Recorder`'s ``ended``: ``run``'s end is saved; the session's next
@@ -511,19 +515,27 @@ class RunService:
     ) -> Subscription:
         """A subscriber past the end of the session's current run follows the
         next one if runs are queued behind it (it starts within ``QUEUE_WAIT``
-        seconds); else it gets ``ended`` back (a ``204`` for the events URL)."""
-        if not await run_sync(rows.is_next, session_key, ended.run_id):
-            return ended
-        self._queue_next(session_key, ended.run_id)
-        backend = self.backend
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + QUEUE_WAIT
-        while loop.time() < deadline:
-            current = await backend.get(session_key)
-            if current is not None and current.run_id != ended.run_id:
-                await ended.aclose()
-                return await backend.subscribe(session_key, after)
-            await asyncio.sleep(0.05)
+        seconds); else it gets ``ended`` back (a ``204`` for the events URL).
+
+        ``ended`` is this call's until it returns: if the wait fails, or is
+        cancelled (the client went away), it is closed here, since nobody
+        else holds it."""
+        try:
+            if not await run_sync(rows.is_next, session_key, ended.run_id):
+                return ended
+            self._queue_next(session_key, ended.run_id)
+            backend = self.backend
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + QUEUE_WAIT
+            while loop.time() < deadline:
+                current = await backend.get(session_key)
+                if current is not None and current.run_id != ended.run_id:
+                    await ended.aclose()
+                    return await backend.subscribe(session_key, after)
+                await asyncio.sleep(0.05)
+        except BaseException:
+            ended.close()
+            raise
         return ended
 
     async def is_free(self, session_key: str) -> bool:
@@ -840,11 +852,38 @@ class RunService:
         if self._backend is not None or self._fixed is not None:
             if mode == "drain":
                 reserve = min(DRAIN_RESERVE, timeout / 2)
-                await self.backend.drain(timeout - reserve)
+                await self._drain(timeout - reserve)
                 timeout = reserve
             await self.backend.shutdown(timeout)
         if self._announcing:
             await asyncio.wait(self._announcing, timeout=timeout)
+
+    async def _drain(self, timeout: float) -> None:
+        """The drain of a ``"drain"`` shutdown (`BaseBackend.drain`), cut
+        short by `hurry`. New runs are refused either way."""
+        if self._hurried:
+            timeout = 0.0
+        self._hurry = hurry = asyncio.Event()
+        drain = asyncio.ensure_future(self.backend.drain(timeout))
+        hurried = asyncio.ensure_future(hurry.wait())
+        try:
+            await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._hurry = None
+            hurried.cancel()
+            if not drain.done():
+                drain.cancel()
+                await asyncio.wait({drain})
+        if not drain.cancelled():
+            drain.result()  # its failure is the shutdown's
+
+    def hurry(self) -> None:
+        """End a ``"drain"`` shutdown's drain now (a second signal): the runs
+        still in flight are interrupted at once, not at the end of it. On
+        the event loop."""
+        self._hurried = True
+        if self._hurry is not None:
+            self._hurry.set()
 
     async def _announce(self, signal: Signal, run: Run, **kwargs: Any) -> None:
         """Send ``signal`` (`detached_runs.signals`) about ``run`` to its receivers.

@@ -37,10 +37,18 @@ def process_gone(worker: str) -> bool:
     another host's process, this process, or an id that is not one."""
     host, _, rest = worker.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return pid_gone(int(pid))
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether no process of this host has the id ``pid`` (False for this
+    process's own)."""
+    if pid == os.getpid():
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, someone else's

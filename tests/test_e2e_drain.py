@@ -161,3 +161,81 @@ def test_a_rolling_restart_of_two_workers_loses_no_answer(start_workers):
         pool.shutdown(wait=False, cancel_futures=True)
         for server in (a, b):
             stop_server(server)
+
+
+def test_a_run_whose_final_save_fails_during_the_drain_is_saved_while_the_drain_lasts(
+    database_fault,
+):
+    """``SHUTDOWN_TIMEOUT`` 40 s: a short answer ends during the drain while
+    the database refuses, for longer than the 5 s reserve but well within
+    the drain. The worker keeps trying its save for as long as its drain
+    lasts (a run is over once its end is saved, not once it is sent), so
+    the row is ``done`` with the whole answer once the database is back."""
+    env = database_fault.env(
+        server_env(
+            TEST_AGENT_DELAY="0.02",
+            TEST_SHUTDOWN_MODE="drain",
+            TEST_SHUTDOWN_TIMEOUT="40",
+            LOG="INFO",
+        )
+    )
+    server = start_server(env)
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "50"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(3)
+        database_fault.refuse()
+        server.process.send_signal(signal.SIGTERM)
+        rest = stream.rest()
+        assert rest[-1].data == {"status": "done", "saved": False}, server.output()
+        # Longer than the reserve and the final save's own retries together.
+        time.sleep(15)
+        database_fault.accept()
+        server.process.wait(timeout=60)
+    finally:
+        database_fault.accept()
+        stop_server(server)
+    log = server.output()
+    row = Run.objects.get(session_key=key)
+    assert (row.status, row.output) == ("done", words(50)), log
+    assert text(first) + text(rest) == words(50)
+    assert "is lost" not in log, log
+
+
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+def test_a_second_sigterm_during_the_drain_lets_the_server_go_at_once(kind):
+    """A drain of up to 295 s for a 100 s answer, and a second SIGTERM once
+    it began: the server goes now, not at the end of the drain. uvicorn,
+    once told, still waits for its connections to close (it takes a second
+    SIGTERM for a first one): the runs are interrupted at once, so that
+    their streams end, with their text saved."""
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT="300",
+        LOG="INFO",
+    )
+    server = start_server(env, kind=kind)
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(server.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "5000"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(3)
+        server.process.send_signal(signal.SIGTERM)
+        refused_while_draining(server)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while server.process.poll() is None:
+            assert time.monotonic() < deadline, f"still draining:\n{server.output()}"
+            time.sleep(0.1)
+    finally:
+        stop_server(server)
+    assert "Traceback" not in server.output(), server.output()
+    if kind == "uvicorn":
+        rest = stream.rest()
+        row = Run.objects.get(session_key=key)
+        assert rest[-1].data == {"status": "interrupted"}, server.output()
+        assert (row.status, row.output) == ("interrupted", text(first) + text(rest))

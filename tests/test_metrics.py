@@ -250,3 +250,175 @@ def test_two_workers_in_multiprocess_mode_serve_the_sum_of_both(start_workers, t
         assert value(samples, "detached_runs_runs_ended_total", status="done") == 2
         assert value(samples, "detached_runs_text_bytes_total") == 2 * len("w0 w1 w2 w3 w4 ")
         assert value(samples, "detached_runs_runs", status="running") == 0
+
+
+@pytest.mark.e2e
+def test_a_client_that_leaves_while_waiting_for_the_queued_run_is_no_subscriber_any_more():
+    """A client asking for a session's events past the end of its run, with a
+    run queued behind it, waits (up to ``QUEUE_WAIT``) for that run to
+    start: here it never does, its worker draining. The client leaves
+    meanwhile; the run it had bound to is released, and
+    ``detached_runs_subscribers`` is back to what it was."""
+    import http.client
+    import signal
+    import time
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    env = server_env(
+        TEST_AGENT_DELAY="0.02",
+        TEST_SHUTDOWN_MODE="drain",
+        TEST_SHUTDOWN_TIMEOUT="60",
+        LOG="INFO",
+    )
+    server = start_server(env)
+
+    def subscribers() -> float:
+        reply = Browser(server.port).request("GET", "/metrics", headers=TOKEN)
+        assert reply.status == 200, reply.body
+        return value(parse(reply.body), "detached_runs_subscribers")
+
+    browser = Browser(server.port)
+    keeper, key = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
+    try:
+        # A long run keeps the drain going; the session's run ends during it,
+        # and the run queued behind it is not started by a draining worker.
+        assert browser.request("POST", f"/runs/{keeper}/", {"prompt": "5000"}).status == 202
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "30"}).status == 202
+        queued = browser.request("POST", f"/runs/{key}/", {"prompt": "3", "multitask": "enqueue"})
+        assert queued.json()["status"] == "queued"
+        server.process.send_signal(signal.SIGTERM)
+        last = browser.stream(f"/runs/{key}/events/").rest()[-1]
+        assert last.data == {"status": "done"}
+        assert subscribers() == 0
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        headers = {"Last-Event-ID": str(last.id), "Cookie": browser._headers(None)["Cookie"]}
+        connection.request("GET", f"/runs/{key}/events/", headers=headers)
+        deadline = time.monotonic() + 10
+        while subscribers() != 1:  # bound, waiting for the queued run
+            assert time.monotonic() < deadline, "the client never waited"
+            time.sleep(0.05)
+        connection.sock.close()  # it leaves
+        connection.close()
+        deadline = time.monotonic() + 20
+        while (count := subscribers()) != 0:
+            assert time.monotonic() < deadline, f"{count} subscribers after every client left"
+            time.sleep(0.1)
+    finally:
+        stop_server(server)  # a second SIGTERM: it leaves without waiting for the keeper
+
+
+@pytest.mark.e2e
+def test_the_figures_are_served_while_the_database_refuses(database_fault):
+    """The database is down: just when its failures are worth reading, the
+    scrape still answers ``200`` with every figure this process counts
+    (``detached_runs_save_failures_total`` growing), to a scraper with the
+    token whether or not it sends a session cookie; only
+    ``detached_runs_runs``, read from the database, is left out. Staff
+    logged in by a session, which needs the database to be known, get a
+    ``503``, not a server error."""
+    import time
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    env = database_fault.env(server_env(TEST_AGENT_DELAY="0.02", LOG="INFO"))
+    server = start_server(env)
+    browser = Browser(server.port)  # its session cookie names the run's owner
+    key = uuid.uuid4().hex[:10]
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "1000"}).status == 202
+        database_fault.refuse()
+        deadline = time.monotonic() + 30
+        while True:
+            for scraper in (Browser(server.port), browser):
+                reply = scraper.request("GET", "/metrics", headers=TOKEN)
+                assert reply.status == 200, reply.body
+            samples = parse(reply.body)
+            assert ("detached_runs_runs", frozenset({("status", "running")})) not in samples
+            if value(samples, "detached_runs_save_failures_total", save="checkpoint") > 0:
+                break
+            assert time.monotonic() < deadline, "no failed checkpoint counted"
+            time.sleep(0.2)
+        staff = browser.request("GET", "/metrics")  # no token: its session decides
+        assert staff.status == 503, staff.body
+        assert staff.headers.get("Retry-After") == "1"
+        assert b"detached_runs_" not in staff.body
+    finally:
+        database_fault.accept()
+        browser.request("POST", f"/runs/{key}/stop/")
+        stop_server(server)
+    assert "Internal Server Error: /metrics" not in server.output(), server.output()
+
+
+@pytest.mark.e2e
+def test_a_dead_workers_subscribers_are_not_counted_in_multiprocess_mode(tmp_path):
+    """Two workers sharing a ``PROMETHEUS_MULTIPROC_DIR``; a client follows a
+    run on the first, which is killed (``kill -9``: an OOM, an orchestrator
+    out of patience). prometheus_client keeps a dead process's file, so its
+    live gauge would count that client for ever: the other worker's scrape
+    counts no subscriber once the process is gone, and still counts the
+    run it started."""
+    import time
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    env = server_env(TEST_AGENT_DELAY="0.02", LOG="INFO", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    doomed, survivor = start_server(env), start_server(env)
+
+    def scrape_survivor() -> Samples:
+        reply = Browser(survivor.port).request("GET", "/metrics", headers=TOKEN)
+        assert reply.status == 200, reply.body
+        return parse(reply.body)
+
+    try:
+        browser = Browser(doomed.port)
+        key = uuid.uuid4().hex[:10]
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "5000"}).status == 202
+        stream = browser.stream(f"/runs/{key}/events/")
+        stream.take(3)
+        assert value(scrape_survivor(), "detached_runs_subscribers") == 1
+        doomed.process.kill()
+        doomed.process.wait()
+        stream.close()
+        deadline = time.monotonic() + 20
+        while (count := value(samples := scrape_survivor(), "detached_runs_subscribers")) != 0:
+            assert time.monotonic() < deadline, f"{count} subscribers of a dead worker"
+            time.sleep(0.1)
+        assert value(samples, "detached_runs_runs_started_total") == 1
+    finally:
+        stop_server(doomed)
+        stop_server(survivor)
+
+
+@pytest.mark.e2e
+def test_a_run_whose_worker_died_is_not_counted_in_flight_for_ever():
+    """A worker is killed (``kill -9``) with a run in flight, and nobody asks
+    for that session again: its row stays ``running`` until something reads
+    it, but the run is in flight nowhere. ``detached_runs_runs`` stops
+    counting it once its heartbeat is stale (`workers.stale_after`), as every
+    other part of the app does, instead of counting it for ever."""
+    import asyncio
+    import time
+
+    from detached_runs.workers import stale_after
+
+    from .conftest import server_env, start_server, stop_server
+    from .http import Browser
+
+    server = start_server(server_env(TEST_AGENT_DELAY="0.02", LOG="INFO"))
+    key = uuid.uuid4().hex[:10]
+    try:
+        assert Browser(server.port).request("POST", f"/runs/{key}/", {"prompt": "5000"}).status
+        assert value(asyncio.run(scrape()), "detached_runs_runs", status="running") == 1
+        server.process.kill()
+        server.process.wait()
+    finally:
+        stop_server(server)
+    deadline = time.monotonic() + stale_after().total_seconds() + 30
+    while (count := value(asyncio.run(scrape()), "detached_runs_runs", status="running")) != 0:
+        assert time.monotonic() < deadline, f"{count} runs in flight, with no worker alive"
+        time.sleep(0.5)
+    assert Run.objects.get(session_key=key).status == "running"  # nobody read it

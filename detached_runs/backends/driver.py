@@ -167,6 +167,8 @@ class RunDriver:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set by shutdown: saves that failed before are tried again at once.
         self._save_now: asyncio.Event | None = None
+        # Set by drain: saves that failed are tried again every half second.
+        self._draining = False
 
     # -- driving -----------------------------------------------------------
 
@@ -303,21 +305,30 @@ class RunDriver:
 
     async def drain(self, timeout: float) -> None:
         """`BaseBackend.drain` for the runs here: refuse new runs, then wait
-        up to ``timeout`` s until every run here has ended (a run waiting for
-        its user's answer is waited for too: the answer may come)."""
+        up to ``timeout`` s until every run here has ended and its end is
+        saved (a run waiting for its user's answer is waited for too: the
+        answer may come). A run is over once its end is in the database, not
+        once it is sent: a final save the database refused is tried again
+        every half second meanwhile, as during `shutdown`, so that the whole
+        drain, not only the reserve after it, is there to save it."""
         self.refuse_new_runs()
-        left = [run.finished.wait() for run in self._sessions.values() if not run.finished.is_set()]
+        self._draining = True
+        if self._save_now is not None:
+            self._save_now.set()  # saves waiting out a long back-off: now
+        left = [run for run in self._sessions.values() if not run.stored.is_set()]
         if not left:
             return
         logger.info("Draining: waiting up to %ss for %d runs to end", timeout, len(left))
-        tasks = [asyncio.ensure_future(wait) for wait in left]
+        tasks = [asyncio.ensure_future(_ended_and_saved(run)) for run in left]
         try:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
         finally:
             for task in tasks:
                 task.cancel()
         if pending:
-            logger.warning("Drained for %ss; %d runs are still in flight", timeout, len(pending))
+            logger.warning(
+                "Drained for %ss; %d runs are still in flight or unsaved", timeout, len(pending)
+            )
 
     async def shutdown(self, timeout: float) -> None:
         """`BaseBackend.shutdown` for the runs here."""
@@ -707,7 +718,7 @@ class RunDriver:
             self._on_unsaved(run)
         delays = iter(SAVE_AGAIN_DELAYS)
         while True:
-            if self._closing:
+            if self._closing or self._draining:
                 await asyncio.sleep(0.5)
             else:
                 delay = next(delays, SAVE_AGAIN_DELAYS[-1])
@@ -797,6 +808,13 @@ def call_in_loop(loop: asyncio.AbstractEventLoop | None, function: Any, *args: A
         function(*args)
     elif loop is not None and not loop.is_closed():
         loop.call_soon_threadsafe(function, *args)
+
+
+async def _ended_and_saved(run: DrivenRun) -> None:
+    """Return once ``run`` has ended and its end is saved (at once, or by
+    `RunDriver._save_again`)."""
+    await run.finished.wait()
+    await run.stored.wait()
 
 
 async def _either(*events: asyncio.Event) -> None:
