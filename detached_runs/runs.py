@@ -456,6 +456,12 @@ class RunService:
                     if current is not None and current.meta.get("owner") == run.owner:
                         network = current.meta.get("address")
                     await self._launch(run, agent, history=None, network=network, queued=True)
+        except BackendUnavailable as exc:
+            # Expected, not a fault: this worker drains or shuts down (another
+            # worker, or this one after its restart, starts the queue), or
+            # Redis is away (the sweep tries again).
+            logger.warning("Did not start the next queued run of %s: %s", session_key, exc)
+            return None
         except Exception:  # a task nobody awaits: the sweep tries again later
             logger.warning("Could not start the next queued run of %s", session_key, exc_info=True)
             return None

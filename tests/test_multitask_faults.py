@@ -679,3 +679,20 @@ async def test_the_agent_of_a_queued_run_cancelled_from_the_admin_is_not_kept_fo
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.2)  # the end's search for a next queued run is over
     assert "leak" not in service._queued_agents
+
+
+async def test_a_queue_a_draining_worker_does_not_start_is_logged_without_a_traceback(caplog):
+    """Found (Step 13): a draining worker's own sweep tried to start a queue
+    it must leave to others, and logged the refusal as a fault, with a
+    traceback, every 30 s of the drain. The refusal is expected: one line."""
+    caplog.set_level("WARNING", logger="detached_runs")
+    service = get_service()
+    await runs.start("drainq", prompt="first", owner=OWNER, agent=forever)
+    await runs.start("drainq", prompt="3", owner=OWNER, multitask="enqueue")
+    service.backend.driver.refuse_new_runs()  # what a drain does first
+    await runs.stop("drainq", owner=OWNER)
+    assert await settles("drainq", "first") == "stopped"
+    assert await service._promote("drainq") is None
+    assert await statuses("drainq") == [("first", "stopped"), ("3", "queued")]
+    refusals = [r for r in caplog.records if "queued run of drainq" in r.getMessage()]
+    assert refusals and all(r.exc_info is None for r in refusals)
