@@ -422,3 +422,12 @@ def test_a_run_whose_worker_died_is_not_counted_in_flight_for_ever():
         assert time.monotonic() < deadline, f"{count} runs in flight, with no worker alive"
         time.sleep(0.5)
     assert Run.objects.get(session_key=key).status == "running"  # nobody read it
+
+
+async def test_the_known_labels_are_there_before_their_first_count():
+    """A dashboard shows 0, not "no data", for a failure that has not happened."""
+    samples = await scrape()
+    for save in ("checkpoint", "final"):
+        assert ("detached_runs_save_failures_total", frozenset({("save", save)})) in samples
+    for status in ("done", "stopped", "error", "interrupted"):
+        assert ("detached_runs_runs_ended_total", frozenset({("status", status)})) in samples

@@ -149,6 +149,14 @@ subscribers = _metric(
 )
 
 
+# Labels known in advance start at 0, so that a dashboard shows 0 rather
+# than "no data" before the first one happens.
+for _status in ("done", "stopped", "error", "interrupted"):
+    runs_ended.labels(status=_status)
+for _save in ("checkpoint", "final"):
+    save_failures.labels(save=_save)
+
+
 def run_started() -> None:
     runs_started.inc()
 
