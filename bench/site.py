@@ -192,7 +192,14 @@ async def memory(request: HttpRequest) -> JsonResponse:
     )
 
 
+async def plain(request: HttpRequest) -> JsonResponse:
+    """A plain page of the same site, through the whole middleware stack:
+    what a start's latency is held against (`bench/starts.py`)."""
+    return JsonResponse({"ok": True})
+
+
 urlpatterns = [
+    path("bench/plain/", plain),
     path("runs/", include("detached_runs.urls")),
     path("ceiling/", ceiling),
     path("ceiling/start/", ceiling_start),
