@@ -382,6 +382,20 @@ def server(request: Any, django_db_setup: Any, django_db_blocker: Any) -> Any:
     stop_server(running)
 
 
+@pytest.fixture
+def browser(server: Server) -> Any:
+    """A client of `server` with cookies of its own (`tests.http.Browser`)."""
+    from .http import Browser
+
+    return Browser(server.port)
+
+
+@pytest.fixture
+def key() -> str:
+    """A fresh session key."""
+    return uuid.uuid4().hex[:12]
+
+
 # -- a redis-server of the test's own ---------------------------------------------
 
 

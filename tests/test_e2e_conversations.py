@@ -57,11 +57,6 @@ def site(request: Any, django_db_setup: Any, django_db_blocker: Any) -> Iterator
         client.close()
 
 
-@pytest.fixture
-def key() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 def redis_keys(server: Server, key: str, run_ids: list[str]) -> list[str]:
     """What Redis holds of the session on this server: its keys, and its runs
     in the shared sets (in flight, unsaved, an owner's or an address's)."""

@@ -20,16 +20,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 WORDS_40 = "".join(f"w{i} " for i in range(40))
 
 
-@pytest.fixture
-def browser(server: Any) -> Browser:
-    return Browser(server.port)
-
-
-@pytest.fixture
-def key() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 def wait_for_status(browser: Browser, key: str, *, not_: str = "running") -> dict[str, Any]:
     for _ in range(500):
         reply = browser.request("GET", f"/runs/{key}/")

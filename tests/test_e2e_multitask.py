@@ -22,16 +22,6 @@ from .http import SSE, Browser, text
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture
-def browser(server: Any) -> Browser:
-    return Browser(server.port)
-
-
-@pytest.fixture
-def key() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 def start(browser: Browser, key: str, prompt: str, **body: Any) -> Any:
     return browser.request("POST", f"/runs/{key}/", {"prompt": prompt, **body})
 
