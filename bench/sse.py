@@ -314,10 +314,16 @@ def start_server(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
         command += ["--no-access-log", "--lifespan", "off", "bench.asgi:application"]
     else:
         command = ["daphne", "-b", "127.0.0.1", "-p", str(port), "bench.asgi:application"]
+    return launch([sys.executable, "-m", *command], env, ROOT, port), port
+
+
+def launch(argv: list[str], env: dict[str, str], cwd: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start a server process (``argv``, in ``cwd``) and return it once it
+    listens on ``port``; RuntimeError if it does not within 15 s."""
     process = subprocess.Popen(
-        [sys.executable, "-m", *command],
+        argv,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=_raise_fd_limit,
@@ -325,10 +331,11 @@ def start_server(traced: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return process, port
+            return process
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"{SERVER} did not start")
+    process.kill()
+    raise RuntimeError(f"{argv[2]} did not start")
 
 
 # -- the scenarios -------------------------------------------------------------

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sse import Client, _key, _raise_fd_limit, request, start_server
+from bench.sse import Client, _key, launch, request, start_server
 
 SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seed-baseline"
 
@@ -203,21 +203,8 @@ def start_seed() -> tuple[subprocess.Popen[bytes], int]:
         cwd=SEED,
         check=True,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "asgi:application"],
-        env=env,
-        cwd=SEED,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_raise_fd_limit,
-    )
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return process, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("the seed's daphne did not start")
+    daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+    return launch([*daphne, "asgi:application"], env, SEED, port), port
 
 
 def main() -> None:
@@ -227,11 +214,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=30.0)
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
-    for name, launch, kind in (
+    for name, begin, kind in (
         ("original", start_seed, Seed),
         ("detached_runs", start_server, App),
     ):
-        process, port = launch()
+        process, port = begin()
         try:
             results[name] = asyncio.run(scenario(kind(port), args.runs, args.tokens, args.rate))
         finally:
