@@ -70,6 +70,18 @@ def _ttft() -> Combinable:
     return ExpressionWrapper(F("first_token_at") - F("started_at"), output_field=DurationField())
 
 
+#: The rows of a run's page that show its usage (a fieldset; all of them
+#: follow a run in flight).
+USAGE_ROWS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost",
+    "time_to_first_token",
+    "usage_json",
+)
+
+
 class UsageFilter(admin.SimpleListFilter):
     """Runs by where their token counts come from: the endpoint, an estimate, none."""
 
@@ -208,16 +220,7 @@ class RunAdmin(admin.ModelAdmin):
         ),
         (
             _("Usage"),
-            {
-                "fields": (
-                    "input_tokens",
-                    "output_tokens",
-                    "total_tokens",
-                    "cost",
-                    "time_to_first_token",
-                    "usage_json",
-                )
-            },
+            {"fields": USAGE_ROWS},
         ),
         (_("Times"), {"fields": ("started", "first_token", "last_checkpoint", "finished")}),
         (_("Log"), {"fields": ("last_event",)}),
@@ -231,12 +234,7 @@ class RunAdmin(admin.ModelAdmin):
         "run_status",
         "output_text",
         "error_text",
-        "input_tokens",
-        "output_tokens",
-        "total_tokens",
-        "cost",
-        "time_to_first_token",
-        "usage_json",
+        *USAGE_ROWS,
         "first_token",
         "last_checkpoint",
         "finished",
