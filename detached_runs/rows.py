@@ -130,7 +130,18 @@ def terminal_position(row: Run, size: int | None = None) -> Position:
     return position if row.status not in ACTIVE else Position(size, position.seq + 1)
 
 
-def open_row(*args: Any, **kwargs: Any) -> tuple[Run, tuple[Turn, ...] | None]:
+class Opened(NamedTuple):
+    """What `open_row` made and read."""
+
+    run: Run
+    #: The session's earlier turns, if asked for (``history``).
+    history: tuple[Turn, ...] | None
+    #: Whether runs of the session were queued when this row was made: an
+    #: ``interrupt`` or ``rollback`` start has a queue to cancel only if so.
+    queued: bool
+
+
+def open_row(*args: Any, **kwargs: Any) -> Opened:
     """`_open_row` in one transaction: a refused start changes nothing."""
     with transaction.atomic(using=router.db_for_write(Run)):
         return _open_row(*args, **kwargs)
@@ -148,7 +159,7 @@ def _open_row(
     multitask: str = "interrupt",
     in_flight: bool = False,
     started_at: datetime | None = None,
-) -> tuple[Run, tuple[Turn, ...] | None]:
+) -> Opened:
     """Create a run's row (sync, on the database thread). ``user`` is the
     requester's ``User``, or None: then the user an owner key ``"user:<pk>"``
     names is looked up (for the admin's link and ``ctx.user``). With
@@ -174,6 +185,7 @@ def _open_row(
     if check_owner and rows and not may_access(requester, rows[0].owner, session_key):
         raise RunNotFound("No such session.")
     status = RUNNING
+    queued = 0
     if multitask in ("reject", "enqueue"):
         queued = queued_count(session_key)
         if multitask == "reject" and queued:
@@ -183,6 +195,8 @@ def _open_row(
             if queued >= limit:
                 raise QueueFull(f"The session has {queued} runs queued; the limit is {limit}.")
             status, history = QUEUED, None
+    else:
+        queued = int(Run.objects.filter(session_key=session_key, status=QUEUED).exists())
     if user is None and requester and requester.startswith("user:"):
         try:
             user = get_user_model().objects.filter(pk=requester.removeprefix("user:")).first()
@@ -200,7 +214,7 @@ def _open_row(
     )
     # The history is of runs that ran.
     ran = [row for row in rows if ran_once(row)]
-    return run, (None if history is None else turns(ran[:history]))
+    return Opened(run, None if history is None else turns(ran[:history]), queued > 0)
 
 
 def save_end(pk: uuid.UUID, fields: dict[str, Any]) -> tuple[int, bool]:

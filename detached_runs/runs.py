@@ -277,7 +277,7 @@ class RunService:
             # is final already, so it comes along; otherwise the agent reads
             # it once the run it replaces is saved.
             try:
-                run, history = await run_sync(
+                run, history, had_queue = await run_sync(
                     rows.open_row,
                     session_key,
                     prompt,
@@ -315,16 +315,22 @@ class RunService:
                 # Once the backend took the run (a refused start changes
                 # nothing): the queue it replaces, and a rolled back run's row.
                 self._queued_agents.pop(session_key, None)
-                await run_sync(
-                    rows.replace_pending,
-                    session_key,
-                    delete=multitask == "rollback",
-                    rolled_back=(
-                        uuid.UUID(current.meta["uuid"])
-                        if current is not None and in_flight and multitask == "rollback"
-                        else None
-                    ),
+                rolled_back = (
+                    uuid.UUID(current.meta["uuid"])
+                    if current is not None and in_flight and multitask == "rollback"
+                    else None
                 )
+                # Most starts have neither: no second trip to the database.
+                # The queue cannot have grown since the row was made: every
+                # start of the session, an enqueue too, takes its turn under
+                # `backend.ordered`, as this one still does.
+                if had_queue or rolled_back is not None:
+                    await run_sync(
+                        rows.replace_pending,
+                        session_key,
+                        delete=multitask == "rollback",
+                        rolled_back=rolled_back,
+                    )
         logger.info("Run %s of session %s started", run.id.hex, session_key)
         return run
 

@@ -370,3 +370,35 @@ async def test_a_sweep_ends_rows_left_running_by_a_dead_process_that_the_backend
 async def _hang(ctx: Any) -> AsyncIterator[str]:
     yield "thinking "
     await asyncio.sleep(3600)
+
+
+@pytest.mark.parametrize("queued", [False, True])
+async def test_a_start_goes_to_the_database_once_unless_it_has_a_queue_to_cancel(
+    monkeypatch, queued
+):
+    """A start is the moment a user waits for, and each trip to the database
+    thread waits for a turn of a loaded event loop: an ``interrupt`` start
+    makes one (its row), and a second only when it has queued runs to cancel,
+    which it then does."""
+    from detached_runs import db
+    from detached_runs import runs as runs_module
+
+    await runs.start("trips", prompt="x", agent=slow)
+    if queued:
+        waiting = await runs.start("trips", prompt="y", multitask="enqueue")
+    trips: list[str] = []
+    real = db.run_sync
+
+    async def counted(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        trips.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "run_sync", counted)
+    await runs.start("trips", prompt="z", agent=slow)
+    assert trips == (["open_row", "replace_pending"] if queued else ["open_row"])
+    statuses = {row.prompt: row.status async for row in Run.objects.filter(session_key="trips")}
+    assert statuses["x"] in ("stopped", "running")  # its end is saved in the background
+    if queued:
+        assert (await Run.objects.aget(pk=waiting.pk)).status == "stopped"
+    await runs.stop("trips")
+    assert (await finished("trips")).prompt == "z"
