@@ -19,6 +19,12 @@ Scenarios (the goals are those of the Step 5 issue):
 - stalled: 10 subscribers that never read a 20,000-token run; the server's
   traced memory they hold (a second daphne, under PYTHONTRACEMALLOC).
 - start: POST start to the first byte of the stream's start event, at 50/s.
+- starts: 1,000 runs started one after another over HTTP (each start awaited
+  before the next), each streaming 300 tokens at 30/s to one SSE subscriber,
+  while the earlier ones stream; a start's latency and the time from its POST
+  to the first text byte at its subscriber, p50/p99, and a plain GET's p99
+  meanwhile. Its ceiling is the same sequence against the bare views.
+  (`bench/starts.py` runs it next to the original run manager.)
 """
 
 from __future__ import annotations
@@ -626,6 +632,173 @@ async def start(port: int, rate: float = 50, seconds: float = 10) -> Figure:
     return Figure(app, ceiling)
 
 
+# -- starts under load: the runs' own scenario and bench/starts.py's ----------------
+
+
+class Subscriber(asyncio.Protocol):
+    """One SSE response read as it arrives: when its first text came, each
+    token's latency (by the stamp ``pattern`` finds, on the ``clock``), and
+    when the ``end`` marker came."""
+
+    def __init__(self, pattern: re.Pattern[bytes], clock: Callable[[], float], end: bytes) -> None:
+        self.pattern, self.clock, self.end = pattern, clock, end
+        self.first_text: float | None = None
+        self.latencies: list[float] = []
+        self.finished: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._tail = b""
+
+    def data_received(self, data: bytes) -> None:
+        now, stamp_now = time.perf_counter(), self.clock()
+        text = self._tail + data
+        found = self.pattern.findall(text)
+        if found and self.first_text is None:
+            self.first_text = now
+        self.latencies += [stamp_now - float(s) for s in found]
+        # A stamp cut between two reads is read with the next one.
+        self._tail = text[-64:] if not text.endswith(b"\n\n") else b""
+        if self._tail:
+            self._tail = self._tail[self._tail.rfind(b"\n\n") + 2 :]
+        if self.end in text and not self.finished.done():
+            self.finished.set_result(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished.done():
+            self.finished.set_exception(ConnectionError(f"the stream ended early: {exc}"))
+
+
+async def subscribe(port: int, path: str, headers: dict[str, str], side: Side) -> Subscriber:
+    loop = asyncio.get_running_loop()
+    transport, subscriber = await loop.create_connection(
+        lambda: Subscriber(side.pattern, side.clock, side.end), "127.0.0.1", port
+    )
+    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    transport.write((head + "\r\n").encode())
+    return subscriber
+
+
+class Side:
+    """How one site is started, followed and probed."""
+
+    pattern: re.Pattern[bytes]
+    clock: Callable[[], float]
+    end: bytes
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def start(self, key: str, tokens: int, rate: float) -> None:
+        raise NotImplementedError
+
+    def events(self, key: str) -> tuple[str, dict[str, str]]:
+        raise NotImplementedError
+
+    plain = "/"
+
+
+class App(Side):
+    # bench/site.py's agent: "t<i>@<time.monotonic()> " per token with "stamp".
+    pattern = re.compile(rb"t\d+@([0-9.]+) ")
+    clock = staticmethod(time.monotonic)
+    end = b"event: done"
+    plain = "/bench/plain/"
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.client = Client(port)
+
+    async def start(self, key: str, tokens: int, rate: float) -> None:
+        await self.client.start(key, f"{tokens} {rate} stamp")
+
+    def events(self, key: str) -> tuple[str, dict[str, str]]:
+        return f"/runs/{key}/events/", self.client.cookie()
+
+
+class Ceiling(Side):
+    """The bare ceiling of `bench/site.py` in the same process: a start is a
+    POST answered 202 with no row and no registry, and the stream is the
+    agent's tokens written straight into the response."""
+
+    pattern = App.pattern
+    clock = staticmethod(time.monotonic)
+    end = b"event: done"
+    plain = "/bench/plain/"
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.specs: dict[str, str] = {}
+
+    async def start(self, key: str, tokens: int, rate: float) -> None:
+        self.specs[key] = f"{tokens} {rate} stamp"
+        headers = {"Content-Type": "application/json"}
+        body = json.dumps({"prompt": self.specs[key]}).encode()
+        reply = await request(self.port, "POST", "/ceiling/start/", headers, body)
+        assert reply.status == 202, reply.status
+
+    def events(self, key: str) -> tuple[str, dict[str, str]]:
+        return ceiling_path(self.specs.pop(key)), {}
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] * 1000, ordered[int(len(ordered) * 0.99)] * 1000
+
+
+async def scenario(side: Side, runs: int, tokens: int, rate: float) -> dict[str, float]:
+    if isinstance(side, App):
+        await side.client.start(_key(), "1 0")  # the session cookie, before the load
+    plain: list[float] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            began = time.perf_counter()
+            reply = await request(side.port, "GET", side.plain)
+            assert reply.status == 200, reply.status
+            plain.append(time.perf_counter() - began)
+            await asyncio.sleep(0.1)
+
+    probing = asyncio.create_task(probe())
+    starts: list[float] = []
+    first_text: list[float] = []
+    subscribers: list[Subscriber] = []
+    watchers: list[Awaitable[None]] = []
+
+    async def watch(subscriber: Subscriber, began: float) -> None:
+        await subscriber.finished
+        assert subscriber.first_text is not None
+        first_text.append(subscriber.first_text - began)
+
+    scenario_began = time.perf_counter()
+    for _ in range(runs):
+        key = _key()
+        began = time.perf_counter()
+        await side.start(key, tokens, rate)
+        starts.append(time.perf_counter() - began)
+        path, headers = side.events(key)
+        subscriber = await subscribe(side.port, path, headers, side)
+        subscribers.append(subscriber)
+        watchers.append(asyncio.ensure_future(watch(subscriber, began)))
+    await asyncio.gather(*watchers)
+    took = time.perf_counter() - scenario_began
+    done.set()
+    await probing
+    tokens_read = [lat for s in subscribers for lat in s.latencies]
+    assert len(tokens_read) == runs * tokens, (len(tokens_read), runs * tokens)
+    figures = {"seconds": took}
+    for name, values in (("start", starts), ("first text", first_text), ("plain GET", plain)):
+        figures[f"{name} p50"], figures[f"{name} p99"] = percentiles(values)
+    figures["token p99"] = percentiles(tokens_read)[1]
+    return figures
+
+
+async def starts(port: int, runs: int) -> Figure:
+    """The ``starts`` scenario: `scenario` on the app, then on the ceiling."""
+    app = await scenario(App(port), runs, 300, 30)
+    ceiling = await scenario(Ceiling(port), runs, 300, 30)
+    return Figure(app, ceiling)
+
+
 # -- the table -----------------------------------------------------------------
 
 
@@ -728,6 +901,24 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
             "p99 < 20 ms",
             p99 < 20,
         )
+    if "starts" in results:
+        f = results["starts"]
+        p50, p99 = _median(f, "app", "start p50"), _median(f, "app", "start p99")
+        text50, text99 = _median(f, "app", "first text p50"), _median(f, "app", "first text p99")
+        plain99 = _median(f, "app", "plain GET p99")
+        c_p50, c_p99 = _median(f, "ceiling", "start p50"), _median(f, "ceiling", "start p99")
+        c_text99 = _median(f, "ceiling", "first text p99")
+        row(
+            f"starts: {args.start_runs:,} one after another, 300 tokens at 30/s each",
+            f"start p50 {p50:.1f} ms, p99 {p99:.1f} ms; first text p50 {text50:.1f} ms,"
+            f" p99 {text99:.1f} ms; {_median(f, 'app', 'seconds'):.1f} s;"
+            f" plain GET p99 {plain99:.1f} ms",
+            f"start p50 {c_p50:.1f} ms, p99 {c_p99:.1f} ms; first text p99 {c_text99:.1f} ms;"
+            f" {_median(f, 'ceiling', 'seconds'):.1f} s",
+            f"{c_p99 / p99:.0%}",
+            "start p99 <= 2x plain GET p99",
+            p99 <= 2 * plain99,
+        )
     headings = ("scenario", "app", "ceiling", "ceiling/app", "goal", "met")
     print("| " + " | ".join(headings) + " |")
     print("|" + "---|" * len(headings))
@@ -735,7 +926,7 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
         print("| " + " | ".join(r) + " |")
 
 
-SCENARIOS = ("burst", "capacity", "replay", "resume", "memory", "stalled", "start")
+SCENARIOS = ("burst", "capacity", "replay", "resume", "memory", "stalled", "start", "starts")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -752,6 +943,7 @@ async def main(args: argparse.Namespace) -> None:
         "memory": held,
         "stalled": stalled,
         "start": lambda port: start(port, seconds=args.start_seconds),
+        "starts": lambda port: starts(port, args.start_runs),
     }
     for name in only:
         # A server of its own for each scenario: runs another scenario left in
@@ -777,6 +969,7 @@ if __name__ == "__main__":
     parser.add_argument("--subscribers", type=int, default=500)
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--start-seconds", type=float, default=10)
+    parser.add_argument("--start-runs", type=int, default=1000, help="starts: runs started")
     parser.add_argument("--quick", action="store_true", help="small loads, one repetition")
     parser.add_argument(
         "--server", choices=("daphne", "uvicorn"), default="daphne", help="the ASGI server"
@@ -784,4 +977,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.subscribers, args.runs, args.start_seconds = 1, 100, 200, 3
+        args.start_runs = 200
     asyncio.run(main(args))

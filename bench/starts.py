@@ -18,7 +18,8 @@ invocation: the machine is shared, its absolute times swing.
 
 The detached_runs side is `bench/site.py` (SQLite in a scratch file, or
 ``BENCH_DATABASE_URL``); the original's is the seed's own site, started from
-its folder (``--seed``) with this virtualenv.
+its folder with this virtualenv. The scenario is `bench.sse.scenario`, which
+``bench/sse.py --only starts`` runs against the bare ceiling instead.
 """
 
 from __future__ import annotations
@@ -32,93 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sse import Client, _key, launch, request, start_server
+from bench.sse import App, Side, launch, request, scenario, start_server
 
 SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seed-baseline"
-
-
-class Subscriber(asyncio.Protocol):
-    """One SSE response read as it arrives: when its first text came, each
-    token's latency (by the stamp ``pattern`` finds, on the ``clock``), and
-    when the ``end`` marker came."""
-
-    def __init__(self, pattern: re.Pattern[bytes], clock: Callable[[], float], end: bytes) -> None:
-        self.pattern, self.clock, self.end = pattern, clock, end
-        self.first_text: float | None = None
-        self.latencies: list[float] = []
-        self.finished: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._tail = b""
-
-    def data_received(self, data: bytes) -> None:
-        now, stamp_now = time.perf_counter(), self.clock()
-        text = self._tail + data
-        found = self.pattern.findall(text)
-        if found and self.first_text is None:
-            self.first_text = now
-        self.latencies += [stamp_now - float(s) for s in found]
-        # A stamp cut between two reads is read with the next one.
-        self._tail = text[-64:] if not text.endswith(b"\n\n") else b""
-        if self._tail:
-            self._tail = self._tail[self._tail.rfind(b"\n\n") + 2 :]
-        if self.end in text and not self.finished.done():
-            self.finished.set_result(now)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.finished.done():
-            self.finished.set_exception(ConnectionError(f"the stream ended early: {exc}"))
-
-
-async def subscribe(port: int, path: str, headers: dict[str, str], side: Side) -> Subscriber:
-    loop = asyncio.get_running_loop()
-    transport, subscriber = await loop.create_connection(
-        lambda: Subscriber(side.pattern, side.clock, side.end), "127.0.0.1", port
-    )
-    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    transport.write((head + "\r\n").encode())
-    return subscriber
-
-
-class Side:
-    """How one site is started, followed and probed."""
-
-    pattern: re.Pattern[bytes]
-    clock: Callable[[], float]
-    end: bytes
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    async def start(self, key: str, tokens: int, rate: float) -> None:
-        raise NotImplementedError
-
-    def events(self, key: str) -> tuple[str, dict[str, str]]:
-        raise NotImplementedError
-
-    plain = "/"
-
-
-class App(Side):
-    # bench/site.py's agent: "t<i>@<time.monotonic()> " per token with "stamp".
-    pattern = re.compile(rb"t\d+@([0-9.]+) ")
-    clock = staticmethod(time.monotonic)
-    end = b"event: done"
-    plain = "/bench/plain/"
-
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.client = Client(port)
-
-    async def start(self, key: str, tokens: int, rate: float) -> None:
-        await self.client.start(key, f"{tokens} {rate} stamp")
-
-    def events(self, key: str) -> tuple[str, dict[str, str]]:
-        return f"/runs/{key}/events/", self.client.cookie()
 
 
 class Seed(Side):
@@ -134,59 +55,6 @@ class Seed(Side):
 
     def events(self, key: str) -> tuple[str, dict[str, str]]:
         return f"/events/{key}", {}
-
-
-def percentiles(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] * 1000, ordered[int(len(ordered) * 0.99)] * 1000
-
-
-async def scenario(side: Side, runs: int, tokens: int, rate: float) -> dict[str, float]:
-    if isinstance(side, App):
-        await side.client.start(_key(), "1 0")  # the session cookie, before the load
-    plain: list[float] = []
-    done = asyncio.Event()
-
-    async def probe() -> None:
-        while not done.is_set():
-            began = time.perf_counter()
-            reply = await request(side.port, "GET", side.plain)
-            assert reply.status == 200, reply.status
-            plain.append(time.perf_counter() - began)
-            await asyncio.sleep(0.1)
-
-    probing = asyncio.create_task(probe())
-    starts: list[float] = []
-    first_text: list[float] = []
-    subscribers: list[Subscriber] = []
-    watchers: list[Awaitable[None]] = []
-
-    async def watch(subscriber: Subscriber, began: float) -> None:
-        await subscriber.finished
-        assert subscriber.first_text is not None
-        first_text.append(subscriber.first_text - began)
-
-    scenario_began = time.perf_counter()
-    for _ in range(runs):
-        key = _key()
-        began = time.perf_counter()
-        await side.start(key, tokens, rate)
-        starts.append(time.perf_counter() - began)
-        path, headers = side.events(key)
-        subscriber = await subscribe(side.port, path, headers, side)
-        subscribers.append(subscriber)
-        watchers.append(asyncio.ensure_future(watch(subscriber, began)))
-    await asyncio.gather(*watchers)
-    took = time.perf_counter() - scenario_began
-    done.set()
-    await probing
-    tokens_read = [lat for s in subscribers for lat in s.latencies]
-    assert len(tokens_read) == runs * tokens, (len(tokens_read), runs * tokens)
-    figures = {"seconds": took}
-    for name, values in (("start", starts), ("first text", first_text), ("plain GET", plain)):
-        figures[f"{name} p50"], figures[f"{name} p99"] = percentiles(values)
-    figures["token p99"] = percentiles(tokens_read)[1]
-    return figures
 
 
 def start_seed() -> tuple[subprocess.Popen[bytes], int]:
