@@ -68,4 +68,5 @@ DETACHED_RUNS = {
     "HANDLE_SIGNALS": False,
     "EVICT_AFTER": 600,
     "CHECKPOINT_EVERY": float(os.environ.get("BENCH_CHECKPOINT_EVERY", "1")),
+    "DATABASE_THREADS": int(os.environ.get("BENCH_DATABASE_THREADS", "1")),
 }

@@ -25,6 +25,9 @@ Scenarios (the goals are those of the Step 5 issue):
   to the first text byte at its subscriber, p50/p99, and a plain GET's p99
   meanwhile. Its ceiling is the same sequence against the bare views.
   (`bench/starts.py` runs it next to the original run manager.)
+- together: 200 starts sent at once (each a session of its own) while 200
+  runs stream; a start's latency p50/p99, next to 200 POSTs at once to the
+  ceiling's start. ``BENCH_DATABASE_THREADS`` sets ``DATABASE_THREADS``.
 """
 
 from __future__ import annotations
@@ -799,6 +802,34 @@ async def starts(port: int, runs: int) -> Figure:
     return Figure(app, ceiling)
 
 
+async def together(port: int, count: int = 200) -> Figure:
+    """The ``together`` scenario: ``count`` starts at once, beside ``count``
+    runs streaming (30 tokens/s) that a first wave started."""
+    client = Client(port)
+    await client.start(_key(), "1 0")  # the session cookie
+
+    async def timed(call: Callable[[], Awaitable[Any]]) -> float:
+        began = time.perf_counter()
+        await call()
+        return time.perf_counter() - began
+
+    await asyncio.gather(*(client.start(_key(), "300 30") for _ in range(count)))
+    app = await asyncio.gather(
+        *(timed(partial(client.start, _key(), "30 30")) for _ in range(count))
+    )
+    headers = {"Content-Type": "application/json"}
+    ceiling = await asyncio.gather(
+        *(
+            timed(partial(request, port, "POST", "/ceiling/start/", headers, b'{"prompt": "1"}'))
+            for _ in range(count)
+        )
+    )
+    return Figure(
+        dict(zip(("p50 ms", "p99 ms"), percentiles(app), strict=True)),
+        dict(zip(("p50 ms", "p99 ms"), percentiles(ceiling), strict=True)),
+    )
+
+
 # -- the table -----------------------------------------------------------------
 
 
@@ -919,6 +950,19 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
             "start p99 <= 2x plain GET p99",
             p99 <= 2 * plain99,
         )
+    if "together" in results:
+        f = results["together"]
+        p50, p99 = _median(f, "app", "p50 ms"), _median(f, "app", "p99 ms")
+        c_p50, c_p99 = _median(f, "ceiling", "p50 ms"), _median(f, "ceiling", "p99 ms")
+        row(
+            f"together: 200 starts at once beside 200 streaming runs,"
+            f" DATABASE_THREADS={os.environ.get('BENCH_DATABASE_THREADS', '1')}",
+            f"start p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+            f"p50 {c_p50:.1f} ms, p99 {c_p99:.1f} ms",
+            f"{c_p99 / p99:.0%}",
+            "(measured, no goal)",
+            True,
+        )
     headings = ("scenario", "app", "ceiling", "ceiling/app", "goal", "met")
     print("| " + " | ".join(headings) + " |")
     print("|" + "---|" * len(headings))
@@ -926,7 +970,17 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
         print("| " + " | ".join(r) + " |")
 
 
-SCENARIOS = ("burst", "capacity", "replay", "resume", "memory", "stalled", "start", "starts")
+SCENARIOS = (
+    "burst",
+    "capacity",
+    "replay",
+    "resume",
+    "memory",
+    "stalled",
+    "start",
+    "starts",
+    "together",
+)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -944,6 +998,7 @@ async def main(args: argparse.Namespace) -> None:
         "stalled": stalled,
         "start": lambda port: start(port, seconds=args.start_seconds),
         "starts": lambda port: starts(port, args.start_runs),
+        "together": together,
     }
     for name in only:
         # A server of its own for each scenario: runs another scenario left in

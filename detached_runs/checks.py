@@ -190,6 +190,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="detached_runs.E011",
             )
         )
+    threads = config["DATABASE_THREADS"]
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
+        errors.append(
+            Error(
+                f"DETACHED_RUNS['DATABASE_THREADS'] = {threads!r} is not a number of threads "
+                "from 1 to 64.",
+                hint="Each thread holds a database connection of its own; 4 suits most sites "
+                "on PostgreSQL or MySQL (see docs/deploying.md).",
+                id="detached_runs.E013",
+            )
+        )
     token = config["METRICS_TOKEN"]
     if token is not None and (not isinstance(token, str) or len(token) < 16):
         errors.append(

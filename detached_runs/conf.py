@@ -31,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
     "EVICT_AFTER": 180.0,
     # Seconds between saves of a running run's output.
     "CHECKPOINT_EVERY": 1.0,
+    # Threads the app's queries run on (detached_runs.db): 1 is asgiref's one
+    # shared thread; more lets a slow query hold one of them only. SQLite
+    # keeps one whatever this says (one writer at a time).
+    "DATABASE_THREADS": 1,
     # Seconds of silence after which an SSE stream sends a ": keep-alive" comment.
     "KEEPALIVE": 15.0,
     "SHUTDOWN_TIMEOUT": 10.0,

@@ -28,6 +28,20 @@ and keep its routing under ``async_to_sync`` (a call from the admin, whose
 views may hold a transaction, must run on the thread that waits); the
 dependency on asgiref is pinned to its 3.x series, and ``tests/test_db.py``
 checks the routing.
+
+More threads (``DATABASE_THREADS``, default 1): with ``n`` above 1, calls
+made outside ``async_to_sync`` run on a pool of ``n`` threads of this module's
+own (each with its own connection, kept as above), so that a slow query or
+a long checkpoint batch holds one of them, not every request that touches
+the database. Calls from under ``async_to_sync`` still run on the sync
+thread that waits there, as above: it may hold a transaction whose rows the
+call must see. Whether a call is made from under ``async_to_sync`` is what
+asgiref itself looks at to route a thread-sensitive call
+(``AsyncToSync.executors``, ``AsyncToSync.loop_thread_executors``: public
+names of asgiref's 3.x series, checked by ``tests/test_db.py``). SQLite
+takes one writer at a time: threads only wait on its lock there (and, unless
+its ``transaction_mode`` is ``IMMEDIATE``, a transaction that reads before
+it writes fails at once as another writes), so it keeps one.
 """
 
 from __future__ import annotations
@@ -35,11 +49,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from asgiref.sync import SyncToAsync, sync_to_async
+from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
 from django.db import DatabaseError, DataError, IntegrityError, connections
+
+from .conf import get_config
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -74,19 +92,84 @@ def _driver(alias: str) -> Any:
 
 
 async def run_sync(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    """Call the sync ``func`` on the database thread and return its result.
+    """Call the sync ``func`` on the database thread (one of the pool's, with
+    ``DATABASE_THREADS`` above 1) and return its result.
 
-    It runs in a copy of the caller's context without the request's
+    On the one thread it runs in a copy of the caller's context without the request's
     ``ThreadSensitiveContext``, so that asgiref hands it to its shared thread
     rather than the request's own. Everything else asgiref routes as usual: a
     call from under ``async_to_sync`` runs on the sync thread waiting there
     (which may be the shared thread itself: sending it anywhere else would
     deadlock). Cancelling the caller cancels the wait, not the call.
     """
+    loop = asyncio.get_running_loop()
+    guarded = functools.partial(_guarded, func, *args, **kwargs)
+    pool = _pool()
+    if pool is not None and not _under_async_to_sync(loop):
+        call = sync_to_async(guarded, thread_sensitive=False, executor=pool)
+        return await loop.create_task(call())
     context = contextvars.copy_context()
     context.run(SyncToAsync.thread_sensitive_context.set, None)  # type: ignore[arg-type]
-    call = sync_to_async(functools.partial(_guarded, func, *args, **kwargs))
-    return await asyncio.get_running_loop().create_task(call(), context=context)
+    return await loop.create_task(sync_to_async(guarded)(), context=context)
+
+
+def _under_async_to_sync(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a sync thread waits on this call (``async_to_sync``): the
+    tests asgiref's ``SyncToAsync`` makes to send a thread-sensitive call to
+    that thread."""
+    return (
+        getattr(AsyncToSync.executors, "current", None) is not None
+        or loop in AsyncToSync.loop_thread_executors
+    )
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """The pool of ``DATABASE_THREADS`` threads, or None for one thread
+    (asgiref's shared one)."""
+    threads = database_threads()
+    if threads == 1:
+        return None
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="detached_runs-db")
+        return _pools[threads]
+
+
+def database_threads() -> int:
+    """How many threads `run_sync` uses: ``DATABASE_THREADS``, but 1 if a
+    database of the project is SQLite (see the module docstring)."""
+    return 1 if _on_sqlite() else int(get_config()["DATABASE_THREADS"])
+
+
+@functools.cache
+def _on_sqlite() -> bool:
+    return any(connections[alias].vendor == "sqlite" for alias in connections)
+
+
+def close_pool_connections() -> None:
+    """Close the database connections of the threads of ``DATABASE_THREADS``
+    (each closes its own) and let the threads go; the next call starts them
+    again. For tests and shutdowns: PostgreSQL drops no database a
+    connection is open to."""
+    with _pools_lock:
+        pools = list(_pools.items())
+        _pools.clear()
+    for size, pool in pools:
+        # One close per thread: each waits at the barrier until every thread
+        # holds one, so that no thread takes two and leaves another open.
+        barrier = threading.Barrier(size)
+
+        def close(barrier: threading.Barrier = barrier) -> None:
+            connections.close_all()
+            barrier.wait(timeout=10)
+
+        for future in [pool.submit(close) for _ in range(size)]:
+            future.result()
+        pool.shutdown()
 
 
 def _guarded(func: Callable[..., T], /, *args: object, **kwargs: object) -> T:

@@ -481,10 +481,14 @@ def start_workers() -> Iterator[Any]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _close_async_connections(django_db_setup: Any) -> Any:
-    """The async ORM's queries run on asgiref's one sync thread, whose connection
-    would otherwise stay open and keep PostgreSQL from dropping the test database."""
+    """The async ORM's queries run on asgiref's one sync thread (and the app's
+    on the threads of ``DATABASE_THREADS``), whose connections would otherwise
+    stay open and keep PostgreSQL from dropping the test database."""
     yield
     from asgiref.sync import SyncToAsync
     from django.db import connections
 
+    from detached_runs.db import close_pool_connections
+
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    close_pool_connections()
