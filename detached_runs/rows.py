@@ -185,9 +185,13 @@ def _open_row(
     if check_owner and rows and not may_access(requester, rows[0].owner, session_key):
         raise RunNotFound("No such session.")
     status = RUNNING
-    queued = 0
-    if multitask in ("reject", "enqueue"):
+    if wanted and len(rows) < wanted:
+        # Every row of the session is in hand (a new session has none): no
+        # second query to count its queue.
+        queued = sum(row.status == QUEUED for row in rows)
+    else:
         queued = queued_count(session_key)
+    if multitask in ("reject", "enqueue"):
         if multitask == "reject" and queued:
             raise SessionBusy("The session has runs queued; nothing was started.")
         if multitask == "enqueue" and (in_flight or queued):
@@ -195,8 +199,6 @@ def _open_row(
             if queued >= limit:
                 raise QueueFull(f"The session has {queued} runs queued; the limit is {limit}.")
             status, history = QUEUED, None
-    else:
-        queued = int(Run.objects.filter(session_key=session_key, status=QUEUED).exists())
     if user is None and requester and requester.startswith("user:"):
         try:
             user = get_user_model().objects.filter(pk=requester.removeprefix("user:")).first()

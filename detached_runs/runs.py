@@ -154,6 +154,10 @@ class RunService:
         self._outputs = StoredOutputs()
         #: The agents given to `start` for runs this process queued, by session.
         self._queued_agents: dict[str, dict[uuid.UUID, Agent]] = {}
+        #: The sessions this process saw queued runs of (wrote one, or a
+        #: start's row showed one), until a look finds none: with a
+        #: process-local backend, only their runs' ends look for the next one.
+        self._queues: set[str] = set()
         # `hurry`: set once a second signal came; the event, while a drain waits.
         self._hurried = False
         self._hurry: asyncio.Event | None = None
@@ -179,7 +183,7 @@ class RunService:
         """Forget the backend (after settings change, in tests), and what this
         process held for its runs (start locks, agents of queued runs)."""
         self._backend, self._loop = None, None
-        self._start_locks, self._queued_agents = {}, {}
+        self._start_locks, self._queued_agents, self._queues = {}, {}, set()
         self._hurried, self._hurry = False, None
 
     # -- the API -----------------------------------------------------------
@@ -297,10 +301,14 @@ class RunService:
                     ),
                 )
             except SessionBusy:
+                self._queues.add(session_key)  # a reject, refused for the queue
                 if not in_flight:
                     # Runs queued that nothing is starting (a restart): start them.
                     self._queue_next(session_key)
                 raise
+            if had_queue or run.status == QUEUED:
+                # Under the session's start lock, as the end's look (`_promote`).
+                self._queues.add(session_key)
             if run.status == QUEUED:
                 if explicit_agent:
                     self._queued_agents.setdefault(session_key, {})[run.pk] = agent
@@ -406,9 +414,11 @@ class RunService:
     def _ended(self, run: Run) -> None:
         """`Recorder`'s ``ended``: ``run``'s end is saved; the session's next
         queued run, if any, starts once the backend shows it ended."""
-        self._queue_next(run.session_key, run.id.hex)
+        self._queue_next(run.session_key, run.id.hex, own_end=True)
 
-    def _queue_next(self, session_key: str, ended: str | None = None) -> None:
+    def _queue_next(
+        self, session_key: str, ended: str | None = None, *, own_end: bool = False
+    ) -> None:
         """Start the session's next queued run soon (`_promote`), in a task;
         not once the backend refuses new runs (a shutdown)."""
         try:
@@ -416,15 +426,22 @@ class RunService:
         except BackendUnavailable:
             return
         task = asyncio.get_running_loop().create_task(
-            self._promote(session_key, ended), name=f"detached_runs:queue:{session_key}"
+            self._promote(session_key, ended, own_end=own_end),
+            name=f"detached_runs:queue:{session_key}",
         )
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
 
-    async def _promote(self, session_key: str, ended: str | None = None) -> Run | None:
+    async def _promote(
+        self, session_key: str, ended: str | None = None, *, own_end: bool = False
+    ) -> Run | None:
         """Start the session's oldest queued run if no run of the session is in
         flight (``ended``, the hex id of a run whose end was just saved, does
-        not count); return its row, or None.
+        not count); return its row, or None. ``own_end``: called for the end
+        of a run of this process (`_ended`): with a process-local backend the
+        queue is looked for in the database only if this process saw one of
+        the session's (`_queues`), which it did of every queued run it must
+        start, since it alone writes them.
 
         Any process may do it: the one whose run ended before it, the one a
         client asks (`start`, `open`), or the sweep of any worker
@@ -440,9 +457,13 @@ class RunService:
                 await self._ended_in(backend, session_key, ended)
             async with self._start_lock(session_key):
                 # Under this process's lock a start that saw the run in flight
-                # has written its queued row by now; most ends find none.
-                if not await run_sync(rows.has_queued, session_key):
+                # has written its queued row by now (and noted it in _queues);
+                # most ends find none.
+                if (
+                    own_end and backend.process_local and session_key not in self._queues
+                ) or not await run_sync(rows.has_queued, session_key):
                     self._queued_agents.pop(session_key, None)
+                    self._queues.discard(session_key)
                     return None
                 async with backend.ordered(session_key):
                     current = await backend.get(session_key)

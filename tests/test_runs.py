@@ -395,10 +395,86 @@ async def test_a_start_goes_to_the_database_once_unless_it_has_a_queue_to_cancel
 
     monkeypatch.setattr(runs_module, "run_sync", counted)
     await runs.start("trips", prompt="z", agent=slow)
-    assert trips == (["open_row", "replace_pending"] if queued else ["open_row"])
+    # (A shared backend may add its own: the start time it ordered the start
+    # by, the history once the run it replaces is saved.)
+    assert trips.count("open_row") == 1
+    assert trips.count("replace_pending") == int(queued)
+    if get_service().backend.process_local:
+        assert trips == (["open_row", "replace_pending"] if queued else ["open_row"])
     statuses = {row.prompt: row.status async for row in Run.objects.filter(session_key="trips")}
     assert statuses["x"] in ("stopped", "running")  # its end is saved in the background
     if queued:
         assert (await Run.objects.aget(pk=waiting.pk)).status == "stopped"
     await runs.stop("trips")
     assert (await finished("trips")).prompt == "z"
+
+
+def test_a_new_sessions_row_is_opened_with_one_select_and_its_insert():
+    """A start of a new session reads the session's rows once (the owner
+    check and the history); that they hold no queue follows from them."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from detached_runs import rows
+
+    with CaptureQueriesContext(connection) as queries:
+        opened = rows.open_row("fresh", "p", "anon:x", None, check_owner=True, history=50)
+    statements = [q["sql"].split()[0] for q in queries.captured_queries]
+    assert statements.count("SELECT") == 1 and statements.count("INSERT") == 1
+    assert opened.queued is False and opened.history == ()
+
+
+@pytest.mark.parametrize(("check_owner", "history"), [(True, None), (True, 50), (False, 1)])
+def test_a_queue_is_seen_whether_or_not_the_rows_read_hold_all_of_the_session(check_owner, history):
+    """Where the rows read are the whole session, its queue is counted from
+    them; where they are not (a longer session than the history asked
+    for), a count finds a queued run behind the newest rows."""
+    from detached_runs import rows
+
+    now = timezone.now()
+    Run.objects.create(session_key="q", prompt="a", status="queued", started_at=now)
+    Run.objects.create(
+        session_key="q", prompt="b", status="done", started_at=now + timedelta(seconds=1)
+    )
+    opened = rows.open_row("q", "c", None, None, check_owner=check_owner, history=history)
+    assert opened.queued is True
+
+
+async def test_a_runs_end_looks_for_a_queue_in_the_database_only_where_one_may_be(monkeypatch):
+    """With a process-local backend (memory) this process writes every queued
+    run of its sessions, so the end of a run of a session it saw no queue of
+    makes no trip to look for one; a queued run still starts when the run
+    before it ends. A shared backend's ends always look (another process may
+    have queued one)."""
+    from detached_runs import db
+    from detached_runs import runs as runs_module
+
+    trips: list[str] = []
+    real = db.run_sync
+
+    async def counted(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        trips.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "run_sync", counted)
+    service = get_service()
+    shared = not service.backend.process_local
+    await runs.start("alone", prompt="3 words")
+    for _ in range(500):  # not runs.status(): it looks for a stranded queue itself
+        state = await service.backend.get("alone")
+        if state is not None and state.status == "done":
+            break
+        await asyncio.sleep(0.01)
+    # The end's look, if any, is a task the end started before its terminal event.
+    await asyncio.gather(*service._announcing)
+    assert ("has_queued" in trips) == shared
+    first = await runs.start("queue", prompt="x", agent=slow)
+    queued = await runs.start("queue", prompt="2 words", multitask="enqueue")
+    await runs.stop("queue")
+    for _ in range(500):
+        row = await Run.objects.aget(pk=queued.pk)
+        if row.status == "done":
+            break
+        await asyncio.sleep(0.01)
+    assert row.status == "done" and row.output == "w0 w1 "
+    assert (await Run.objects.aget(pk=first.pk)).status == "stopped"

@@ -222,6 +222,12 @@ class BaseBackend:
     #: start then waits that long for a run the database shows in flight but
     #: the backend does not know (`RunService.start`). None: one process.
     rejoin_within: float | None = None
+    #: Whether this process alone writes the runs of the sessions it serves
+    #: (the memory backend): then it saw every queued run of those sessions
+    #: being written or read, and the end of a run of a session it saw none
+    #: for does not look for one in the database. False, the safe default,
+    #: for a backend that processes share: every end looks.
+    process_local: bool = False
 
     def __init__(self, *, evict_after: float = 180.0, max_subscribers: int | None = None) -> None:
         """``evict_after``: seconds an ended run stays after its end (and its

@@ -31,6 +31,8 @@ from .log import RunLog
 class MemoryBackend(BaseBackend):
     """Runs and their logs in this process. See the module docstring."""
 
+    process_local = True
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         #: The runs of this process (all there are: nothing is shared).
