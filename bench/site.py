@@ -3,9 +3,13 @@ and next to it, in the same Django process, the ceiling: bare SSE views that
 stream the same bytes with no registry, no database and no subscribers.
 
 The agent and the ceiling read the same little language, so a scenario asks
-both for the same run: ``"<tokens> <rate> [stamp] [gate=<name>]"``.
+both for the same run: ``"<tokens> <rate> [stamp] [relative] [gate=<name>]"``.
 
 - ``rate`` tokens per second on an absolute schedule (``0``: as fast as it yields);
+- ``relative`` paces as the original run manager's agent does
+  (``../shared/seed-baseline/urls.py``): a token, then a pause of ``1/rate``,
+  so that a loaded loop's lateness adds up and the run lasts longer than
+  ``tokens/rate`` seconds, where the absolute schedule catches up;
 - ``stamp`` puts ``time.monotonic()`` into each token, so the client can measure
   token latency (CLOCK_MONOTONIC is one clock for every process of the machine);
 - ``gate=<name>`` waits until the client opens that gate (``POST /bench/gate/<name>/``),
@@ -51,12 +55,20 @@ def _parse(spec: str) -> tuple[int, float, bool, str | None]:
     return count, rate, "stamp" in parts, gate
 
 
+def _token(index: int, stamp: bool) -> str:
+    return f"t{index}@{time.monotonic():.6f} " if stamp else f"tok{index} "
+
+
 async def tokens(spec: str) -> AsyncIterator[str]:
     """The tokens of one run, paced as ``spec`` says (shared by agent and ceiling)."""
     count, rate, stamp, gate = _parse(spec)
     if gate:
         await _gate(gate).wait()
-    if rate:
+    if rate and "relative" in spec.split():
+        for index in range(count):
+            yield _token(index, stamp)
+            await asyncio.sleep(1 / rate)
+    elif rate:
         # An absolute schedule with a random phase, so that a thousand runs do
         # not all tick at the same instant and the pace does not drift.
         began = time.monotonic() + random.random() / rate
@@ -64,7 +76,7 @@ async def tokens(spec: str) -> AsyncIterator[str]:
             delay = began + index / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            yield f"t{index}@{time.monotonic():.6f} " if stamp else f"tok{index} "
+            yield _token(index, stamp)
     else:
         for index, word in enumerate(words(count)):
             if index % 50 == 0:

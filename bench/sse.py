@@ -687,8 +687,15 @@ class Side:
     clock: Callable[[], float]
     end: bytes
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, relative: bool = False) -> None:
+        """``relative``: the agent paces its tokens as the original's does (a
+        token, then a pause; `bench.site`), not on an absolute schedule."""
         self.port = port
+        self.relative = relative
+
+    def spec(self, tokens: int, rate: float) -> str:
+        """The run `bench.site`'s agent and ceiling are asked for."""
+        return f"{tokens} {rate} stamp" + (" relative" if self.relative else "")
 
     async def start(self, key: str, tokens: int, rate: float) -> None:
         raise NotImplementedError
@@ -706,12 +713,12 @@ class App(Side):
     end = b"event: done"
     plain = "/bench/plain/"
 
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
+    def __init__(self, port: int, *, relative: bool = False) -> None:
+        super().__init__(port, relative=relative)
         self.client = Client(port)
 
     async def start(self, key: str, tokens: int, rate: float) -> None:
-        await self.client.start(key, f"{tokens} {rate} stamp")
+        await self.client.start(key, self.spec(tokens, rate))
 
     def events(self, key: str) -> tuple[str, dict[str, str]]:
         return f"/runs/{key}/events/", self.client.cookie()
@@ -727,12 +734,12 @@ class Ceiling(Side):
     end = b"event: done"
     plain = "/bench/plain/"
 
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
+    def __init__(self, port: int, *, relative: bool = False) -> None:
+        super().__init__(port, relative=relative)
         self.specs: dict[str, str] = {}
 
     async def start(self, key: str, tokens: int, rate: float) -> None:
-        self.specs[key] = f"{tokens} {rate} stamp"
+        self.specs[key] = self.spec(tokens, rate)
         headers = {"Content-Type": "application/json"}
         body = json.dumps({"prompt": self.specs[key]}).encode()
         reply = await request(self.port, "POST", "/ceiling/start/", headers, body)

@@ -1,13 +1,21 @@
 """Starts under load, next to the original in-memory run manager
 (`../shared/seed-baseline/`), in one invocation (Step 13's speed scenario).
 
-    .venv/bin/python bench/starts.py [--runs 1000] [--tokens 300] [--rate 30]
+    .venv/bin/python bench/starts.py [--runs 1000] [--tokens 300] [--rate 30] [--pacing relative]
 
 On each site, under the same daphne and the same client: ``--runs`` runs
 started one after another over HTTP (each start awaited before the next is
 sent), each followed by one SSE subscriber from its start, each streaming
 ``--tokens`` tokens at ``--rate`` a second. Meanwhile a plain ``GET`` of the
 same site (a JSON view through the whole middleware stack) every 0.1 s.
+
+``--pacing relative`` (the default) has detached_runs' agent pace its tokens
+as the original's agent does: a token, then ``asyncio.sleep(1/rate)``, so
+both sites are asked for the same work (under load that pace drifts: a run
+lasts longer than ``tokens/rate`` seconds and asks for fewer tokens a
+second). ``--pacing absolute`` keeps ``bench/sse.py``'s absolute schedule,
+which catches up after a late wake-up and so asks more of a loaded server
+than the original's agent does of its own.
 
 Reported per site: the whole scenario's seconds (first start to last
 terminal event), a start's latency p50/p99 (its request to its answer), the
@@ -85,6 +93,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--rate", type=float, default=30.0)
+    parser.add_argument("--pacing", choices=("relative", "absolute"), default="relative")
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
     for name, begin, kind in (
@@ -94,7 +103,8 @@ def main() -> None:
     ):
         process, port = begin()
         try:
-            results[name] = asyncio.run(scenario(kind(port), args.runs, args.tokens, args.rate))
+            side = kind(port, relative=args.pacing == "relative")
+            results[name] = asyncio.run(scenario(side, args.runs, args.tokens, args.rate))
         finally:
             process.terminate()
             process.wait(10)
