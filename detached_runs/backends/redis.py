@@ -316,8 +316,7 @@ class RedisBackend(BaseBackend):
             # Runs of a session start in the order of this lock, whichever
             # worker's service wrote its row first: the start time is taken
             # here, from Redis's clock, and the service stores it on the row.
-            seconds, micros = await self._call(self.redis.time())
-            meta["started_at"] = seconds + micros / 1_000_000
+            meta["started_at"] = await self.now()
             fields = {
                 "worker": worker_id(),
                 "status": RUNNING,
@@ -325,15 +324,9 @@ class RedisBackend(BaseBackend):
                 "started_at": str(time.time()),
                 "meta": json.dumps(meta),
             }
-            # One MULTI for the session's keys (one Cluster slot); the sets of
+            # One script for the session's keys (one Cluster slot); the sets of
             # the owner and the address live elsewhere and are written on their own.
-            await self._call(
-                self.redis.pipeline(transaction=True)
-                .hset(self._key(session_key, "run", run_id), mapping=fields)
-                .set(self._key(session_key, "lease", run_id), worker_id(), px=self.lease_ms)
-                .set(self._key(session_key, "current"), run_id)
-                .execute()
-            )
+            await self._call(self._put_run(session_key, run_id, fields, replace_current=True))
             try:
                 await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
                 run = await self.driver.start(
@@ -771,22 +764,14 @@ class RedisBackend(BaseBackend):
             return _position(last[0][0])
         logger.warning("Redis lost run %s; writing it again from its start", run.id)
         await self.redis.delete(key, self._key(run.session_key, "head", run.id))
-        await (
-            self.redis.pipeline(transaction=True)
+        fields = {
+            **record,
             # The meta as it is now: its owner may have changed (`adopt`).
-            .hset(
-                self._key(run.session_key, "run", run.id),
-                # Its pending question too: answers are taken again at once.
-                mapping={
-                    **record,
-                    "meta": json.dumps(run.meta),
-                    **({"input": run.pending[0]} if run.pending is not None else {}),
-                },
-            )
-            .set(self._key(run.session_key, "lease", run.id), worker_id(), px=self.lease_ms)
-            .set(self._key(run.session_key, "current"), run.id, nx=True)
-            .execute()
-        )
+            "meta": json.dumps(run.meta),
+            # Its pending question too: answers are taken again at once.
+            **({"input": run.pending[0]} if run.pending is not None else {}),
+        }
+        await self._put_run(run.session_key, run.id, fields, replace_current=False)
         await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
         current = await self._current(run.session_key)
         if current is not None and current != run.id:
@@ -801,6 +786,28 @@ class RedisBackend(BaseBackend):
             )
             self.driver.request_stop(run)
         return ORIGIN
+
+    async def _put_run(
+        self, session_key: str, run_id: str, fields: Mapping[str, str], *, replace_current: bool
+    ) -> None:
+        """Write a run's hash (``fields``) and its lease at once, and make it
+        the session's current run (with ``replace_current`` False, only if
+        the session has none). Raises `RedisError` or `OSError` if Redis
+        is unreachable."""
+        await self._lua.start(
+            keys=[
+                self._key(session_key, "run", run_id),
+                self._key(session_key, "lease", run_id),
+                self._key(session_key, "current"),
+            ],
+            args=[
+                worker_id(),
+                self.lease_ms,
+                run_id,
+                "0" if replace_current else "1",
+                *(item for pair in fields.items() for item in pair),
+            ],
+        )
 
     async def _ending(self, pipe: Any, run: DrivenRun, done: Event) -> None:
         # A run whose end the database does not hold yet is kept (for a day at
@@ -949,8 +956,12 @@ class RedisBackend(BaseBackend):
         read before): the pieces of the head that end past it, then the
         stream's entries. Return the last id read (``after`` if none).
 
-        Head and stream are read in one MULTI, so that no compaction falls
-        between the two reads; plain reads, not a script, so that a Redis that
+        The stream is read first, then the head, in one round trip: a
+        compaction that falls between the two reads moves entries the stream
+        read had into the head, which then overlaps them (what overlaps is
+        applied once), and none can be missing: the head read holds all that
+        was compacted before the stream was read. Not a MULTI (a cluster's
+        asyncio client runs those poorly) nor a script, so that a Redis that
         pauses its writes (``CLIENT PAUSE WRITE``, a failover) still answers.
         The head is read from its end, a few pieces first and more if they do
         not reach back to ``after`` (only the last read is used: each is whole
@@ -961,10 +972,10 @@ class RedisBackend(BaseBackend):
         log = self._key(mirror.session_key, "log", mirror.id)
         pieces = None if after == ORIGIN else 16
         while True:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.llen(head).lrange(head, 0 if pieces is None else -3 * pieces, -1)
+            pipe = self.redis.pipeline(transaction=False)
             pipe.xrange(log, min=_stream_id(after))
-            length, flat, entries = await pipe.execute()
+            pipe.llen(head).lrange(head, 0 if pieces is None else -3 * pieces, -1)
+            entries, length, flat = await pipe.execute()
             if pieces is None or len(flat) >= length or _position(flat[0]) <= after:
                 break
             pieces *= 8
@@ -1553,8 +1564,12 @@ class RedisBackend(BaseBackend):
         return _SessionLock(self, self._key(session_key, "lock"))
 
     async def now(self) -> float:
-        seconds, micros = await self._call(self.redis.time())
-        return float(seconds + micros / 1_000_000)
+        """Redis's clock (`BaseBackend.now`); on a cluster, always the clock
+        of the node that holds ``<prefix>:clock``'s slot (a key never
+        written), so that starts taken in turn get times in order.
+        `BackendUnavailable` if Redis is unreachable."""
+        seconds, micros = await self._call(self._lua.clock(keys=[f"{self.prefix}:clock"]))
+        return float(int(seconds) + int(micros) / 1_000_000)
 
     def ordered(self, session_key: str) -> _SessionLock:
         """The session's Redis lock (`_SessionLock`), which `start` takes too."""
