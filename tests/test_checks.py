@@ -112,6 +112,14 @@ def test_a_malformed_redis_url_is_reported_once_as_e014(configured, url):
 
 
 @pytest.mark.parametrize(
+    "url", ["redis+cluster://h:7000,h:7001/", "redis+sentinel://s:26379,t/mymaster/1"]
+)
+def test_cluster_and_sentinel_urls_pass(configured, url):
+    pytest.importorskip("redis")
+    assert configured(BACKEND="detached_runs.backends.redis.RedisBackend", REDIS_URL=url) == set()
+
+
+@pytest.mark.parametrize(
     "options",
     [
         {"lease_ms": float("inf")},

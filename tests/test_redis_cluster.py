@@ -1,0 +1,237 @@
+"""The Redis backend on a real Redis Cluster of redis-servers of the test's
+own (`tests.redis_cluster`): two backend instances stand for two workers.
+(The contract every backend keeps runs on a cluster too:
+tests/test_backend_contract.py, ``[redis-cluster]``.)
+
+A command whose keys lie in several slots is refused by the cluster, and
+the backend takes any refusal for Redis being unreachable and retries
+quietly: so each test here fails on any warning the backend logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from detached_runs.events import parse_id
+
+from .conftest import (
+    Saves,
+    collect,
+    delete_keys,
+    eventually,
+    new_id,
+    paced,
+    positions_follow,
+    terminals,
+    text_of,
+)
+from .redis_cluster import RedisClusterServers
+
+pytest.importorskip("redis")
+
+from detached_runs.backends.redis import SLOT_GROUPS, RedisBackend
+
+WORDS = [f"w{i} " for i in range(40)]
+FULL = "".join(WORDS)
+
+
+@pytest.fixture(autouse=True)
+def quiet(caplog: Any) -> Iterator[None]:
+    """Fail the test if the backend logged a warning: a cross-slot command,
+    refused, is logged as Redis unreachable."""
+    caplog.set_level(logging.WARNING, logger="detached_runs")
+    yield
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("detached_runs")]
+    assert not said, said
+
+
+@contextlib.asynccontextmanager
+async def two_workers(url: str, **options: Any) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two backends on one cluster with a key prefix of their own, cleaned up
+    afterwards; ``options`` go to both."""
+    prefix = f"dr-cluster-{uuid.uuid4().hex[:8]}"
+    a, b = (
+        RedisBackend(redis_url=url, redis_prefix=prefix, **{"evict_after": 3.0, **options})
+        for _ in range(2)
+    )
+    try:
+        yield a, b
+    finally:
+        await a.shutdown(2)
+        await b.shutdown(2)
+        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
+        await delete_keys(cleaner.redis, prefix)
+        await cleaner.redis.aclose()
+
+
+@pytest.fixture
+async def workers(redis_cluster: RedisClusterServers) -> AsyncIterator[Any]:
+    async with two_workers(redis_cluster.url) as pair:
+        yield pair
+
+
+async def start(
+    backend: RedisBackend,
+    source: Any,
+    saves: Saves,
+    session: str = "s",
+    owner: str = "o",
+    address: str = "",
+) -> str:
+    run_id = new_id()
+    meta = {"owner": owner, **({"address": address} if address else {})}
+    await backend.start(
+        session, run_id, source, start_data={"run": run_id}, meta=meta, finalize=saves
+    )
+    return run_id
+
+
+async def test_a_run_is_followed_and_resumed_on_another_worker_with_the_same_ids(workers, saves):
+    a, b = workers
+    run_id = await start(a, paced([*WORDS, ("tool", {"n": 1}), *WORDS], 0.002), saves)
+    on_b = await collect(await b.subscribe("s"))
+    on_a = await collect(await a.subscribe("s"))
+    assert text_of(on_b) == FULL + FULL and on_b[-1].data == {"status": "done"}
+    assert positions_follow(on_b, run_id)
+    assert [e.id for e in terminals(on_b)] == [e.id for e in terminals(on_a)]
+    middle = len(on_a) // 2
+    _, position = parse_id(on_a[middle].id)
+    rest = await collect(await b.subscribe("s", (run_id, position)))
+    assert text_of(on_a[: middle + 1]) + text_of(rest) == FULL + FULL
+    assert positions_follow(rest, run_id, position) and len(terminals(rest)) == 1
+
+
+async def test_runs_of_sessions_on_every_primary_are_followed_by_one_xread_per_slot_group(
+    workers, redis_cluster, saves
+):
+    a, b = workers
+    sessions = [f"s{i}" for i in range(60)]
+    gate = asyncio.Event()
+    for session in sessions:
+        await start(a, gated(gate), saves, session=session)
+    subscriptions = [await b.subscribe(session) for session in sessions]
+    gate.set()
+    # Every run is followed, from the few tasks of one XREAD per slot group.
+    groups = {b._group(session) for session in sessions}
+    assert len(b._readers) == len(groups) <= SLOT_GROUPS
+    # ... whose slots lie on every primary of the cluster.
+    tags = {b._key(session).partition("}")[0] + "}" for session in sessions}
+    assert {redis_cluster.port_of(tag) for tag in tags} == set(redis_cluster.primaries())
+    followed = await asyncio.gather(*(collect(s) for s in subscriptions))
+    assert all(text_of(events) == FULL and len(terminals(events)) == 1 for events in followed)
+    await eventually(lambda: _no_readers(b), "the readers did not end with their runs")
+
+
+async def gated(gate: asyncio.Event) -> AsyncIterator[str]:
+    """Half of `WORDS`, then the rest once ``gate`` is set."""
+    for word in WORDS[: len(WORDS) // 2]:
+        yield word
+    await gate.wait()
+    for word in WORDS[len(WORDS) // 2 :]:
+        await asyncio.sleep(0.002)
+        yield word
+
+
+async def _no_readers(backend: RedisBackend) -> bool:
+    return all(task.done() for task in backend._readers.values())
+
+
+async def test_every_key_of_a_session_lies_in_the_slot_of_its_group(redis_cluster, saves):
+    sessions = [f"s{i}" for i in range(40)]
+    gate = asyncio.Event()
+    # Streams of at most 5 entries: the rest is compacted into each run's head.
+    async with two_workers(redis_cluster.url, stream_maxlen=5) as (a, b):
+        for session in sessions:
+            await start(a, gated(gate), saves, session=session, owner="o", address="1.2.3.4")
+        # Two runs of one group followed at once: the second wakes the group's XREAD.
+        subscriptions = [await b.subscribe(session) for session in sessions]
+        gate.set()
+        for subscription in subscriptions:
+            assert text_of(await collect(subscription)) == FULL
+        keys = [key.decode() async for key in a.redis.scan_iter(match=f"*{a.prefix}*")]
+        await check_slots(a, keys, sessions)
+
+
+async def check_slots(a: RedisBackend, keys: list[str], sessions: list[str]) -> None:
+    """Every key but the sets of runs (one key each) bears the hash tag of a
+    slot group, and the keys of each session (its run's hash, log and head,
+    its current run) lie in one slot, by the cluster's own ``CLUSTER
+    KEYSLOT``."""
+    assert any(":log:" in key for key in keys) and any(":wake:" in key for key in keys)
+    untagged = [key for key in keys if not key.startswith("{")]
+    assert all(key.endswith((":in-flight", ":unsaved")) for key in untagged), untagged
+    tags = {key[: key.index("}") + 1] for key in keys if key.startswith("{")}
+    assert tags <= {f"{{{a.prefix}:g{n}}}" for n in range(SLOT_GROUPS)}
+    for session in sessions:
+        session_keys = [key for key in keys if f":{session}:" in key]
+        slots = {await a.redis.cluster_keyslot(key) for key in session_keys}
+        assert any(":head:" in key for key in session_keys), session_keys
+        assert len(slots) == 1, session_keys
+
+
+async def test_a_stop_on_another_worker_stops_the_run_where_it_runs(workers):
+    a, b = workers
+    saves = Saves()
+    run_id = await start(a, paced(WORDS * 50, 0.01), saves)
+    subscription = await b.subscribe("s")
+    assert await b.stop("s", run_id) is True
+    events = await collect(subscription)
+    assert events[-1].data == {"status": "stopped"}
+    await eventually(lambda: _saved(saves, run_id), "the stopped run was not saved")
+    assert saves.status_of(run_id) == "stopped"
+
+
+async def _saved(saves: Saves, run_id: str) -> bool:
+    return any(end.run_id == run_id for end in saves.ends)
+
+
+async def test_runs_in_flight_are_counted_per_owner_and_address_on_every_worker(workers):
+    a, b = workers
+    gate = asyncio.Event()
+    saves = Saves()
+    await start(a, gated(gate), saves, session="one", owner="o")
+    await start(b, gated(gate), saves, session="two", owner="o")
+    await start(a, gated(gate), saves, session="three", owner="anon", address="10.0.0.1")
+    assert await a.count_running("o") == await b.count_running("o") == 2
+    assert await b.count_running(address="10.0.0.1") == 1
+    gate.set()
+    for backend, session in ((a, "one"), (b, "two"), (a, "three")):
+        await collect(await backend.subscribe(session))
+    # Taken out of the sets by the writer, once it wrote the end to Redis.
+    await eventually(lambda: _none_counted(b), "the ended runs are still counted")
+
+
+async def _none_counted(backend: RedisBackend) -> bool:
+    return (await backend.count_running("o"), await backend.count_running(address="10.0.0.1")) == (
+        0,
+        0,
+    )
+
+
+async def test_a_deleted_session_leaves_no_key_and_its_followers_get_the_end(workers):
+    a, b = workers
+    saves = Saves()
+    first = await start(a, paced(WORDS, 0.001), saves)
+    await collect(await a.subscribe("s"))
+    second = await start(a, paced(WORDS * 50, 0.01), saves)
+    subscription = await b.subscribe("s")
+    await b.delete("s", [first, second])
+    events = await collect(subscription)
+    assert len(terminals(events)) == 1 and events[-1].data["status"] in ("stopped", "interrupted")
+    assert await a.get("s") is None and await b.get("s") is None
+    left = [key async for key in a.redis.scan_iter(match=f"*{a.prefix}:*s:*")]
+    assert not [key for key in left if first.encode() in key or second.encode() in key]
+
+
+async def test_the_clock_of_starts_is_one_primarys(workers, redis_cluster):
+    a, b = workers
+    times = [await backend.now() for backend in (a, b, a, b)]
+    assert times == sorted(times)
+    port = redis_cluster.port_of(f"{a.prefix}:clock")
+    assert a.redis.get_node_from_key(f"{a.prefix}:clock").port == port
