@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -128,9 +129,12 @@ async def test_runs_of_sessions_on_every_primary_are_followed_by_one_xread_per_s
     await eventually(lambda: _no_readers(b), "the readers did not end with their runs")
 
 
-async def gated(gate: asyncio.Event) -> AsyncIterator[str]:
-    """Half of `WORDS`, then the rest once ``gate`` is set."""
+async def gated(gate: asyncio.Event, pace: float = 0.0) -> AsyncIterator[str]:
+    """Half of `WORDS` (one each ``pace`` seconds), then the rest once
+    ``gate`` is set."""
     for word in WORDS[: len(WORDS) // 2]:
+        if pace:
+            await asyncio.sleep(pace)
         yield word
     await gate.wait()
     for word in WORDS[len(WORDS) // 2 :]:
@@ -235,3 +239,53 @@ async def test_the_clock_of_starts_is_one_primarys(workers, redis_cluster):
     assert times == sorted(times)
     port = redis_cluster.port_of(f"{a.prefix}:clock")
     assert a.redis.get_node_from_key(f"{a.prefix}:clock").port == port
+
+
+# -- a primary that fails -------------------------------------------------------------
+
+
+def said(caplog: Any, level: int) -> list[str]:
+    """What the backend logged at ``level`` or above, which the test then
+    takes as expected (`quiet` looks at nothing more)."""
+    records = [r for r in caplog.records if r.name.startswith("detached_runs")]
+    caplog.clear()
+    return [r.getMessage() for r in records if r.levelno >= level]
+
+
+async def test_a_stream_that_lost_its_last_entries_is_written_again_from_where_it_ends(
+    workers, redis_cluster, saves, caplog
+):
+    """What a replica that lacked the last writes of its primary holds after
+    a failover, made by hand: the writer's next append is refused (its last
+    id is not the stream's) and it writes from where the stream ends, so the
+    log has no hole, and no token twice."""
+    a, b = workers
+    gate = asyncio.Event()
+    run_id = await start(a, gated(gate, pace=0.005), saves)
+    log = a._key("s", "log", run_id)
+    half = "".join(WORDS[: len(WORDS) // 2])
+    await eventually(lambda: _logged(a, log, half), "the first half did not reach Redis")
+    following = await b.subscribe("s")
+    assert await a.redis.xlen(log) > 10
+    lost = [entry_id for entry_id, _ in await a.redis.xrevrange(log, count=5)]
+    await a.redis.xdel(log, *lost)
+    top = (await a.redis.xrevrange(log, count=1))[0][0]
+    await a.redis.execute_command("XSETID", log, top)
+    gate.set()
+    events = await collect(following)
+    assert text_of(events) == FULL and positions_follow(events, run_id)
+    await eventually(lambda: _logged(a, log, FULL), "the run did not reach Redis whole")
+    assert await _logged(a, log, FULL, exactly=True)
+    assert saves.ends[-1].output == FULL
+    assert any("does not end where this worker left it" in m for m in said(caplog, logging.WARNING))
+
+
+async def _logged(backend: RedisBackend, log: str, text: str, *, exactly: bool = False) -> bool:
+    """Whether the deltas of a run's stream (one that was not compacted)
+    begin with ``text`` (with ``exactly``: are ``text``)."""
+    deltas = "".join(
+        json.loads(fields[b"d"])["text"]
+        for _, fields in await backend.redis.xrange(log)
+        if fields[b"e"] == b"delta"
+    )
+    return deltas == text if exactly else deltas.startswith(text)

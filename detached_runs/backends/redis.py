@@ -121,7 +121,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the system check
         "[redis] extra, once installed from a checkout: pip install -e 'path/to/checkout[redis]')"
     ) from exc
 
-from .redis_scripts import ENDED, MISSING, STOP_ASKED, Scripts  # needs redis-py too
+from .redis_scripts import ENDED, GAP, MISSING, STOP_ASKED, Scripts  # needs redis-py too
 
 logger = logging.getLogger(__name__)
 
@@ -815,7 +815,7 @@ class RedisBackend(BaseBackend):
                     continue
                 try:
                     ended = events[-1].event == DONE
-                    args: list[Any] = [self.maxlen, self.keep, HEAD_PIECE]
+                    args: list[Any] = [self.maxlen, self.keep, HEAD_PIECE, _stream_id(flushed)]
                     for event in events:
                         args += [
                             _stream_id(_event_position(event)),
@@ -833,6 +833,16 @@ class RedisBackend(BaseBackend):
                     )
                     if written == MISSING:
                         resync = True  # Redis lost the run (restarted empty)
+                        continue
+                    if written == GAP:
+                        # A failover lost the last entries written (or a write
+                        # whose answer was lost went in): from where it ends.
+                        logger.warning(
+                            "Run %s: its stream does not end where this worker left it; "
+                            "writing from where it ends",
+                            run.id,
+                        )
+                        resync = True
                         continue
                     if written == ENDED:
                         # Another worker ended this run (our lease lapsed while we

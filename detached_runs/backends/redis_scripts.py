@@ -11,9 +11,10 @@ from typing import Any
 
 from redis.asyncio.cluster import ClusterPipeline
 
-#: What `APPEND` returns when Redis lost the run (it restarted empty), or when
-#: the run ended (another worker reaped it).
-MISSING, ENDED = -2, -1
+#: What `APPEND` returns when Redis lost the run (it restarted empty), when
+#: the run ended (another worker reaped it), or when the stream does not end
+#: where the writer left it (a failover lost its last writes).
+GAP, MISSING, ENDED = -3, -2, -1
 
 # Lua shared by the scripts below (a script cannot call another).
 #
@@ -78,15 +79,23 @@ end
 
 # The writer's append, fenced on the run's status: a worker that lost its run
 # (its lease lapsed and another worker ended it) cannot write past the end.
-# KEYS: log, run hash, head. ARGV: maxlen, keep, piece, then (stream id, event,
-# data) triples.
+# And on the stream's last id: a primary that took over from one that died
+# (a failover; replication is asynchronous) may lack the last entries the
+# writer wrote, and entries written after them would leave a hole in the
+# log. The writer then reads where the stream ends and writes from there
+# (`RedisBackend._resync`). A compaction always leaves the last entry in the
+# stream. KEYS: log, run hash, head. ARGV: maxlen, keep, piece, the id of the
+# last entry the writer wrote ('0-0': none), then (stream id, event, data)
+# triples.
 APPEND = (
     LUA
     + """
 local status = redis.call('hget', KEYS[2], 'status')
 if not status then return -2 end
 if status ~= 'running' then return -1 end
-for i = 4, #ARGV, 3 do
+local last = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if (last and last[1] or '0-0') ~= ARGV[4] then return -3 end
+for i = 5, #ARGV, 3 do
   redis.call('xadd', KEYS[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
 end
 compact(KEYS[1], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
