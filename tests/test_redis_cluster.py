@@ -289,3 +289,44 @@ async def _logged(backend: RedisBackend, log: str, text: str, *, exactly: bool =
         if fields[b"e"] == b"delta"
     )
     return deltas == text if exactly else deltas.startswith(text)
+
+
+@pytest.fixture
+def replicated_cluster() -> Iterator[RedisClusterServers]:
+    """A cluster of the test's own whose three primaries have a replica each,
+    for a test that kills a primary."""
+    servers = RedisClusterServers(masters=3, replicas=1)
+    yield servers
+    servers.stop()
+
+
+async def test_a_primary_killed_mid_run_loses_no_token_and_doubles_none(replicated_cluster, caplog):
+    """The primary of a running run's slot is killed (-9) while the run
+    streams; its replica takes over. The run goes on: its followers on both
+    workers, its log in the cluster afterwards, and the end saved for its
+    row hold every token once, in order. (Asynchronous replication may lose
+    the last writes before the kill: the writer's fenced append finds out,
+    and it writes them again from its local log.)"""
+    words = [f"t{i} " for i in range(300)]
+    saves = Saves()
+    async with two_workers(replicated_cluster.url) as (a, b):
+        run_id = await start(a, paced(words, 0.01), saves)
+        on_a, on_b = await a.subscribe("s"), await b.subscribe("s")
+        seen = await on_b.next_batch()
+        while len(text_of(seen)) < 200:
+            seen += await on_b.next_batch()
+        replicated_cluster.kill(replicated_cluster.port_of(a._key("s")))
+        seen += await collect(on_b)
+        here = await collect(on_a)
+        for events in (seen, here):
+            assert text_of(events) == "".join(words) and positions_follow(events, run_id)
+            assert [e.data for e in terminals(events)] == [{"status": "done"}]
+        await eventually(lambda: _saved(saves, run_id), "the run was not saved")
+        assert saves.ends[-1].output == "".join(words) and saves.status_of(run_id) == "done"
+        # A third worker, started afterwards, replays it from the cluster.
+        third = RedisBackend(redis_url=replicated_cluster.url, redis_prefix=a.prefix)
+        replayed = await collect(await third.subscribe("s"))
+        await third.shutdown(2)
+        assert text_of(replayed) == "".join(words) and replayed[-1].data == {"status": "done"}
+    # Warnings, as Redis was unreachable for a while; no error (a hole in a log).
+    assert not said(caplog, logging.ERROR)

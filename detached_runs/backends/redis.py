@@ -1195,7 +1195,7 @@ class RedisBackend(BaseBackend):
             if not names:
                 return
             try:
-                reply = await self.redis.xread(streams, block=self.block_ms, count=1000)
+                reply = await self._xread(wake_key, streams)
                 for key, entries in reply or []:
                     if key == wake:
                         self._woken[group] = entries[-1][0].decode()
@@ -1208,6 +1208,25 @@ class RedisBackend(BaseBackend):
             for run_id, (mirror, _) in list(self._followed.items()):
                 if mirror.closed:
                     del self._followed[run_id]
+
+    async def _xread(self, wake_key: str, streams: dict[str, str]) -> Any:
+        """One blocked XREAD of ``streams`` (``{key: id read last}``, keys of
+        one slot, the slot of ``wake_key``): what redis-py's ``xread`` gives.
+
+        On a cluster, sent to the node that serves that slot by the client's
+        map of slots: redis-py's cluster client would first ask a node it
+        chose at its start which of XREAD's arguments are keys (``COMMAND
+        GETKEYS``), and on and on if that node died. A node that answers
+        ``MOVED``, or not at all, has the client refresh its map; the next
+        round goes where the slot is then. Raises one of `UNREACHABLE`."""
+        if self.groups is None:
+            return await self.redis.xread(streams, block=self.block_ms, count=1000)
+        return await self.redis.execute_command(
+            *("XREAD", "COUNT", 1000, "BLOCK", self.block_ms, "STREAMS"),
+            *streams,
+            *streams.values(),
+            target_nodes=self.redis.get_node_from_key(wake_key),
+        )
 
     async def _apply_read(self, run_id: str, entries: list[Any]) -> None:
         """Apply the ``entries`` an XREAD gave of run ``run_id`` to its mirror,
