@@ -815,6 +815,9 @@ class RedisBackend(BaseBackend):
                     continue
                 try:
                     ended = events[-1].event == DONE
+                    if ended:
+                        # Not an end on a master that is no longer one: it would be lost.
+                        await self._follow_master()
                     args: list[Any] = [self.maxlen, self.keep, HEAD_PIECE, _stream_id(flushed)]
                     for event in events:
                         args += [
@@ -1276,6 +1279,10 @@ class RedisBackend(BaseBackend):
         while not self.driver.closing:
             await asyncio.sleep(self.renew_every)
             sweeps += 1
+            try:
+                await self._follow_master()
+            except UNREACHABLE:
+                metrics.redis_errors.inc()
             if self.on_sweep is not None and sweeps % SWEEP_ROWS_EVERY == 0:
                 try:
                     await self.on_sweep()
@@ -1372,6 +1379,33 @@ class RedisBackend(BaseBackend):
         node = self.redis.get_node_from_key(self._clock_key)
         client = aioredis.Redis(host=node.host, port=node.port, **self._node_options)
         return client.pubsub(), client
+
+    async def _follow_master(self) -> None:
+        """Sentinel only: ask the sentinels where the master is now, and if it
+        moved (a failover), drop every connection to the old one, in use or
+        not: their commands fail and are tried again on the new master.
+
+        redis-py finds a new master only when a connection reconnects, or
+        when the old master, made a replica, refuses a write (``READONLY``);
+        but a master that Sentinel failed over (``SENTINEL FAILOVER``, or a
+        partition) takes writes until Sentinel tells it otherwise, up to 10 s
+        later, and those are lost. Each sweep (every ``renew_every`` s) and
+        each writer before it writes a run's end asks, so what a run wrote
+        meanwhile is found missing by its next append (`redis_scripts.APPEND`:
+        the stream does not end where the writer left it) and written again.
+        Raises one of `UNREACHABLE` if no sentinel answers."""
+        if self._sentinel is None:
+            return
+        pool = self.redis.connection_pool
+        before = pool.master_address
+        await pool.get_master_address()
+        if before is not None and pool.master_address != before:
+            logger.warning(
+                "Redis Sentinel moved the master from %s to %s; reconnecting",
+                before,
+                pool.master_address,
+            )
+            await pool.disconnect(inuse_connections=True)
 
     async def _listen(self) -> None:
         while True:
