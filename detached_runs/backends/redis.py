@@ -14,10 +14,11 @@ How it works, reusing the memory backend's machinery:
   piled up while Redis was slow goes as one merged delta; while Redis is
   unreachable the local log is the buffer and the writer retries.
 * Any other worker that has subscribers for a run keeps a *mirror* of it: the
-  stream replayed with ``XRANGE``, then followed by one ``XREAD BLOCK`` reader
-  task per run per worker, appended into a local log of the same kind. Local
-  subscribers are cursors into that mirror: no blocked Redis connection per
-  subscriber. The reader stops when the mirror's last local subscriber leaves.
+  stream replayed with ``XRANGE``, then followed by the worker's one
+  ``XREAD BLOCK`` over all the runs it follows (one per slot group on a
+  cluster), appended into a local log of the same kind. Local subscribers
+  are cursors into that mirror: no blocked Redis connection per subscriber.
+  The run is no longer read once the mirror's last local subscriber leaves.
 * A run's stream holds at most ``stream_maxlen`` entries
   (``REDIS_STREAM_MAXLEN``). Past that its oldest entries are not dropped
   but compacted, by the same script that appends, into the run's *head*: a
@@ -32,8 +33,20 @@ How it works, reusing the memory backend's machinery:
   merged entry cannot go back into the stream: stream ids only grow, and
   ``XDEL`` keeps a deleted entry's bytes until its whole node goes.)
 * Keys are hash-tagged per session (``{<prefix>:<session>}``), so one
-  session's keys share a Redis Cluster slot. When a run ends its keys expire
-  after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
+  session's keys share a slot. When a run ends its keys expire after
+  ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
+* ``REDIS_URL`` names one server, a Redis Cluster or a master that Sentinel
+  watches (`redis_url.parse_redis_url`). On a cluster every command names
+  keys of one slot: a session's keys are tagged with one of `SLOT_GROUPS`
+  slot groups instead (``{<prefix>:g<n>}:<session>``), and the worker's
+  XREAD is one per group; the sets of runs in flight are one key each;
+  scripts in pipelines are sent whole; nothing uses MULTI; the time comes
+  from one key's primary. With Sentinel, the worker asks where the master
+  is at each sweep and before it writes a run's end (`_follow_master`).
+* A failover may lose the last writes a primary acknowledged (replication
+  is asynchronous): the writer's append names the last id it wrote, and the
+  script refuses if the stream ends elsewhere (`redis_scripts.APPEND`); the
+  writer then writes from where the stream ends, out of its local log.
 * A stop that arrives at another worker is published on ``<prefix>:stop``;
   the worker running the run stops it.
 * An agent's question (``ctx.ask``) is pending in the run's hash (``input``):
