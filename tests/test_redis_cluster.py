@@ -233,6 +233,57 @@ async def test_a_deleted_session_leaves_no_key_and_its_followers_get_the_end(wor
     assert not [key for key in left if first.encode() in key or second.encode() in key]
 
 
+async def test_an_answer_on_another_worker_reaches_the_agent_through_pub_sub(workers, saves):
+    """Taken at B, announced on ``<prefix>:input`` (published on one node,
+    heard on another): A's agent gets it at once, not at its next look in
+    the run's hash (every ``renew_every``, 3 s)."""
+    a, b = workers
+    got: list[Any] = []
+    ids = {"run": new_id()}
+
+    async def asking() -> AsyncIterator[str]:
+        yield "asking "
+        got.append(await a.ask("s", ids["run"], {"q": "?"}, 30))
+        yield "answered"
+
+    await a.start("s", ids["run"], asking(), start_data={}, meta={"owner": "o"}, finalize=saves)
+    subscription = await b.subscribe("s")
+    events: list[Any] = []
+    while not any(e.event == "input_required" for e in events):
+        events += await subscription.next_batch()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await b.answer("s", events[-1].data["request"], {"ok": True}) is True
+    rest = await collect(subscription)
+    assert loop.time() - began < 1.5 and got == [{"ok": True}]
+    assert [e.event for e in rest if e.event != "delta"] == ["input_received", "done"]
+
+
+async def test_an_adoption_on_one_worker_reaches_the_worker_that_drives_the_run(workers, saves):
+    """A visitor who logs in lands on B; A drives their run: its owner's and
+    address's sets (keys of slots of their own) and A's copy of its meta
+    follow."""
+    a, b = workers
+    gate = asyncio.Event()
+    await start(a, gated(gate), saves, owner="anon:a", address="203.0.113.7")
+    assert await b.count_running(address="203.0.113.7") == 1
+    assert await b.adopt("anon:a", "user:1", ["s"]) == 1
+
+    async def adopted() -> bool:
+        state = await a.get("s")
+        return (
+            state is not None
+            and state.meta.get("owner") == "user:1"
+            and await b.count_running(owner="user:1") == 1
+            and await b.count_running(owner="anon:a") == 0
+        )
+
+    await eventually(adopted, "worker A kept the old owner")
+    assert await b.count_running(address="203.0.113.7") == 0
+    gate.set()
+    await collect(await a.subscribe("s"))
+
+
 async def test_the_clock_of_starts_is_one_primarys(workers, redis_cluster):
     a, b = workers
     times = [await backend.now() for backend in (a, b, a, b)]
