@@ -342,6 +342,53 @@ async def _logged(backend: RedisBackend, log: str, text: str, *, exactly: bool =
     return deltas == text if exactly else deltas.startswith(text)
 
 
+async def test_runs_reach_the_cluster_whole_when_a_worker_runs_out_of_connections(
+    redis_cluster, caplog
+):
+    """A worker with 4 connections per node drives 30 runs, which all write
+    at once: commands past them fail (redis-py's cluster client does not
+    wait for a connection), and a failed pipeline closes every connection of
+    the client, cutting commands of other runs in flight with anything (an
+    AttributeError). Each writer retries until its run is in the cluster
+    whole; none dies of it."""
+    sessions = [f"s{i}" for i in range(30)]
+    gate = asyncio.Event()
+    saves = Saves()
+
+    async def at_the_gate() -> AsyncIterator[str]:
+        await gate.wait()
+        for word in WORDS:
+            await asyncio.sleep(0.001)
+            yield word
+
+    async with two_workers(redis_cluster.url) as (a, b):
+        small = RedisBackend(
+            redis_url=redis_cluster.url,
+            redis_prefix=a.prefix,
+            evict_after=3.0,
+            connection_kwargs={"max_connections": 4},
+        )
+        try:
+            for session in sessions:
+                # One at a time (each run's start event in the cluster first):
+                # a start refused for want of a connection would be a 503.
+                run_id = await start(small, at_the_gate(), saves, session=session)
+                log = a._key(session, "log", run_id)
+                await eventually(lambda log=log: _started(a, log), "the start was not written")
+            subscriptions = [await b.subscribe(session) for session in sessions]
+            gate.set()
+            followed = await asyncio.gather(*(collect(s) for s in subscriptions))
+        finally:
+            await small.shutdown(2)
+    assert all(text_of(events) == FULL for events in followed)
+    assert all([e.data for e in terminals(events)] == [{"status": "done"}] for events in followed)
+    said(caplog, logging.WARNING)
+
+
+async def _started(backend: RedisBackend, log: str) -> bool:
+    return bool(await backend.redis.xlen(log))
+
+
 @pytest.fixture
 def replicated_cluster() -> Iterator[RedisClusterServers]:
     """A cluster of the test's own whose three primaries have a replica each,

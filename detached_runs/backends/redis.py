@@ -154,6 +154,11 @@ MAX_CONNECTIONS = 50
 #: one XREAD per group follows the runs of other workers, so a worker holds
 #: at most this many blocked connections, a few on each primary.
 SLOT_GROUPS = 32
+#: Connections to each node of a Redis Cluster a worker holds at most. More
+#: than `MAX_CONNECTIONS`: redis-py's cluster client has no blocking pool, so
+#: a command past them fails (``MaxConnectionsError``) instead of waiting, and
+#: in a pipeline the failure closes every connection of the client.
+CLUSTER_MAX_CONNECTIONS = 500
 #: Seconds a mirror's XREAD waits for new entries at most (less if the socket
 #: timeout is short: at most half of it).
 READ_BLOCK = 5.0
@@ -208,8 +213,9 @@ def _client(target: RedisTarget, connection_kwargs: Mapping[str, Any]) -> tuple[
     a few hundred runs hit (their writes then retried as if Redis were
     unreachable); a ``socket_timeout`` in a one-server URL wins over the
     default. A cluster: redis-py's `RedisCluster`, whose ``max_connections``
-    are per node and not blocking (redis-py has no blocking pool for a
-    cluster: past them a command fails and is retried). Sentinel: its own
+    (`CLUSTER_MAX_CONNECTIONS` by default) are per node and not blocking
+    (redis-py has no blocking pool for a cluster: past them a command fails
+    and is retried). Sentinel: its own
     connections get ``connection_kwargs["sentinel_kwargs"]``, if given, over
     the ``socket_*`` options. Raises `ValueError` if redis-py refuses the
     options."""
@@ -224,6 +230,9 @@ def _client(target: RedisTarget, connection_kwargs: Mapping[str, Any]) -> tuple[
     try:
         if target.kind == "cluster":
             nodes = [ClusterNode(host, port) for host, port in target.nodes]
+            options["max_connections"] = connection_kwargs.get(
+                "max_connections", CLUSTER_MAX_CONNECTIONS
+            )
             client = RedisCluster(
                 startup_nodes=nodes, **{"ssl": target.ssl, **credentials, **options}
             )
@@ -808,8 +817,10 @@ class RedisBackend(BaseBackend):
                     told_first = False
                     try:
                         flushed = await self._resync(run, record)
-                    except UNREACHABLE:
+                    except Exception as exc:  # not only UNREACHABLE: see below
                         metrics.redis_errors.inc()
+                        if not isinstance(exc, UNREACHABLE):
+                            logger.warning("Run %s could not resync", run.id, exc_info=True)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 2.0)
                         continue
@@ -887,9 +898,19 @@ class RedisBackend(BaseBackend):
                         await pipe.execute()
                         if kept and not run.unsaved:
                             await self._expire_saved(run)  # saved meanwhile
-                except UNREACHABLE:
+                except Exception as exc:
+                    # Not only UNREACHABLE: redis-py's cluster pipeline, at a
+                    # connection error (MaxConnectionsError too), closes every
+                    # connection of its client, those of other commands in
+                    # flight too, which may then fail with anything (an
+                    # AttributeError). A writer that died of it would leave
+                    # its run unwritten until it is reaped.
                     metrics.redis_errors.inc()
-                    logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
+                    logger.warning(
+                        "Redis unreachable; run %s keeps its log in memory",
+                        run.id,
+                        exc_info=not isinstance(exc, UNREACHABLE),
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     resync = True
@@ -1217,9 +1238,13 @@ class RedisBackend(BaseBackend):
                         self._woken[group] = entries[-1][0].decode()
                         continue
                     await self._apply_read(names[key], entries)
-            except UNREACHABLE:
+            except Exception as exc:  # not only UNREACHABLE: as a writer's (`_write`)
                 metrics.redis_errors.inc()
-                logger.warning("Redis unreachable; following %d runs again soon", len(names))
+                logger.warning(
+                    "Redis unreachable; following %d runs again soon",
+                    len(names),
+                    exc_info=not isinstance(exc, UNREACHABLE),
+                )
                 await asyncio.sleep(0.5)
             for run_id, (mirror, _) in list(self._followed.items()):
                 if mirror.closed:
