@@ -4,7 +4,7 @@ not as a traceback at the first request."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
@@ -20,6 +20,9 @@ from .conf import (
     SHUTDOWN_MODES,
     get_config,
 )
+
+if TYPE_CHECKING:
+    from .backends.base import BaseBackend
 
 #: Keys read by the optional agents of `detached_runs.agents`, not by the app.
 AGENT_KEYS = frozenset({"OPENAI"})
@@ -44,6 +47,24 @@ def _openai_agent_problem(agent: Any) -> str | None:
     try:
         agent.config()
     except ImproperlyConfigured as exc:
+        return str(exc)
+    return None
+
+
+def _redis_url_problem(backend: type[BaseBackend], config: dict[str, Any]) -> str | None:
+    """What is wrong with the Redis URL of a backend that takes one (its
+    ``redis_url`` option, else ``REDIS_URL``), if anything."""
+    from .backends.redis_url import parse_redis_url
+
+    if "redis_url" not in backend.option_names():
+        return None
+    options = config["BACKEND_OPTIONS"]
+    url = config["REDIS_URL"]
+    if isinstance(options, dict) and "redis_url" in options:
+        url = options["redis_url"]
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
         return str(exc)
     return None
 
@@ -74,6 +95,18 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 hint="Use 'detached_runs.backends.memory.MemoryBackend' or "
                 "'detached_runs.backends.redis.RedisBackend'.",
                 id="detached_runs.E001",
+            )
+        )
+    elif (url_problem := _redis_url_problem(backend, config)) is not None:
+        # Not E007 as well: the backend, made with this URL to check its
+        # options, would refuse the URL again.
+        errors.append(
+            Error(
+                url_problem,
+                hint="One server: redis://host:6379/0 (or rediss://, unix://). A cluster: "
+                "redis+cluster://host:port,host:port/ (any of its nodes). Sentinel: "
+                "redis+sentinel://host:26379,host:26379/<master name>/<db> (see docs/redis.md).",
+                id="detached_runs.E014",
             )
         )
     else:

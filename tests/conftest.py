@@ -23,6 +23,7 @@ hypothesis_settings.load_profile("suite")
 
 if TYPE_CHECKING:
     from .database_fault import DatabaseFault
+    from .redis_cluster import RedisClusterServers
     from .redis_server import RedisServer
 
 
@@ -90,12 +91,13 @@ def saves() -> Saves:
     return Saves()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def backend(request: Any) -> AsyncIterator[BaseBackend]:
     """Each backend in turn, for the contract every backend keeps (DESIGN.md,
-    "Behaviour every backend must keep"): the in-process one, and the Redis
-    one on the machine's Redis with a key prefix of its own, cleaned up
-    afterwards. An ended run is evicted after 0.2 s."""
+    "Behaviour every backend must keep"): the in-process one, the Redis one
+    on the machine's Redis, and the Redis one on a Redis Cluster of three
+    primaries (`redis_cluster`), each with a key prefix of its own, cleaned
+    up afterwards. An ended run is evicted after 0.2 s."""
     if request.param == "memory":
         yield MemoryBackend(evict_after=0.2)
         return
@@ -103,14 +105,38 @@ async def backend(request: Any) -> AsyncIterator[BaseBackend]:
         pytest.importorskip("redis")
     from detached_runs.backends.redis import RedisBackend
 
+    url = "redis://127.0.0.1:6379/0"
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
     prefix = f"dr-contract-{uuid.uuid4().hex[:10]}"
-    redis_backend = RedisBackend(redis_prefix=prefix, evict_after=0.2)
+    redis_backend = RedisBackend(redis_url=url, redis_prefix=prefix, evict_after=0.2)
     yield redis_backend
     await redis_backend.shutdown(2)
-    keys = [key async for key in redis_backend.redis.scan_iter(match=f"*{prefix}*")]
-    if keys:
-        await redis_backend.redis.delete(*keys)
+    await delete_keys(redis_backend.redis, prefix)
     await redis_backend.redis.aclose()
+
+
+async def delete_keys(client: Any, prefix: str) -> None:
+    """Delete the keys of ``prefix`` a redis-py asyncio client (of one server
+    or of a cluster: every primary's) holds."""
+    keys = [key async for key in client.scan_iter(match=f"*{prefix}*")]
+    if keys:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.delete(key)
+        await pipe.execute()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of three primaries of this test process's own
+    (`tests.redis_cluster`), shared by its tests, which keep to key
+    prefixes of their own."""
+    from .redis_cluster import RedisClusterServers  # it uses this module's helpers
+
+    servers = RedisClusterServers(masters=3)
+    yield servers
+    servers.stop()
 
 
 @pytest.fixture

@@ -92,6 +92,34 @@ def test_the_options_of_the_redis_backend_pass(configured):
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://h:7000,,h:7001/",
+        "redis+cluster://h:7000/1",
+        "redis+sentinel://s:26379",
+        "redis+sentinel://s:26379/mymaster/zero",
+        "http://h:6379/0",
+        6379,
+    ],
+)
+def test_a_malformed_redis_url_is_reported_once_as_e014(configured, url):
+    pytest.importorskip("redis")
+    backend = "detached_runs.backends.redis.RedisBackend"
+    assert configured(BACKEND=backend, REDIS_URL=url) == {"detached_runs.E014"}
+    # The backend's own option wins over REDIS_URL, and is checked the same way.
+    options = {"redis_url": url}
+    assert configured(BACKEND=backend, BACKEND_OPTIONS=options) == {"detached_runs.E014"}
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://h:7000,h:7001/", "redis+sentinel://s:26379,t/mymaster/1"]
+)
+def test_cluster_and_sentinel_urls_pass(configured, url):
+    pytest.importorskip("redis")
+    assert configured(BACKEND="detached_runs.backends.redis.RedisBackend", REDIS_URL=url) == set()
+
+
+@pytest.mark.parametrize(
     "options",
     [
         {"lease_ms": float("inf")},

@@ -14,10 +14,11 @@ How it works, reusing the memory backend's machinery:
   piled up while Redis was slow goes as one merged delta; while Redis is
   unreachable the local log is the buffer and the writer retries.
 * Any other worker that has subscribers for a run keeps a *mirror* of it: the
-  stream replayed with ``XRANGE``, then followed by one ``XREAD BLOCK`` reader
-  task per run per worker, appended into a local log of the same kind. Local
-  subscribers are cursors into that mirror: no blocked Redis connection per
-  subscriber. The reader stops when the mirror's last local subscriber leaves.
+  stream replayed with ``XRANGE``, then followed by the worker's one
+  ``XREAD BLOCK`` over all the runs it follows (one per slot group on a
+  cluster), appended into a local log of the same kind. Local subscribers
+  are cursors into that mirror: no blocked Redis connection per subscriber.
+  The run is no longer read once the mirror's last local subscriber leaves.
 * A run's stream holds at most ``stream_maxlen`` entries
   (``REDIS_STREAM_MAXLEN``). Past that its oldest entries are not dropped
   but compacted, by the same script that appends, into the run's *head*: a
@@ -32,8 +33,20 @@ How it works, reusing the memory backend's machinery:
   merged entry cannot go back into the stream: stream ids only grow, and
   ``XDEL`` keeps a deleted entry's bytes until its whole node goes.)
 * Keys are hash-tagged per session (``{<prefix>:<session>}``), so one
-  session's keys share a Redis Cluster slot. When a run ends its keys expire
-  after ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
+  session's keys share a slot. When a run ends its keys expire after
+  ``EVICT_AFTER`` (eviction is expiry); the database has the rest.
+* ``REDIS_URL`` names one server, a Redis Cluster or a master that Sentinel
+  watches (`redis_url.parse_redis_url`). On a cluster every command names
+  keys of one slot: a session's keys are tagged with one of `SLOT_GROUPS`
+  slot groups instead (``{<prefix>:g<n>}:<session>``), and the worker's
+  XREAD is one per group; the sets of runs in flight are one key each;
+  scripts in pipelines are sent whole; nothing uses MULTI; the time comes
+  from one key's primary. With Sentinel, the worker asks where the master
+  is at each sweep and before it writes a run's end (`_follow_master`).
+* A failover may lose the last writes a primary acknowledged (replication
+  is asynchronous): the writer's append names the last id it wrote, and the
+  script refuses if the stream ends elsewhere (`redis_scripts.APPEND`); the
+  writer then writes from where the stream ends, out of its local log.
 * A stop that arrives at another worker is published on ``<prefix>:stop``;
   the worker running the run stops it.
 * An agent's question (``ctx.ask``) is pending in the run's hash (``input``):
@@ -79,11 +92,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import math
 import time
 import uuid
+import zlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -106,18 +121,27 @@ from .base import (
 )
 from .driver import DrivenRun, RunDriver, SharedQuestions, call_in_loop
 from .log import RunLog
-from .redis_scripts import ENDED, MISSING, STOP_ASKED, Scripts
+from .redis_url import RedisTarget, parse_redis_url
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+    from redis.exceptions import RedisClusterException, RedisError
 except ImportError as exc:  # pragma: no cover - exercised by the system check
     raise ImportError(
         "The Redis backend needs redis-py: pip install 'redis[hiredis]' (or the package's "
         "[redis] extra, once installed from a checkout: pip install -e 'path/to/checkout[redis]')"
     ) from exc
 
+from .redis_scripts import ENDED, GAP, MISSING, STOP_ASKED, Scripts  # needs redis-py too
+
 logger = logging.getLogger(__name__)
+
+#: What redis-py raises when Redis cannot answer: its errors, a socket's, and
+#: a cluster client's when it cannot find the cluster's nodes or a slot's
+#: (`RedisClusterException`, not a `RedisError`: an outage, a failover).
+UNREACHABLE = (RedisError, RedisClusterException, OSError)
 
 #: Seconds a Redis command may take before its connection is taken for dead
 #: (the client's ``socket_timeout``, unless the URL sets one).
@@ -126,6 +150,15 @@ SOCKET_TIMEOUT = 10.0
 #: ``max_connections`` changes it): however many runs it drives or follows, a
 #: command past them waits for one to be free.
 MAX_CONNECTIONS = 50
+#: The slot groups a Redis Cluster's sessions are spread over (`RedisBackend._group`):
+#: one XREAD per group follows the runs of other workers, so a worker holds
+#: at most this many blocked connections, a few on each primary.
+SLOT_GROUPS = 32
+#: Connections to each node of a Redis Cluster a worker holds at most. More
+#: than `MAX_CONNECTIONS`: redis-py's cluster client has no blocking pool, so
+#: a command past them fails (``MaxConnectionsError``) instead of waiting, and
+#: in a pipeline the failure closes every connection of the client.
+CLUSTER_MAX_CONNECTIONS = 500
 #: Seconds a mirror's XREAD waits for new entries at most (less if the socket
 #: timeout is short: at most half of it).
 READ_BLOCK = 5.0
@@ -160,6 +193,93 @@ UNSAVED_KEEP_MS = 24 * 3600 * 1000
 _RUN_KEYS = ("run", "lease", "log", "head")
 #: Runs whose keys `RedisBackend.delete` reads and deletes per round trip.
 _DELETE_BATCH = 500
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The connections to the master Sentinel names, in a blocking pool: a
+    command past ``max_connections`` waits for a free one (up to
+    ``timeout``), as with one server, instead of failing at once."""
+
+
+def _client(target: RedisTarget, connection_kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """A redis-py asyncio client of ``target``, and the `Sentinel` it asks for
+    its master (None unless it is a Sentinel URL), neither connected yet.
+
+    ``connection_kwargs`` go to redis-py over the backend's defaults: a
+    ``socket_timeout`` of `SOCKET_TIMEOUT` and at most `MAX_CONNECTIONS`.
+    One server or Sentinel's master: a blocking pool, so a command past
+    them waits for a connection (up to `SOCKET_TIMEOUT`) instead of failing
+    at once with redis-py's ``MaxConnectionsError``, which a worker driving
+    a few hundred runs hit (their writes then retried as if Redis were
+    unreachable); a ``socket_timeout`` in a one-server URL wins over the
+    default. A cluster: redis-py's `RedisCluster`, whose ``max_connections``
+    (`CLUSTER_MAX_CONNECTIONS` by default) are per node and not blocking
+    (redis-py has no blocking pool for a cluster: past them a command fails
+    and is retried). Sentinel: its own
+    connections get ``connection_kwargs["sentinel_kwargs"]``, if given, over
+    the ``socket_*`` options. Raises `ValueError` if redis-py refuses the
+    options."""
+    options: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "max_connections": MAX_CONNECTIONS,
+        **connection_kwargs,
+    }
+    credentials = _credentials(target)
+    client: Any
+    sentinel = None
+    try:
+        if target.kind == "cluster":
+            nodes = [ClusterNode(host, port) for host, port in target.nodes]
+            options["max_connections"] = connection_kwargs.get(
+                "max_connections", CLUSTER_MAX_CONNECTIONS
+            )
+            client = RedisCluster(
+                startup_nodes=nodes, **{"ssl": target.ssl, **credentials, **options}
+            )
+            return client, None
+        options.setdefault("timeout", SOCKET_TIMEOUT)
+        if target.kind == "sentinel":
+            own = options.pop("sentinel_kwargs", None) or {}
+            sockets = {key: value for key, value in options.items() if key.startswith("socket_")}
+            sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**sockets, **own})
+            client = sentinel.master_for(
+                target.service,
+                connection_pool_class=BlockingSentinelConnectionPool,
+                **{"db": target.db, "ssl": target.ssl, **credentials, **options},
+            )
+        else:
+            client = aioredis.Redis.from_pool(
+                aioredis.BlockingConnectionPool.from_url(target.url, **options)
+            )
+        pool = client.connection_pool
+        # A connection object, not connected: redis-py checks its arguments.
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, RedisClusterException) as exc:
+        raise ValueError(f"connection_kwargs are refused by redis-py: {exc}") from exc
+    return client, sentinel
+
+
+def _credentials(target: RedisTarget) -> dict[str, str]:
+    """The user and password a URL gives (only those it gives)."""
+    return {
+        key: value
+        for key, value in (("username", target.username), ("password", target.password))
+        if value is not None
+    }
+
+
+def _node_options(target: RedisTarget, connection_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a client of one node of a cluster (`RedisBackend._subscriber`):
+    the cluster client's that a one-server client takes too (its
+    ``socket_timeout``, TLS, credentials; not ``max_connections``...)."""
+    accepted = inspect.signature(aioredis.Redis).parameters
+    options = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "ssl": target.ssl,
+        **_credentials(target),
+        **connection_kwargs,
+    }
+    return {key: value for key, value in options.items() if key in accepted}
 
 
 def _moment(value: bytes | str | None) -> float | None:
@@ -232,44 +352,42 @@ class RedisBackend(BaseBackend):
         # How many entries a compaction leaves in the stream: at least one, the
         # last, which tells a writer after a failure where the stream ends.
         self.keep = max(1, (stream_maxlen + 1) // 2, stream_maxlen - COMPACT_AT_MOST)
+        target = parse_redis_url(redis_url)
+        #: On a cluster, the slot groups sessions are spread over (`_group`);
+        #: None on one server (or Sentinel's master): one group, all keys.
+        self.groups = SLOT_GROUPS if target.kind == "cluster" else None
         # redis-py's type hints mix its sync and async clients; typed loosely here.
-        # A socket_timeout in the URL wins over SOCKET_TIMEOUT. A blocking pool:
-        # a command past MAX_CONNECTIONS waits for a connection (up to
-        # SOCKET_TIMEOUT) instead of failing at once with redis-py's
-        # MaxConnectionsError, which a worker driving a few hundred runs hit
-        # (their writes then retried as if Redis were unreachable).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url,
-            **{
-                "socket_timeout": SOCKET_TIMEOUT,
-                "max_connections": MAX_CONNECTIONS,
-                "timeout": SOCKET_TIMEOUT,
-                **(connection_kwargs or {}),
-            },
-        )
-        self.redis: Any = aioredis.Redis.from_pool(pool)
-        try:
-            # A connection object, not connected: redis-py checks its arguments.
-            pool.connection_class(**pool.connection_kwargs)
-        except TypeError as exc:
-            raise ValueError(f"connection_kwargs are refused by redis-py: {exc}") from exc
+        self.redis: Any
+        self._sentinel: Any = None
+        self.redis, self._sentinel = _client(target, connection_kwargs or {})
+        #: On a cluster, the options of a client of one of its nodes (`_subscriber`).
+        self._node_options: dict[str, Any] = {}
+        if target.kind == "cluster":
+            self._node_options = _node_options(target, connection_kwargs or {})
         self._lua = Scripts(self.redis)
         # The mirror's blocking read returns well within the socket's timeout:
         # a read that outlasts it is taken for a dead connection (redis-py's own
         # default is 5 s, as long as the block was), and a healthy, idle Redis
         # was reported unreachable every few seconds.
-        timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        timeout = (
+            self.redis.get_connection_kwargs()
+            if target.kind == "cluster"
+            else self.redis.connection_pool.connection_kwargs
+        ).get("socket_timeout")
         self.block_ms = int(min(READ_BLOCK, timeout / 2 if timeout else READ_BLOCK) * 1000) or 1
         self._mirrors: dict[str, RunLog] = {}
         #: The runs of other workers this worker follows (a mirror each, for
         #: subscribers here), by id: the mirror and its stream id read so far.
         self._followed: dict[str, tuple[RunLog, Position]] = {}
-        #: The one task reading them all, with one blocked XREAD (`_read_followed`).
-        self._reader: asyncio.Task[None] | None = None
-        #: The stream that wakes that XREAD when a run is added (`_follow`),
-        #: and the id of its entry read last.
-        self._wake_key = f"{self.prefix}:wake:{worker_id()}"
-        self._woken = "0-0"
+        #: Per slot group (`_group`), the task reading the runs of that group
+        #: it follows, with one blocked XREAD (`_read_followed`).
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        #: Per slot group, the id of the entry of its wake stream (`_wake_key`)
+        #: read last.
+        self._woken: dict[str, str] = {}
+        #: A key never written, whose slot's primary gives the time (`now`)
+        #: and, on a cluster, this worker's pub/sub (`_subscribe`).
+        self._clock_key = f"{self.prefix}:clock"
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -283,7 +401,30 @@ class RedisBackend(BaseBackend):
     # -- keys --------------------------------------------------------------
 
     def _key(self, session_key: str, *parts: str) -> str:
-        return ":".join([f"{{{self.prefix}:{session_key}}}", *parts])
+        """A key of a session's (``parts`` joined by colons after its hash
+        tag), in one Cluster slot with the session's other keys: tagged
+        ``{<prefix>:<session>}`` on one server (the names of old), and on a
+        cluster with the session's slot group (`_group`): ``{<prefix>:g<n>}:
+        <session>``, so that one XREAD per group follows its runs."""
+        if self.groups is None:
+            return ":".join([f"{{{self.prefix}:{session_key}}}", *parts])
+        return ":".join([f"{{{self.prefix}:{self._group(session_key)}}}", session_key, *parts])
+
+    def _group(self, session_key: str) -> str:
+        """The slot group of a session: ``g<n>``, n from 0 to `SLOT_GROUPS` - 1,
+        the same in every process (a CRC-32 of the key, not `hash`); ``""``
+        on one server, where all sessions are one group."""
+        if self.groups is None:
+            return ""
+        return f"g{zlib.crc32(session_key.encode()) % self.groups}"
+
+    def _wake_key(self, group: str) -> str:
+        """The stream that wakes this worker's XREAD of a slot group
+        (`_follow`): ``<prefix>:wake:<worker>`` on one server, in the group's
+        slot on a cluster."""
+        if self.groups is None:
+            return f"{self.prefix}:wake:{worker_id()}"
+        return f"{{{self.prefix}:{group}}}:wake:{worker_id()}"
 
     # -- the interface -----------------------------------------------------
 
@@ -316,8 +457,7 @@ class RedisBackend(BaseBackend):
             # Runs of a session start in the order of this lock, whichever
             # worker's service wrote its row first: the start time is taken
             # here, from Redis's clock, and the service stores it on the row.
-            seconds, micros = await self._call(self.redis.time())
-            meta["started_at"] = seconds + micros / 1_000_000
+            meta["started_at"] = await self.now()
             fields = {
                 "worker": worker_id(),
                 "status": RUNNING,
@@ -325,15 +465,9 @@ class RedisBackend(BaseBackend):
                 "started_at": str(time.time()),
                 "meta": json.dumps(meta),
             }
-            # One MULTI for the session's keys (one Cluster slot); the sets of
+            # One script for the session's keys (one Cluster slot); the sets of
             # the owner and the address live elsewhere and are written on their own.
-            await self._call(
-                self.redis.pipeline(transaction=True)
-                .hset(self._key(session_key, "run", run_id), mapping=fields)
-                .set(self._key(session_key, "lease", run_id), worker_id(), px=self.lease_ms)
-                .set(self._key(session_key, "current"), run_id)
-                .execute()
-            )
+            await self._call(self._put_run(session_key, run_id, fields, replace_current=True))
             try:
                 await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
                 run = await self.driver.start(
@@ -371,7 +505,7 @@ class RedisBackend(BaseBackend):
             pipe.zrem(key, member)
         try:
             await pipe.execute()
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()
             logger.warning("Could not take back the refused run %s from Redis", run_id)
 
@@ -642,7 +776,14 @@ class RedisBackend(BaseBackend):
         if writers:
             await asyncio.wait(writers, timeout=timeout)
         readers = [
-            t for t in [*self._holds.values(), self._reader, self._listener, self._sweeper] if t
+            t
+            for t in [
+                *self._holds.values(),
+                *self._readers.values(),
+                self._listener,
+                self._sweeper,
+            ]
+            if t
         ]
         for task in readers:
             task.cancel()
@@ -652,6 +793,8 @@ class RedisBackend(BaseBackend):
         if readers:
             await asyncio.wait(readers, timeout=min(timeout, 2.0))
         await self.redis.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     # -- writing (the worker that drives the run) --------------------------
 
@@ -674,8 +817,10 @@ class RedisBackend(BaseBackend):
                     told_first = False
                     try:
                         flushed = await self._resync(run, record)
-                    except (RedisError, OSError):
+                    except Exception as exc:  # not only UNREACHABLE: see below
                         metrics.redis_errors.inc()
+                        if not isinstance(exc, UNREACHABLE):
+                            logger.warning("Run %s could not resync", run.id, exc_info=True)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 2.0)
                         continue
@@ -694,7 +839,10 @@ class RedisBackend(BaseBackend):
                     continue
                 try:
                     ended = events[-1].event == DONE
-                    args: list[Any] = [self.maxlen, self.keep, HEAD_PIECE]
+                    if ended:
+                        # Not an end on a master that is no longer one: it would be lost.
+                        await self._follow_master()
+                    args: list[Any] = [self.maxlen, self.keep, HEAD_PIECE, _stream_id(flushed)]
                     for event in events:
                         args += [
                             _stream_id(_event_position(event)),
@@ -712,6 +860,16 @@ class RedisBackend(BaseBackend):
                     )
                     if written == MISSING:
                         resync = True  # Redis lost the run (restarted empty)
+                        continue
+                    if written == GAP:
+                        # A failover lost the last entries written (or a write
+                        # whose answer was lost went in): from where it ends.
+                        logger.warning(
+                            "Run %s: its stream does not end where this worker left it; "
+                            "writing from where it ends",
+                            run.id,
+                        )
+                        resync = True
                         continue
                     if written == ENDED:
                         # Another worker ended this run (our lease lapsed while we
@@ -740,9 +898,19 @@ class RedisBackend(BaseBackend):
                         await pipe.execute()
                         if kept and not run.unsaved:
                             await self._expire_saved(run)  # saved meanwhile
-                except (RedisError, OSError):
+                except Exception as exc:
+                    # Not only UNREACHABLE: redis-py's cluster pipeline, at a
+                    # connection error (MaxConnectionsError too), closes every
+                    # connection of its client, those of other commands in
+                    # flight too, which may then fail with anything (an
+                    # AttributeError). A writer that died of it would leave
+                    # its run unwritten until it is reaped.
                     metrics.redis_errors.inc()
-                    logger.warning("Redis unreachable; run %s keeps its log in memory", run.id)
+                    logger.warning(
+                        "Redis unreachable; run %s keeps its log in memory",
+                        run.id,
+                        exc_info=not isinstance(exc, UNREACHABLE),
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     resync = True
@@ -771,22 +939,14 @@ class RedisBackend(BaseBackend):
             return _position(last[0][0])
         logger.warning("Redis lost run %s; writing it again from its start", run.id)
         await self.redis.delete(key, self._key(run.session_key, "head", run.id))
-        await (
-            self.redis.pipeline(transaction=True)
+        fields = {
+            **record,
             # The meta as it is now: its owner may have changed (`adopt`).
-            .hset(
-                self._key(run.session_key, "run", run.id),
-                # Its pending question too: answers are taken again at once.
-                mapping={
-                    **record,
-                    "meta": json.dumps(run.meta),
-                    **({"input": run.pending[0]} if run.pending is not None else {}),
-                },
-            )
-            .set(self._key(run.session_key, "lease", run.id), worker_id(), px=self.lease_ms)
-            .set(self._key(run.session_key, "current"), run.id, nx=True)
-            .execute()
-        )
+            "meta": json.dumps(run.meta),
+            # Its pending question too: answers are taken again at once.
+            **({"input": run.pending[0]} if run.pending is not None else {}),
+        }
+        await self._put_run(run.session_key, run.id, fields, replace_current=False)
         await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
         current = await self._current(run.session_key)
         if current is not None and current != run.id:
@@ -801,6 +961,28 @@ class RedisBackend(BaseBackend):
             )
             self.driver.request_stop(run)
         return ORIGIN
+
+    async def _put_run(
+        self, session_key: str, run_id: str, fields: Mapping[str, str], *, replace_current: bool
+    ) -> None:
+        """Write a run's hash (``fields``) and its lease at once, and make it
+        the session's current run (with ``replace_current`` False, only if
+        the session has none). Raises one of `UNREACHABLE` if Redis
+        is unreachable."""
+        await self._lua.start(
+            keys=[
+                self._key(session_key, "run", run_id),
+                self._key(session_key, "lease", run_id),
+                self._key(session_key, "current"),
+            ],
+            args=[
+                worker_id(),
+                self.lease_ms,
+                run_id,
+                "0" if replace_current else "1",
+                *(item for pair in fields.items() for item in pair),
+            ],
+        )
 
     async def _ending(self, pipe: Any, run: DrivenRun, done: Event) -> None:
         # A run whose end the database does not hold yet is kept (for a day at
@@ -850,7 +1032,7 @@ class RedisBackend(BaseBackend):
         while run.unsaved:
             try:
                 await self._in_sets(entry, add=True)
-            except (RedisError, OSError):
+            except UNREACHABLE:
                 metrics.redis_errors.inc()
                 pass  # unreachable: the lease may lapse, and the end be saved twice, alike
             await asyncio.sleep(self.renew_every)
@@ -867,7 +1049,7 @@ class RedisBackend(BaseBackend):
             hold.cancel()
         try:
             await self.redis.zrem(self._unsaved_key(), f"{run.session_key} {run.id}")
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()
             pass  # its lease lapses; the sweep finds the row saved
         if run.id not in self._writers:  # else the writer's _ending sets the expiry
@@ -878,7 +1060,7 @@ class RedisBackend(BaseBackend):
         await self._expiring(pipe, run, self._grace_ms())
         try:
             await pipe.execute()
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
@@ -898,7 +1080,7 @@ class RedisBackend(BaseBackend):
         await self._touch(pipe, self._tracked(run.session_key, run.id, run.meta))
         try:
             held, *_ = await pipe.execute()
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()
             logger.warning("Could not renew the lease of run %s", run.id)
             return True  # unreachable, not lost: the writer's next attempt finds out
@@ -949,8 +1131,12 @@ class RedisBackend(BaseBackend):
         read before): the pieces of the head that end past it, then the
         stream's entries. Return the last id read (``after`` if none).
 
-        Head and stream are read in one MULTI, so that no compaction falls
-        between the two reads; plain reads, not a script, so that a Redis that
+        The stream is read first, then the head, in one round trip: a
+        compaction that falls between the two reads moves entries the stream
+        read had into the head, which then overlaps them (what overlaps is
+        applied once), and none can be missing: the head read holds all that
+        was compacted before the stream was read. Not a MULTI (a cluster's
+        asyncio client runs those poorly) nor a script, so that a Redis that
         pauses its writes (``CLIENT PAUSE WRITE``, a failover) still answers.
         The head is read from its end, a few pieces first and more if they do
         not reach back to ``after`` (only the last read is used: each is whole
@@ -961,10 +1147,10 @@ class RedisBackend(BaseBackend):
         log = self._key(mirror.session_key, "log", mirror.id)
         pieces = None if after == ORIGIN else 16
         while True:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.llen(head).lrange(head, 0 if pieces is None else -3 * pieces, -1)
+            pipe = self.redis.pipeline(transaction=False)
             pipe.xrange(log, min=_stream_id(after))
-            length, flat, entries = await pipe.execute()
+            pipe.llen(head).lrange(head, 0 if pieces is None else -3 * pieces, -1)
+            entries, length, flat = await pipe.execute()
             if pieces is None or len(flat) >= length or _position(flat[0]) <= after:
                 break
             pieces *= 8
@@ -987,17 +1173,20 @@ class RedisBackend(BaseBackend):
 
     def _follow(self, mirror: RunLog) -> None:
         """Follow ``mirror``'s run in Redis from its position on, with the
-        runs this worker follows already (`_read_followed`): one blocked
-        XREAD and one connection for all of them, however many there are."""
+        runs of its slot group this worker follows already (`_read_followed`):
+        one blocked XREAD and one connection for all of them, however many
+        there are (on a cluster, one per group: `SLOT_GROUPS` at most)."""
         self._followed[mirror.id] = (mirror, mirror.position)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(
-                self._read_followed(), name="detached_runs:redis-reader"
+        group = self._group(mirror.session_key)
+        reader = self._readers.get(group)
+        if reader is None or reader.done():
+            self._readers[group] = asyncio.create_task(
+                self._read_followed(group), name=f"detached_runs:redis-reader{group and ':'}{group}"
             )
             return
         # The XREAD blocked now names the runs followed before: an entry on
-        # this worker's wake stream ends it, and the next one names this run.
-        task = asyncio.create_task(self._wake(), name="detached_runs:redis-wake")
+        # the group's wake stream ends it, and the next one names this run.
+        task = asyncio.create_task(self._wake(group), name="detached_runs:redis-wake")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -1005,49 +1194,80 @@ class RedisBackend(BaseBackend):
         """Read no more of run ``run_id`` (from the next XREAD on)."""
         self._followed.pop(run_id, None)
 
-    async def _wake(self) -> None:
+    async def _wake(self, group: str) -> None:
+        key = self._wake_key(group)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
-        pipe.expire(self._wake_key, WAKE_KEEP)
+        pipe.xadd(key, {"w": "1"}, maxlen=1, approximate=False)
+        pipe.expire(key, WAKE_KEEP)
         try:
             await pipe.execute()
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()  # the reader retries; it names the run then
 
-    async def _read_followed(self) -> None:
-        """The one blocked XREAD of this worker, for every run it follows.
+    async def _read_followed(self, group: str) -> None:
+        """The one blocked XREAD of this worker for every run of a slot group
+        it follows (`_group`: on one server, every run it follows).
 
-        Each round names every followed run's stream from where its mirror
-        is, and this worker's wake stream (`_follow` adds an entry to it when
-        it adds a run, so that the round in flight ends and the next one
-        names the new run). An entry that does not continue its mirror means
-        that what came between was compacted into the head before this read
-        (the stream is bounded): it is read again from the head (`_fill`),
-        not skipped. A mirror that closed (its terminal event) is dropped;
-        the task ends once nothing is followed.
+        Each round names every followed run's stream of the group from where
+        its mirror is, and the group's wake stream (`_follow` adds an entry to
+        it when it adds a run, so that the round in flight ends and the next
+        one names the new run): keys of one slot, as a cluster wants. An entry
+        that does not continue its mirror means that what came between was
+        compacted into the head before this read (the stream is bounded): it
+        is read again from the head (`_fill`), not skipped. A mirror that
+        closed (its terminal event) is dropped; the task ends once nothing of
+        its group is followed.
         """
-        wake = self._wake_key.encode()
-        while self._followed:
+        wake_key = self._wake_key(group)
+        wake = wake_key.encode()
+        while True:
             names: dict[bytes, str] = {}
-            streams: dict[str, str] = {self._wake_key: self._woken}
+            streams: dict[str, str] = {wake_key: self._woken.get(group, "0-0")}
             for run_id, (mirror, last) in self._followed.items():
+                if self._group(mirror.session_key) != group:
+                    continue
                 key = self._key(mirror.session_key, "log", run_id)
                 names[key.encode()] = run_id
                 streams[key] = _stream_id(last)
+            if not names:
+                return
             try:
-                reply = await self.redis.xread(streams, block=self.block_ms, count=1000)
+                reply = await self._xread(wake_key, streams)
                 for key, entries in reply or []:
                     if key == wake:
-                        self._woken = entries[-1][0].decode()
+                        self._woken[group] = entries[-1][0].decode()
                         continue
                     await self._apply_read(names[key], entries)
-            except (RedisError, OSError):
+            except Exception as exc:  # not only UNREACHABLE: as a writer's (`_write`)
                 metrics.redis_errors.inc()
-                logger.warning("Redis unreachable; following %d runs again soon", len(streams) - 1)
+                logger.warning(
+                    "Redis unreachable; following %d runs again soon",
+                    len(names),
+                    exc_info=not isinstance(exc, UNREACHABLE),
+                )
                 await asyncio.sleep(0.5)
             for run_id, (mirror, _) in list(self._followed.items()):
                 if mirror.closed:
                     del self._followed[run_id]
+
+    async def _xread(self, wake_key: str, streams: dict[str, str]) -> Any:
+        """One blocked XREAD of ``streams`` (``{key: id read last}``, keys of
+        one slot, the slot of ``wake_key``): what redis-py's ``xread`` gives.
+
+        On a cluster, sent to the node that serves that slot by the client's
+        map of slots: redis-py's cluster client would first ask a node it
+        chose at its start which of XREAD's arguments are keys (``COMMAND
+        GETKEYS``), and on and on if that node died. A node that answers
+        ``MOVED``, or not at all, has the client refresh its map; the next
+        round goes where the slot is then. Raises one of `UNREACHABLE`."""
+        if self.groups is None:
+            return await self.redis.xread(streams, block=self.block_ms, count=1000)
+        return await self.redis.execute_command(
+            *("XREAD", "COUNT", 1000, "BLOCK", self.block_ms, "STREAMS"),
+            *streams,
+            *streams.values(),
+            target_nodes=self.redis.get_node_from_key(wake_key),
+        )
 
     async def _apply_read(self, run_id: str, entries: list[Any]) -> None:
         """Apply the ``entries`` an XREAD gave of run ``run_id`` to its mirror,
@@ -1097,6 +1317,10 @@ class RedisBackend(BaseBackend):
         while not self.driver.closing:
             await asyncio.sleep(self.renew_every)
             sweeps += 1
+            try:
+                await self._follow_master()
+            except UNREACHABLE:
+                metrics.redis_errors.inc()
             if self.on_sweep is not None and sweeps % SWEEP_ROWS_EVERY == 0:
                 try:
                     await self.on_sweep()
@@ -1104,7 +1328,7 @@ class RedisBackend(BaseBackend):
                     logger.warning("Could not sweep the rows left running", exc_info=True)
             try:
                 due = await self._lua.due(keys=[self._index_key()], args=[100])
-            except (RedisError, OSError):
+            except UNREACHABLE:
                 metrics.redis_errors.inc()
                 continue  # Redis is unreachable: the writers say so
             for member in due:
@@ -1132,7 +1356,7 @@ class RedisBackend(BaseBackend):
         and their end; a row already ended is left as it is."""
         try:
             due = await self._lua.due(keys=[self._unsaved_key()], args=[100])
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()
             return
         for member in due:
@@ -1176,13 +1400,60 @@ class RedisBackend(BaseBackend):
             except Exception:  # the database still refuses: the next sweep tries again
                 logger.warning("Could not save run %s yet", run_id, exc_info=True)
 
+    async def _subscriber(self) -> tuple[Any, Any]:
+        """A pub/sub client of Redis, not subscribed yet, and the client it
+        comes from if it is one of its own (to close with it), else None.
+
+        On a cluster: a client of its own of one node, the primary of
+        `_clock_key`'s slot, asked where that is first (the cluster client
+        then finds out about a failover): the messages published on any node
+        reach every node. Not redis-py's cluster pub/sub, which borrows the
+        node's connections from the cluster client (only from redis-py 8 on),
+        whose topology refreshes then disconnect it. Raises one of
+        `UNREACHABLE`."""
+        if self.groups is None:
+            return self.redis.pubsub(), None
+        await self._lua.clock(keys=[self._clock_key])
+        node = self.redis.get_node_from_key(self._clock_key)
+        client = aioredis.Redis(host=node.host, port=node.port, **self._node_options)
+        return client.pubsub(), client
+
+    async def _follow_master(self) -> None:
+        """Sentinel only: ask the sentinels where the master is now, and if it
+        moved (a failover), drop every connection to the old one, in use or
+        not: their commands fail and are tried again on the new master.
+
+        redis-py finds a new master only when a connection reconnects, or
+        when the old master, made a replica, refuses a write (``READONLY``);
+        but a master that Sentinel failed over (``SENTINEL FAILOVER``, or a
+        partition) takes writes until Sentinel tells it otherwise, up to 10 s
+        later, and those are lost. Each sweep (every ``renew_every`` s) and
+        each writer before it writes a run's end asks, so what a run wrote
+        meanwhile is found missing by its next append (`redis_scripts.APPEND`:
+        the stream does not end where the writer left it) and written again.
+        Raises one of `UNREACHABLE` if no sentinel answers."""
+        if self._sentinel is None:
+            return
+        pool = self.redis.connection_pool
+        before = pool.master_address
+        await pool.get_master_address()
+        if before is not None and pool.master_address != before:
+            logger.warning(
+                "Redis Sentinel moved the master from %s to %s; reconnecting",
+                before,
+                pool.master_address,
+            )
+            await pool.disconnect(inuse_connections=True)
+
     async def _listen(self) -> None:
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub: Any = None
+            client: Any = None
             adopt = f"{self.prefix}:adopt".encode()
             deleted = f"{self.prefix}:delete".encode()
             answered = f"{self.prefix}:input".encode()
             try:
+                pubsub, client = await self._subscriber()
                 await pubsub.subscribe(f"{self.prefix}:stop", adopt, deleted, answered)
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
@@ -1204,14 +1475,17 @@ class RedisBackend(BaseBackend):
                     run = self.driver.runs.get(session_key)
                     if run is not None and run.id == run_id:
                         self.driver.request_stop(run)
-            except (RedisError, OSError):
+            except UNREACHABLE:
                 metrics.redis_errors.inc()
                 logger.warning("Lost the Redis stop channel; listening again soon")
                 await asyncio.sleep(0.5)
             finally:
                 try:
-                    await pubsub.aclose()
-                except (RedisError, OSError):
+                    if pubsub is not None:
+                        await pubsub.aclose()
+                    if client is not None:
+                        await client.aclose()
+                except UNREACHABLE:
                     metrics.redis_errors.inc()
                     pass
 
@@ -1241,10 +1515,13 @@ class RedisBackend(BaseBackend):
         channel, and, since a message published while that worker's channel
         reconnects is lost, by a flag in the run's hash its writer reads when
         it renews the lease (every `RENEW_EVERY` s)."""
-        pipe = self.redis.pipeline(transaction=False)
-        await self._lua.flag_stop(keys=[self._key(session_key, "run", run_id)], client=pipe)
-        pipe.publish(f"{self.prefix}:stop", f"{session_key} {run_id}")
-        await self._call(pipe.execute())
+        # Side by side, not in one pipeline: a cluster's pipeline refuses PUBLISH.
+        await self._call(
+            asyncio.gather(
+                self._lua.flag_stop(keys=[self._key(session_key, "run", run_id)]),
+                self.redis.publish(f"{self.prefix}:stop", f"{session_key} {run_id}"),
+            )
+        )
 
     async def _await_end(self, session_key: str, run_id: str, remote: asyncio.Event) -> None:
         """Set ``remote`` once the other worker saved and ended the run
@@ -1257,7 +1534,7 @@ class RedisBackend(BaseBackend):
                     status, alive = await asyncio.gather(
                         self.redis.hget(meta, "status"), self.redis.exists(lease)
                     )
-                except (RedisError, OSError):
+                except UNREACHABLE:
                     metrics.redis_errors.inc()
                     await asyncio.sleep(0.5)
                     continue
@@ -1375,7 +1652,7 @@ class RedisBackend(BaseBackend):
                     # an outage longer than the grace would lose the end and
                     # text the row needs (fault injection, seed 295).
                     logger.warning("Could not save the end of run %s yet", run_id, exc_info=True)
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(*UNREACHABLE):
                         await (
                             self.redis.pipeline(transaction=False)
                             .persist(self._key(session_key, "run", run_id))
@@ -1384,7 +1661,7 @@ class RedisBackend(BaseBackend):
                             .execute()
                         )
                     return True
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*UNREACHABLE):
                 await self.redis.zrem(self._unsaved_key(), member)
         return bool(reaped)
 
@@ -1553,8 +1830,12 @@ class RedisBackend(BaseBackend):
         return _SessionLock(self, self._key(session_key, "lock"))
 
     async def now(self) -> float:
-        seconds, micros = await self._call(self.redis.time())
-        return float(seconds + micros / 1_000_000)
+        """Redis's clock (`BaseBackend.now`); on a cluster, always the clock
+        of the node that holds ``<prefix>:clock``'s slot (a key never
+        written), so that starts taken in turn get times in order.
+        `BackendUnavailable` if Redis is unreachable."""
+        seconds, micros = await self._call(self._lua.clock(keys=[self._clock_key]))
+        return float(int(seconds) + int(micros) / 1_000_000)
 
     def ordered(self, session_key: str) -> _SessionLock:
         """The session's Redis lock (`_SessionLock`), which `start` takes too."""
@@ -1563,7 +1844,7 @@ class RedisBackend(BaseBackend):
     async def _call(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, OSError) as exc:
+        except UNREACHABLE as exc:
             metrics.redis_errors.inc()
             raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
 
@@ -1593,7 +1874,7 @@ class _SessionLock:
             return
         try:
             acquired = await self.lock.acquire()
-        except (RedisError, OSError) as exc:
+        except UNREACHABLE as exc:
             metrics.redis_errors.inc()
             raise BackendUnavailable("The run store (Redis) is unreachable; try again.") from exc
         if not acquired:
@@ -1609,7 +1890,7 @@ class _SessionLock:
         _HOLDERS.pop(self.key, None)
         try:
             await self.lock.release()
-        except (RedisError, OSError):  # LockNotOwnedError: it expired (and may be taken)
+        except UNREACHABLE:  # LockNotOwnedError: it expired (and may be taken)
             logger.warning("Could not release %s; it expires by itself", self.key)
 
 
@@ -1636,7 +1917,7 @@ class _Questions(SharedQuestions):
         self._takes[run.id] = lock = asyncio.Lock()
         try:
             recorded = await backend._lua.ask(keys=[self._run_key(run)], args=[request])
-        except (RedisError, OSError):
+        except UNREACHABLE:
             metrics.redis_errors.inc()
             logger.warning("Redis unreachable; run %s asks without it for now", run.id)
             recorded = 0
@@ -1675,7 +1956,7 @@ class _Questions(SharedQuestions):
                         )
                     if await self._deliver(run, request, withdraw=False):
                         return
-                except (RedisError, OSError):
+                except UNREACHABLE:
                     metrics.redis_errors.inc()
                     recorded = False
         finally:
@@ -1684,7 +1965,7 @@ class _Questions(SharedQuestions):
     async def _deliver(self, run: DrivenRun, request: str, *, withdraw: bool) -> bool:
         """Take the answer kept for ``request`` (and with ``withdraw``, the
         question too) and `RunDriver.deliver` it, as one step for this
-        worker; True if one was taken. Raises `RedisError` or `OSError` if
+        worker; True if one was taken. Raises one of `UNREACHABLE` if
         Redis is unreachable."""
         async with self._lock(run):
             value = await self.backend._lua.take(
@@ -1704,7 +1985,7 @@ class _Questions(SharedQuestions):
             try:
                 await self._deliver(run, request, withdraw=True)
                 return
-            except (RedisError, OSError):
+            except UNREACHABLE:
                 metrics.redis_errors.inc()
                 if run.closed:
                     return

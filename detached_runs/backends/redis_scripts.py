@@ -6,11 +6,15 @@ its head). `Scripts` registers them with redis-py."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-#: What `APPEND` returns when Redis lost the run (it restarted empty), or when
-#: the run ended (another worker reaped it).
-MISSING, ENDED = -2, -1
+from redis.asyncio.cluster import ClusterPipeline
+
+#: What `APPEND` returns when Redis lost the run (it restarted empty), when
+#: the run ended (another worker reaped it), or when the stream does not end
+#: where the writer left it (a failover lost its last writes).
+GAP, MISSING, ENDED = -3, -2, -1
 
 # Lua shared by the scripts below (a script cannot call another).
 #
@@ -75,21 +79,54 @@ end
 
 # The writer's append, fenced on the run's status: a worker that lost its run
 # (its lease lapsed and another worker ended it) cannot write past the end.
-# KEYS: log, run hash, head. ARGV: maxlen, keep, piece, then (stream id, event,
-# data) triples.
+# And on the stream's last id: a primary that took over from one that died
+# (a failover; replication is asynchronous) may lack the last entries the
+# writer wrote, and entries written after them would leave a hole in the
+# log. The writer then reads where the stream ends and writes from there
+# (`RedisBackend._resync`). A compaction always leaves the last entry in the
+# stream. KEYS: log, run hash, head. ARGV: maxlen, keep, piece, the id of the
+# last entry the writer wrote ('0-0': none), then (stream id, event, data)
+# triples.
 APPEND = (
     LUA
     + """
 local status = redis.call('hget', KEYS[2], 'status')
 if not status then return -2 end
 if status ~= 'running' then return -1 end
-for i = 4, #ARGV, 3 do
+local last = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if (last and last[1] or '0-0') ~= ARGV[4] then return -3 end
+for i = 5, #ARGV, 3 do
   redis.call('xadd', KEYS[1], ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
 end
 compact(KEYS[1], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return 1
 """
 )
+
+# A run's keys when it starts, or when its writer puts back a run Redis lost:
+# its hash, its lease, and the session's "current" pointer (with ARGV[4] =
+# '1' only if the session has none: a start elsewhere may have taken it
+# meanwhile). One script, not a MULTI: on a cluster, redis-py's asyncio
+# transactions run each queued command on a thread of its own. KEYS: run
+# hash, lease, current. ARGV: worker, lease ms, run id, only if none, then the
+# hash's fields and values.
+START = """
+redis.call('hset', KEYS[1], unpack(ARGV, 5))
+redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('set', KEYS[3], ARGV[3], 'NX')
+else
+  redis.call('set', KEYS[3], ARGV[3])
+end
+return 1
+"""
+
+# Redis's clock (TIME), on the node that holds KEYS[1]: on a cluster, always
+# the same node's for the same key (its primary's), so that the times of
+# starts taken in turn are in order. KEYS: a key whose slot chooses the node.
+CLOCK = """
+return redis.call('time')
+"""
 
 # Put a member in a sorted set of runs in flight, scored by when its lease
 # lapses (Redis's clock: every worker's the same). With ARGV[3] = '1' the set
@@ -221,23 +258,45 @@ return 1
 """
 
 
+class Script:
+    """One script registered with a client (``register_script``): called by
+    its SHA1 (``EVALSHA``), loaded again by redis-py if Redis lost it (a
+    restart, a failover), and in a pipeline of one server loaded by the
+    pipeline before it runs. In a cluster's pipeline it is sent whole
+    (``EVAL``): redis-py's cluster pipeline neither loads scripts nor
+    answers ``NOSCRIPT`` by loading one, and each node has a cache of its
+    own."""
+
+    def __init__(self, redis: Any, text: str) -> None:
+        self.text = text
+        self.registered = redis.register_script(text)
+
+    async def __call__(
+        self, keys: Sequence[str], args: Sequence[Any] = (), client: Any = None
+    ) -> Any:
+        """Run it (or, with ``client`` a pipeline, queue it there); what the
+        script returns. Raises what redis-py raises (`RedisError`, `OSError`)."""
+        if isinstance(client, ClusterPipeline):
+            return client.eval(self.text, len(keys), *keys, *args)
+        return await self.registered(keys=keys, args=args, client=client)
+
+
 class Scripts:
-    """This module's Lua scripts, registered with redis-py
-    (``register_script``): called by their SHA1 (``EVALSHA``), loaded again
-    by redis-py if Redis lost them (a restart), in a pipeline too."""
+    """This module's Lua scripts, registered with a client (`Script`)."""
 
     def __init__(self, redis: Any) -> None:
-        register = redis.register_script
-        self.answer = register(ANSWER)
-        self.append = register(APPEND)
-        self.ask = register(ASK)
-        self.count = register(COUNT)
-        self.drop_current = register(DROP_CURRENT)
-        self.due = register(DUE)
-        self.expire_run = register(EXPIRE_RUN)
-        self.flag_stop = register(FLAG_STOP)
-        self.reap = register(REAP)
-        self.renew = register(RENEW)
-        self.swap_meta = register(SWAP_META)
-        self.take = register(TAKE)
-        self.touch = register(TOUCH)
+        self.answer = Script(redis, ANSWER)
+        self.append = Script(redis, APPEND)
+        self.ask = Script(redis, ASK)
+        self.clock = Script(redis, CLOCK)
+        self.count = Script(redis, COUNT)
+        self.drop_current = Script(redis, DROP_CURRENT)
+        self.due = Script(redis, DUE)
+        self.expire_run = Script(redis, EXPIRE_RUN)
+        self.flag_stop = Script(redis, FLAG_STOP)
+        self.reap = Script(redis, REAP)
+        self.renew = Script(redis, RENEW)
+        self.start = Script(redis, START)
+        self.swap_meta = Script(redis, SWAP_META)
+        self.take = Script(redis, TAKE)
+        self.touch = Script(redis, TOUCH)

@@ -1,0 +1,133 @@
+"""The Redis backend on a master watched by Redis Sentinel, all of the test's
+own (`tests.redis_sentinel`): two backend instances stand for two workers,
+which find the master through the sentinel, again after a failover."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import (
+    Saves,
+    collect,
+    delete_keys,
+    eventually,
+    new_id,
+    paced,
+    positions_follow,
+    terminals,
+    text_of,
+)
+from .redis_sentinel import RedisSentinelServers
+
+pytest.importorskip("redis")
+
+from detached_runs.backends.redis import BlockingSentinelConnectionPool, RedisBackend
+
+WORDS = [f"w{i} " for i in range(40)]
+FULL = "".join(WORDS)
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[RedisSentinelServers]:
+    servers = RedisSentinelServers()
+    yield servers
+    servers.stop()
+
+
+@contextlib.asynccontextmanager
+async def two_workers(url: str, **options: Any) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two backends on one Sentinel URL with a key prefix of their own,
+    cleaned up afterwards; ``options`` go to both."""
+    prefix = f"dr-sentinel-{uuid.uuid4().hex[:8]}"
+    a, b = (
+        RedisBackend(redis_url=url, redis_prefix=prefix, **{"evict_after": 3.0, **options})
+        for _ in range(2)
+    )
+    try:
+        yield a, b
+    finally:
+        await a.shutdown(2)
+        await b.shutdown(2)
+        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
+        await delete_keys(cleaner.redis, prefix)
+        await cleaner.shutdown(2)
+
+
+async def start(backend: RedisBackend, source: Any, saves: Saves, session: str = "s") -> str:
+    run_id = new_id()
+    await backend.start(
+        session, run_id, source, start_data={"run": run_id}, meta={"owner": "o"}, finalize=saves
+    )
+    return run_id
+
+
+async def _saved(saves: Saves, run_id: str) -> bool:
+    return any(end.run_id == run_id for end in saves.ends)
+
+
+async def test_a_run_is_followed_and_stopped_from_another_worker_through_sentinel(sentinel, caplog):
+    caplog.set_level(logging.WARNING, logger="detached_runs")
+    saves = Saves()
+    async with two_workers(sentinel.url) as (a, b):
+        first = await start(a, paced(WORDS, 0.002), saves)
+        events = await collect(await b.subscribe("s"))
+        assert text_of(events) == FULL and positions_follow(events, first)
+        second = await start(a, paced(WORDS * 50, 0.01), saves)
+        following = await b.subscribe("s")
+        assert await b.count_running("o") == 1
+        assert await b.stop("s", second) is True
+        assert (await collect(following))[-1].data == {"status": "stopped"}
+        await eventually(lambda: _saved(saves, second), "the stopped run was not saved")
+    assert not [r for r in caplog.records if r.name.startswith("detached_runs")]
+
+
+async def test_a_command_past_the_pools_connections_waits_for_one_instead_of_failing(sentinel):
+    backend = RedisBackend(redis_url=sentinel.url, connection_kwargs={"max_connections": 1})
+    assert isinstance(backend.redis.connection_pool, BlockingSentinelConnectionPool)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        # The one connection blocks for 0.3 s; the PING waits for it.
+        held = asyncio.ensure_future(backend.redis.blpop([f"nothing-{uuid.uuid4().hex}"], 0.3))
+        await asyncio.sleep(0.05)
+        assert await backend.redis.ping() is True
+        assert loop.time() - began >= 0.25 and (await held) is None
+    finally:
+        await backend.shutdown(2)
+
+
+async def test_a_failover_mid_run_loses_no_token_and_doubles_none(sentinel, caplog):
+    """``SENTINEL FAILOVER`` while a run streams: the workers find the new
+    master through the sentinel, and the followers on both workers and the
+    end saved for the run's row hold every token once, in order. (What the
+    old master took after its replica stopped following it is lost: the
+    writer's fenced append finds out and writes it again.)"""
+    words = [f"t{i} " for i in range(200)]
+    saves = Saves()
+    async with two_workers(sentinel.url) as (a, b):
+        run_id = await start(a, paced(words, 0.01), saves)
+        on_a, on_b = await a.subscribe("s"), await b.subscribe("s")
+        seen = await on_b.next_batch()
+        while len(text_of(seen)) < 100:
+            seen += await on_b.next_batch()
+        sentinel.fail_over()
+        seen += await collect(on_b)
+        here = await collect(on_a)
+        for events in (seen, here):
+            assert text_of(events) == "".join(words) and positions_follow(events, run_id)
+            assert [e.data for e in terminals(events)] == [{"status": "done"}]
+        await eventually(lambda: _saved(saves, run_id), "the run was not saved")
+        assert saves.ends[-1].output == "".join(words)
+        third = RedisBackend(redis_url=sentinel.url, redis_prefix=a.prefix)
+        replayed = await collect(await third.subscribe("s"))
+        await third.shutdown(2)
+        assert text_of(replayed) == "".join(words) and replayed[-1].data == {"status": "done"}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
