@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -125,6 +126,32 @@ async def delete_keys(client: Any, prefix: str) -> None:
         for key in keys:
             pipe.delete(key)
         await pipe.execute()
+
+
+@contextlib.asynccontextmanager
+async def two_workers(
+    url: str = "redis://127.0.0.1:6379/0", **options: Any
+) -> AsyncIterator[tuple[Any, Any]]:
+    """Two Redis backends on one Redis (a server, a cluster or Sentinel's
+    master, by ``url``), standing for two worker processes, with a key prefix
+    of their own that is cleaned up afterwards; ``options`` go to both
+    (``stream_maxlen=5``; ``evict_after`` is 3 s unless they say: long enough
+    for a test to read an ended run on a loaded machine)."""
+    from detached_runs.backends.redis import RedisBackend
+
+    prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
+    a, b = (
+        RedisBackend(redis_url=url, redis_prefix=prefix, **{"evict_after": 3.0, **options})
+        for _ in range(2)
+    )
+    try:
+        yield a, b
+    finally:
+        await a.shutdown(2)
+        await b.shutdown(2)
+        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
+        await delete_keys(cleaner.redis, prefix)
+        await cleaner.redis.aclose()
 
 
 @pytest.fixture(scope="session")

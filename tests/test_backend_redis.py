@@ -4,7 +4,6 @@ instances in one process stand for two worker processes sharing Redis."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from .conftest import (
     require_redis,
     terminals,
     text_of,
+    two_workers,
 )
 
 REDIS = ("127.0.0.1", 6379)
@@ -43,31 +43,6 @@ FULL = "".join(WORDS)
 def worker_tasks(backend: RedisBackend) -> list[asyncio.Task[Any]]:
     """Every task of a worker's backend: cancelled, as when it dies (-9)."""
     return [*backend._tasks, *backend.driver._tasks, *backend._writers.values()]
-
-
-@contextlib.asynccontextmanager
-async def two_workers(
-    url: str = "redis://127.0.0.1:6379/0", **options: Any
-) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    """Two backends on one Redis, standing for two worker processes, with a
-    key prefix of their own that is cleaned up afterwards; ``options`` go to
-    both (``stream_maxlen=5``; ``evict_after`` is 3 s unless they say: long
-    enough for a test to read an ended run on a loaded machine)."""
-    prefix = f"dr-test-{uuid.uuid4().hex[:8]}"
-    a, b = (
-        RedisBackend(redis_url=url, redis_prefix=prefix, **{"evict_after": 3.0, **options})
-        for _ in range(2)
-    )
-    try:
-        yield a, b
-    finally:
-        await a.shutdown(2)
-        await b.shutdown(2)
-        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
-        keys = [k async for k in cleaner.redis.scan_iter(match=f"*{prefix}*")]
-        if keys:
-            await cleaner.redis.delete(*keys)
-        await cleaner.redis.aclose()
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ quietly: so each test here fails on any warning the backend logs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -24,13 +22,13 @@ from detached_runs.events import parse_id
 from .conftest import (
     Saves,
     collect,
-    delete_keys,
     eventually,
     new_id,
     paced,
     positions_follow,
     terminals,
     text_of,
+    two_workers,
 )
 from .redis_cluster import RedisClusterServers
 
@@ -50,25 +48,6 @@ def quiet(caplog: Any) -> Iterator[None]:
     yield
     said = [r.getMessage() for r in caplog.records if r.name.startswith("detached_runs")]
     assert not said, said
-
-
-@contextlib.asynccontextmanager
-async def two_workers(url: str, **options: Any) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    """Two backends on one cluster with a key prefix of their own, cleaned up
-    afterwards; ``options`` go to both."""
-    prefix = f"dr-cluster-{uuid.uuid4().hex[:8]}"
-    a, b = (
-        RedisBackend(redis_url=url, redis_prefix=prefix, **{"evict_after": 3.0, **options})
-        for _ in range(2)
-    )
-    try:
-        yield a, b
-    finally:
-        await a.shutdown(2)
-        await b.shutdown(2)
-        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
-        await delete_keys(cleaner.redis, prefix)
-        await cleaner.redis.aclose()
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ which find the master through the sentinel, again after a failover."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +15,13 @@ import pytest
 from .conftest import (
     Saves,
     collect,
-    delete_keys,
     eventually,
     new_id,
     paced,
     positions_follow,
     terminals,
     text_of,
+    two_workers,
 )
 from .redis_sentinel import RedisSentinelServers
 
@@ -39,25 +38,6 @@ def sentinel() -> Iterator[RedisSentinelServers]:
     servers = RedisSentinelServers()
     yield servers
     servers.stop()
-
-
-@contextlib.asynccontextmanager
-async def two_workers(url: str, **options: Any) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    """Two backends on one Sentinel URL with a key prefix of their own,
-    cleaned up afterwards; ``options`` go to both."""
-    prefix = f"dr-sentinel-{uuid.uuid4().hex[:8]}"
-    a, b = (
-        RedisBackend(redis_url=url, redis_prefix=prefix, **{"evict_after": 3.0, **options})
-        for _ in range(2)
-    )
-    try:
-        yield a, b
-    finally:
-        await a.shutdown(2)
-        await b.shutdown(2)
-        cleaner = RedisBackend(redis_url=url, redis_prefix=prefix)
-        await delete_keys(cleaner.redis, prefix)
-        await cleaner.shutdown(2)
 
 
 async def start(backend: RedisBackend, source: Any, saves: Saves, session: str = "s") -> str:
