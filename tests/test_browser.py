@@ -184,15 +184,18 @@ class Chat:
     def wait_mid_answer(self, full: str) -> str:
         """Wait until the last answer has begun; return what is there.
 
-        As early as can be (a few words in), so that what a test does next
-        lands while the run is still going, even on a slow machine."""
+        As early as can be (a few words in, checked at every frame), so that
+        what a test does next lands while the run is still going, even on a
+        slow machine. Anything short of the whole answer counts: a loaded
+        machine can deliver half of it between two frames, and a window that
+        a burst can jump over would wait for ever."""
         self.page.wait_for_function(
             """([low, high]) => {
                  const all = document.querySelectorAll(".answer");
                  const text = all.length ? all[all.length - 1].textContent : "";
                  return text.length >= low && text.length < high;
                }""",
-            arg=[20, len(full) // 2],
+            arg=[20, len(full)],
         )
         return self.answer()
 
