@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import die_with_the_tests, free_port
+from .redis_server import redis_cli, wait_listening
 
 #: Milliseconds after which a node that does not answer is taken for failed.
 NODE_TIMEOUT_MS = 1000
@@ -72,20 +72,11 @@ class RedisClusterServers:
         )
 
     def _wait_answers(self, port: int) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {port} did not start")
+        wait_listening(port, "redis-server")
 
     def command(self, port: int, *args: str) -> str:
         """One command to one node with redis-cli; its output."""
-        return subprocess.run(
-            ["redis-cli", "-p", str(port), *args], check=True, capture_output=True, timeout=10
-        ).stdout.decode()
+        return redis_cli(port, *args)
 
     def live_ports(self) -> list[int]:
         return [port for port, process in self.processes.items() if process.poll() is None]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import die_with_the_tests, free_port
+from .redis_server import redis_cli, wait_listening
 
 #: The name the sentinel knows the master by.
 SERVICE = "mymaster"
@@ -67,20 +67,11 @@ class RedisSentinelServers:
         self.processes.append(
             subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=die_with_the_tests)
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"{command[0]} on port {port} did not start")
+        wait_listening(port, command[0])
 
     def command(self, port: int, *args: str) -> str:
         """One command to one server or the sentinel, with redis-cli; its output."""
-        return subprocess.run(
-            ["redis-cli", "-p", str(port), *args], check=True, capture_output=True, timeout=10
-        ).stdout.decode()
+        return redis_cli(port, *args)
 
     def master_port(self) -> int:
         """The port of the master, as the sentinel says it now."""

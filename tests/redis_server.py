@@ -15,6 +15,26 @@ import pytest
 from .conftest import die_with_the_tests, free_port
 
 
+def wait_listening(port: int, what: str) -> None:
+    """Return once 127.0.0.1:``port`` takes connections; RuntimeError naming
+    ``what`` if it does not within 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} on port {port} did not start")
+
+
+def redis_cli(port: int, *args: str) -> str:
+    """One command to the server (or sentinel) on ``port``, with redis-cli; its output."""
+    return subprocess.run(
+        ["redis-cli", "-p", str(port), *args], check=True, capture_output=True, timeout=10
+    ).stdout.decode()
+
+
 class RedisServer:
     """Started at once unless ``start=False`` (then call `start`, from the
     main thread: a child dies with the thread that started it)."""
@@ -42,14 +62,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             preexec_fn=die_with_the_tests,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        wait_listening(self.port, "redis-server")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
