@@ -156,6 +156,24 @@ async def test_an_orphaned_running_row_is_shown_interrupted_with_its_checkpoint(
     assert (await Run.objects.aget(pk=row.pk)).status == "interrupted"
 
 
+@pytest.mark.parametrize("seen", [0, 3, 9, 15, 600])
+async def test_a_client_resumes_an_orphaned_run_wherever_it_was_against_its_checkpoint(seen):
+    """A client may have seen less or more of the text than the last
+    checkpoint (9 bytes) before the process died: it gets what it lacks of the
+    saved text and the end, never a repeat, never a 204 without the end."""
+    old = timezone.now() - timedelta(minutes=5)
+    row = await Run.objects.acreate(
+        session_key="dead", prompt="p", output="w0 w1 w2 ", started_at=old, updated_at=old
+    )
+    await Run.objects.filter(pk=row.pk).aupdate(last_event_id=f"{row.id.hex}:9-1")
+    events = [e async for e in runs.subscribe("dead", after=f"{row.id.hex}:{seen}-1")]
+    assert [e.event for e in events] == (["delta", "done"] if seen < 9 else ["done"])
+    assert text_of(events) == "w0 w1 w2 "[seen:]
+    assert events[-1].data == {"status": "interrupted"} and events[-1].id == f"{row.id.hex}:9-2"
+    # From the end itself: nothing more (the events URL's 204).
+    assert [e async for e in runs.subscribe("dead", after=events[-1].id)] == []
+
+
 async def test_a_running_row_with_a_fresh_heartbeat_is_not_declared_dead():
     await Run.objects.acreate(session_key="elsewhere", prompt="p", output="so far")
     status = await runs.status("elsewhere")
