@@ -18,6 +18,16 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from detached_runs.lifecycle import LifespanApp  # noqa: E402
 from detached_runs.routing import websocket_urlpatterns  # noqa: E402
 
+if os.environ.get("TEST_SWEEP_ROWS") == "0":
+    # A server that outlives the test that started it (`tests.conftest.server`)
+    # shares the database with the servers of later tests, but not their
+    # Redis prefix: its sweep of rows left running would end theirs as runs
+    # its backend does not hold (one process per database must share the
+    # backend: docs/deploying.md).
+    from detached_runs.backends import redis
+
+    redis.SWEEP_ROWS_EVERY = 10**9
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,

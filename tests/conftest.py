@@ -428,7 +428,11 @@ def server(request: Any, django_db_setup: Any, django_db_blocker: Any) -> Any:
     control and lifespan)."""
     with django_db_blocker.unblock():
         env = server_env(
-            TEST_AGENT_DELAY="0.02", TEST_KEEPALIVE="0.3", TEST_EVICT_AFTER="1", LOG="DEBUG"
+            TEST_AGENT_DELAY="0.02",
+            TEST_KEEPALIVE="0.3",
+            TEST_EVICT_AFTER="1",
+            LOG="DEBUG",
+            TEST_SWEEP_ROWS="0",  # it outlives its tests: see tests/asgi.py
         )
     running = start_server(env, kind=request.param)
     yield running
