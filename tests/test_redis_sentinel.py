@@ -111,3 +111,55 @@ async def test_a_failover_mid_run_loses_no_token_and_doubles_none(sentinel, capl
         assert text_of(replayed) == "".join(words) and replayed[-1].data == {"status": "done"}
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_a_worker_listening_on_a_master_that_hangs_listens_on_the_new_one():
+    """The master hangs (SIGSTOP) and the sentinel fails it over: the worker
+    listens on the new master, while the old one still hangs, and a message
+    published there (an adoption, whose only way to the worker that drives
+    the run is this channel) reaches it."""
+    servers = RedisSentinelServers()
+    saves = Saves()
+    gate = asyncio.Event()
+
+    async def gated() -> Any:
+        yield "half "
+        await gate.wait()
+        yield "rest"
+
+    try:
+        async with two_workers(servers.url, renew_every=1.0) as (a, b):
+            await a.start(
+                "s", new_id(), gated(), start_data={}, meta={"owner": "anon:a"}, finalize=saves
+            )
+            await eventually(lambda: _listens(servers, a, servers.master), "A does not listen")
+            old = servers.pause_master()
+            try:
+                new = servers.replica if old == servers.master else servers.master
+                await eventually(lambda: _master_is(servers, new), "no failover", timeout=30)
+                await eventually(
+                    lambda: _listens(servers, a, new), "A does not listen on the new master", 30
+                )
+                assert await b.adopt("anon:a", "user:1", ["s"]) == 1
+
+                async def adopted_on_a() -> bool:
+                    return a.driver.runs["s"].meta.get("owner") == "user:1"
+
+                await eventually(adopted_on_a, "A did not hear of the adoption")
+            finally:
+                servers.resume()
+            gate.set()
+            await collect(await a.subscribe("s"))
+    finally:
+        servers.stop()
+
+
+async def _master_is(servers: RedisSentinelServers, port: int) -> bool:
+    return await asyncio.to_thread(servers.master_port) == port
+
+
+async def _listens(servers: RedisSentinelServers, backend: RedisBackend, port: int) -> bool:
+    """Whether a worker (the only one that listens) listens on the server on ``port``."""
+    channel = f"{backend.prefix}:adopt"
+    said = await asyncio.to_thread(servers.command, port, "pubsub", "numsub", channel)
+    return said.split()[-1] == "1"

@@ -1455,7 +1455,22 @@ class RedisBackend(BaseBackend):
             try:
                 pubsub, client = await self._subscriber()
                 await pubsub.subscribe(f"{self.prefix}:stop", adopt, deleted, answered)
-                async for message in pubsub.listen():
+                pinged = False
+                while True:
+                    # Not ``listen()``: it waits for ever on a connection to a
+                    # server that hangs or is cut off (it answers nothing, but
+                    # its socket stays open), such as a cluster's primary whose
+                    # replica took over: every message would be lost from then
+                    # on. A channel quiet for ``renew_every`` is sent a PING;
+                    # quiet for as long again, it is taken for dead.
+                    message = await pubsub.get_message(timeout=self.renew_every)
+                    if message is None:
+                        if pinged:
+                            raise ConnectionError("the pub/sub channel does not answer")
+                        await pubsub.ping()
+                        pinged = True
+                        continue
+                    pinged = False
                     if message.get("type") != "message":
                         continue
                     if message.get("channel") == adopt:
