@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -35,6 +36,8 @@ class RedisClusterServers:
         self.directory = Path(tempfile.mkdtemp(prefix="redis-cluster-"))
         self.ports = [free_port() for _ in range(masters * (1 + replicas))]
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.paused: set[int] = set()
+        self.masters = masters
         for port in self.ports:
             self._start(port)
         for port in self.ports:
@@ -79,7 +82,40 @@ class RedisClusterServers:
         return redis_cli(port, *args)
 
     def live_ports(self) -> list[int]:
-        return [port for port, process in self.processes.items() if process.poll() is None]
+        """The nodes that run and answer (not `pause`d)."""
+        return [
+            port
+            for port, process in self.processes.items()
+            if process.poll() is None and port not in self.paused
+        ]
+
+    def pause(self, port: int) -> None:
+        """Freeze one node (SIGSTOP): it keeps its connections open and
+        answers nothing, as a host that hangs or is cut off; a primary's
+        replica takes over its slots. `resume` thaws it."""
+        self.processes[port].send_signal(signal.SIGSTOP)
+        self.paused.add(port)
+
+    def resume(self, port: int) -> None:
+        self.processes[port].send_signal(signal.SIGCONT)
+        self.paused.discard(port)
+
+    def wait_taken_over(self, port: int, timeout: float = 20.0) -> None:
+        """Wait until a replica serves the slots of ``port``, a primary that
+        stopped answering: the cluster has as many primaries as it began
+        with again, and ``port`` is not one."""
+        deadline = time.monotonic() + timeout
+        while (
+            (primaries := self.primaries()).keys() & {port}
+            or len(primaries) < self.masters
+            or not all(
+                "cluster_state:ok" in self.command(live, "cluster", "info")
+                for live in self.live_ports()
+            )
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from {port}")
+            time.sleep(0.05)
 
     def wait_ready(self, replicas: int = 0, timeout: float = 20.0) -> None:
         """Wait until every live node says ``cluster_state:ok`` and at least
@@ -126,6 +162,8 @@ class RedisClusterServers:
         process.wait()
 
     def stop(self) -> None:
+        for port in [*self.paused]:
+            self.resume(port)
         for port in self.live_ports():
             self.kill(port)
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -102,7 +103,21 @@ class RedisSentinelServers:
                 raise RuntimeError("the sentinel did not fail the master over")
             time.sleep(0.05)
 
+    def pause_master(self) -> int:
+        """Freeze the master (SIGSTOP: its connections stay open, it answers
+        nothing, as a host that hangs); the sentinel fails it over to the
+        replica. Returns its port; `resume` thaws it."""
+        port = self.master_port()
+        self.processes[[self.master, self.replica].index(port)].send_signal(signal.SIGSTOP)
+        return port
+
+    def resume(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()
         for process in self.processes:
             if process.poll() is None:
                 process.kill()

@@ -407,3 +407,54 @@ async def test_a_primary_killed_mid_run_loses_no_token_and_doubles_none(replicat
         assert text_of(replayed) == "".join(words) and replayed[-1].data == {"status": "done"}
     # Warnings, as Redis was unreachable for a while; no error (a hole in a log).
     assert not said(caplog, logging.ERROR)
+
+
+def _session_off(cluster: RedisClusterServers, backend: RedisBackend, port: int) -> str:
+    """A session whose keys lie on another primary than ``port``."""
+    return next(f"s{i}" for i in range(100) if cluster.port_of(backend._key(f"s{i}")) != port)
+
+
+async def test_a_worker_listening_on_a_primary_that_hangs_listens_again_elsewhere(
+    replicated_cluster, caplog
+):
+    """The primary a worker's pub/sub listens on hangs (SIGSTOP: its
+    connections stay open, nothing answers) and its replica takes over.
+    The worker finds out (its quiet channel does not answer a PING) and
+    listens on the new primary, while the old one still hangs: a message
+    published then (an adoption, whose only way to the worker that drives
+    the run is this channel) reaches it."""
+    saves = Saves()
+    gate = asyncio.Event()
+    async with two_workers(replicated_cluster.url, renew_every=1.0) as (a, b):
+        clock = replicated_cluster.port_of(f"{a.prefix}:clock")
+        session = _session_off(replicated_cluster, a, clock)
+        await start(a, gated(gate), saves, session=session, owner="anon:a")
+        await eventually(lambda: _listens(replicated_cluster, a, clock), "A does not listen")
+        replicated_cluster.pause(clock)
+        try:
+            await asyncio.to_thread(replicated_cluster.wait_taken_over, clock)
+            now = replicated_cluster.port_of(f"{a.prefix}:clock")
+            await eventually(
+                lambda: _listens(replicated_cluster, a, now),
+                "A does not listen on the primary that took over",
+                timeout=30,
+            )
+            assert await b.adopt("anon:a", "user:1", [session]) == 1
+
+            async def adopted_on_a() -> bool:
+                return a.driver.runs[session].meta.get("owner") == "user:1"
+
+            await eventually(adopted_on_a, "A did not hear of the adoption")
+        finally:
+            replicated_cluster.resume(clock)
+        gate.set()
+        await collect(await a.subscribe(session))
+    said(caplog, logging.WARNING)
+
+
+async def _listens(cluster: RedisClusterServers, backend: RedisBackend, port: int) -> bool:
+    """Whether a worker (the only one that listens) listens on the node on ``port``."""
+    said = await asyncio.to_thread(
+        cluster.command, port, "pubsub", "numsub", f"{backend.prefix}:adopt"
+    )
+    return said.split()[-1] == "1"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,9 @@ import pytest
 from .conftest import (
     Saves,
     collect,
+    die_with_the_tests,
     eventually,
+    free_port,
     new_id,
     paced,
     positions_follow,
@@ -24,6 +28,7 @@ from .conftest import (
     two_workers,
 )
 from .redis_sentinel import RedisSentinelServers
+from .redis_server import wait_listening
 
 pytest.importorskip("redis")
 
@@ -111,3 +116,120 @@ async def test_a_failover_mid_run_loses_no_token_and_doubles_none(sentinel, capl
         assert text_of(replayed) == "".join(words) and replayed[-1].data == {"status": "done"}
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_a_worker_listening_on_a_master_that_hangs_listens_on_the_new_one():
+    """The master hangs (SIGSTOP) and the sentinel fails it over: the worker
+    listens on the new master, while the old one still hangs, and a message
+    published there (an adoption, whose only way to the worker that drives
+    the run is this channel) reaches it."""
+    servers = RedisSentinelServers()
+    saves = Saves()
+    gate = asyncio.Event()
+
+    async def gated() -> Any:
+        yield "half "
+        await gate.wait()
+        yield "rest"
+
+    try:
+        async with two_workers(servers.url, renew_every=1.0) as (a, b):
+            await a.start(
+                "s", new_id(), gated(), start_data={}, meta={"owner": "anon:a"}, finalize=saves
+            )
+            await eventually(lambda: _listens(servers, a, servers.master), "A does not listen")
+            old = servers.pause_master()
+            try:
+                new = servers.replica if old == servers.master else servers.master
+                await eventually(lambda: _master_is(servers, new), "no failover", timeout=30)
+                await eventually(
+                    lambda: _listens(servers, a, new), "A does not listen on the new master", 30
+                )
+                assert await b.adopt("anon:a", "user:1", ["s"]) == 1
+
+                async def adopted_on_a() -> bool:
+                    return a.driver.runs["s"].meta.get("owner") == "user:1"
+
+                await eventually(adopted_on_a, "A did not hear of the adoption")
+            finally:
+                servers.resume()
+            gate.set()
+            await collect(await a.subscribe("s"))
+    finally:
+        servers.stop()
+
+
+async def _master_is(servers: RedisSentinelServers, port: int) -> bool:
+    return await asyncio.to_thread(servers.master_port) == port
+
+
+async def _listens(servers: RedisSentinelServers, backend: RedisBackend, port: int) -> bool:
+    """Whether a worker (the only one that listens) listens on the server on ``port``."""
+    channel = f"{backend.prefix}:adopt"
+    said = await asyncio.to_thread(servers.command, port, "pubsub", "numsub", channel)
+    return said.split()[-1] == "1"
+
+
+@pytest.fixture(scope="module")
+def tls_sentinel(tmp_path_factory: Any) -> Iterator[tuple[int, int, str]]:
+    """A master that takes TLS only and a sentinel that takes TLS (and, on
+    another port, plain connections), with a certificate of the test's own:
+    ``(TLS port, plain port, CA file)`` of the sentinel."""
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        pytest.skip("openssl and redis-server are needed")
+    directory = tmp_path_factory.mktemp("tls-sentinel")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = f"tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {cert}\n"
+    tls += "tls-auth-clients no\ntls-replication yes\n"
+    master, sentinel, plain = free_port(), free_port(), free_port()
+    (directory / "master.conf").write_text(f"port 0\ntls-port {master}\nsave ''\n{tls}")
+    (directory / "sentinel.conf").write_text(
+        f"port {plain}\ntls-port {sentinel}\n{tls}sentinel monitor mymaster 127.0.0.1 {master} 1\n"
+    )
+    processes = [
+        subprocess.Popen(
+            ["redis-server", str(directory / name), *extra],
+            stdout=subprocess.DEVNULL,
+            cwd=directory,
+            preexec_fn=die_with_the_tests,
+        )
+        for name, extra in (("master.conf", []), ("sentinel.conf", ["--sentinel"]))
+    ]
+    try:
+        for port in (master, sentinel, plain):
+            wait_listening(port, "redis-server")
+        yield sentinel, plain, str(cert)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+async def test_a_rediss_sentinel_url_speaks_tls_to_the_sentinels_too(tls_sentinel):
+    sentinel, _, ca = tls_sentinel
+    url = f"rediss+sentinel://127.0.0.1:{sentinel}/mymaster/0"
+    backend = RedisBackend(redis_url=url, connection_kwargs={"ssl_ca_certs": ca})
+    try:
+        assert await backend.now() > 0
+    finally:
+        await backend.shutdown(2)
+
+
+async def test_sentinels_without_tls_are_told_by_sentinel_kwargs(tls_sentinel):
+    _, plain, ca = tls_sentinel
+    url = f"rediss+sentinel://127.0.0.1:{plain}/mymaster/0"
+    options = {"ssl_ca_certs": ca, "sentinel_kwargs": {"ssl": False}}
+    backend = RedisBackend(redis_url=url, connection_kwargs=options)
+    try:
+        assert await backend.now() > 0
+    finally:
+        await backend.shutdown(2)

@@ -39,6 +39,7 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_its_database():
     assert target.nodes == (("s1", 26379), ("s2", 26380))
     assert (target.service, target.db) == ("mymaster", 2)
     assert parse_redis_url("redis+sentinel://s/m/").db == 0
+    assert parse_redis_url("redis+sentinel://s/my%40master").service == "my@master"
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,7 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_its_database():
         ("redis+sentinel://s:26379//0", "name of the master"),
         ("redis+sentinel://s/mymaster/one", "whole number"),
         ("redis+sentinel://s/mymaster/0/x", "whole number"),
+        ("redis+sentinel://s/my@master/0", "percent-encode"),
     ],
 )
 def test_a_malformed_url_is_refused_with_what_is_wrong_and_the_form_expected(url, says):
@@ -69,6 +71,38 @@ def test_a_refusal_does_not_show_the_password():
     with pytest.raises(ValueError) as refused:
         parse_redis_url("redis+cluster://app:hunter2@h:99999")
     assert "hunter2" not in str(refused.value) and "app:***@h" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # A '/' of the password, not percent-encoded: the rest was read as the path.
+        "redis+cluster://app:hunter2/x@h:7000/",
+        "redis+sentinel://app:hunter2/x@s/mymaster/0",
+        # And before a '?': the query is refused.
+        "redis+cluster://app:hunter2/x?y@h/",
+        # No scheme, or a scheme with one slash: all of it was shown.
+        "app:hunter2@redis.internal:6379",
+        "redis:/app:hunter2@h",
+    ],
+)
+def test_a_refusal_does_not_show_a_password_that_is_not_percent_encoded(url):
+    with pytest.raises(ValueError, match="REDIS_URL") as refused:
+        parse_redis_url(url)
+    assert "hunter2" not in str(refused.value)
+
+
+@given(
+    st.sampled_from(["redis+cluster://", "rediss+sentinel://", "redis:/", ""]),
+    st.text(max_size=20),
+    st.sampled_from(["h:7000/", "h/mymaster/1", "h:99999/", "h?x=1"]),
+)
+def test_no_refusal_shows_any_of_a_raw_password(scheme, secret, rest):
+    url = f"{scheme}app:Zq9{secret}@{rest}"
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        assert "Zq9" not in str(exc)
 
 
 def test_a_url_that_is_not_a_string_is_refused():

@@ -217,7 +217,8 @@ def _client(target: RedisTarget, connection_kwargs: Mapping[str, Any]) -> tuple[
     (redis-py has no blocking pool for a cluster: past them a command fails
     and is retried). Sentinel: its own
     connections get ``connection_kwargs["sentinel_kwargs"]``, if given, over
-    the ``socket_*`` options. Raises `ValueError` if redis-py refuses the
+    the ``socket_*`` options (and with ``rediss+sentinel://``, TLS and the
+    ``ssl_*`` options). Raises `ValueError` if redis-py refuses the
     options."""
     options: dict[str, Any] = {
         "socket_timeout": SOCKET_TIMEOUT,
@@ -240,7 +241,14 @@ def _client(target: RedisTarget, connection_kwargs: Mapping[str, Any]) -> tuple[
         options.setdefault("timeout", SOCKET_TIMEOUT)
         if target.kind == "sentinel":
             own = options.pop("sentinel_kwargs", None) or {}
-            sockets = {key: value for key, value in options.items() if key.startswith("socket_")}
+            # A rediss+sentinel:// URL: TLS to the sentinels too (their
+            # connections were plain, and sentinels that take TLS only were
+            # never reached: every command "unreachable"), with the ssl_*
+            # options given for the master; sentinel_kwargs say otherwise.
+            shared = ("socket_", "ssl_") if target.ssl else ("socket_",)
+            sockets = {key: value for key, value in options.items() if key.startswith(shared)}
+            if target.ssl:
+                sockets["ssl"] = True
             sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**sockets, **own})
             client = sentinel.master_for(
                 target.service,
@@ -1455,7 +1463,22 @@ class RedisBackend(BaseBackend):
             try:
                 pubsub, client = await self._subscriber()
                 await pubsub.subscribe(f"{self.prefix}:stop", adopt, deleted, answered)
-                async for message in pubsub.listen():
+                pinged = False
+                while True:
+                    # Not ``listen()``: it waits for ever on a connection to a
+                    # server that hangs or is cut off (it answers nothing, but
+                    # its socket stays open), such as a cluster's primary whose
+                    # replica took over: every message would be lost from then
+                    # on. A channel quiet for ``renew_every`` is sent a PING;
+                    # quiet for as long again, it is taken for dead.
+                    message = await pubsub.get_message(timeout=self.renew_every)
+                    if message is None:
+                        if pinged:
+                            raise ConnectionError("the pub/sub channel does not answer")
+                        await pubsub.ping()
+                        pinged = True
+                        continue
+                    pinged = False
                     if message.get("type") != "message":
                         continue
                     if message.get("channel") == adopt:

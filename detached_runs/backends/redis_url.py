@@ -101,6 +101,13 @@ def parse_redis_url(url: object) -> RedisTarget:
             "BACKEND_OPTIONS['connection_kwargs'])"
         )
     location, _, path = rest.partition("/")
+    if "@" in path:
+        # A user or password with a '/' that is not percent-encoded: the rest
+        # of it would be read (and quoted in a message) as the path.
+        raise malformed(
+            "it has an '@' after a '/': percent-encode a '/' of the user or "
+            "password (%2F), or an '@' of the master's name (%40)"
+        )
     userinfo, at, hosts = location.rpartition("@")
     username = password = None
     if at:
@@ -150,10 +157,14 @@ def _address(
 
 
 def _shown(url: str) -> str:
-    """``url`` for a message, its password (if any) masked."""
+    """``url`` for a message, its password (if any) masked: all that comes
+    between the first colon of the user part and the URL's last ``@``,
+    whether or not the URL is well formed (a password with a '/', '?' or
+    '#' not percent-encoded, a URL with no scheme)."""
     scheme, separator, rest = url.partition("://")
-    location, slash, path = rest.partition("/")
-    userinfo, at, hosts = location.rpartition("@")
+    if not separator:
+        scheme, rest = "", url
+    userinfo, at, hosts = rest.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.partition(":")[0] + ":***"
-    return repr(f"{scheme}{separator}{userinfo}{at}{hosts}{slash}{path}")
+    return repr(f"{scheme}{separator}{userinfo}{at}{hosts}")
