@@ -145,7 +145,12 @@ async def test_a_worker_listening_on_a_master_that_hangs_listens_on_the_new_one(
                 await eventually(
                     lambda: _listens(servers, a, new), "A does not listen on the new master", 30
                 )
-                assert await b.adopt("anon:a", "user:1", ["s"]) == 1
+
+                # What B finds to adopt in Redis depends on what the hung
+                # master had passed on (A writes a lost run again once its
+                # lease's renewal there times out); its message to A is sent
+                # either way, and only the channel under test brings it.
+                await b.adopt("anon:a", "user:1", ["s"])
 
                 async def adopted_on_a() -> bool:
                     return a.driver.runs["s"].meta.get("owner") == "user:1"
