@@ -105,6 +105,20 @@ def test_no_refusal_shows_any_of_a_raw_password(scheme, secret, rest):
         assert "Zq9" not in str(exc)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:s3cret@h:6379/0",
+        "redis+cluster://app:s3cret@h1,h2/",
+        "redis+sentinel://:s3cret@s/m/0",
+    ],
+)
+def test_the_repr_of_what_a_url_names_does_not_show_its_password(url):
+    target = parse_redis_url(url)
+    assert "s3cret" not in repr(target) and "s3cret" not in str(target)
+    assert target.url == url
+
+
 def test_a_url_that_is_not_a_string_is_refused():
     with pytest.raises(ValueError, match="must be a string"):
         parse_redis_url(None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote
 
@@ -54,16 +54,17 @@ class RedisTarget:
     sentinels), an IPv6 host without its brackets; ``service`` and ``db``, the
     master a Sentinel URL names (``""`` and 0 for a cluster); ``username`` and
     ``password``, decoded, or None; ``ssl``, whether the scheme is a
-    ``rediss+`` one.
+    ``rediss+`` one. Its ``repr`` leaves out ``url`` and ``password``, which
+    may hold a secret (a log line or a traceback's locals may show it).
     """
 
     kind: Literal["server", "cluster", "sentinel"]
-    url: str
+    url: str = field(repr=False)
     nodes: tuple[tuple[str, int], ...] = ()
     service: str = ""
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ssl: bool = False
 
 
