@@ -96,8 +96,13 @@ class RedisSentinelServers:
         """``SENTINEL FAILOVER``: the replica becomes the master (returns once
         the sentinel says so), the master its replica."""
         before = self.master_port()
-        self.command(self.sentinel, "sentinel", "failover", SERVICE)
         deadline = time.monotonic() + timeout
+        # Asked again while it answers an error: just after it started, the
+        # sentinel may not have a link to the replica yet ("NOGOODSLAVE").
+        while "OK" not in (said := self.command(self.sentinel, "sentinel", "failover", SERVICE)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sentinel refused to fail the master over: {said}")
+            time.sleep(0.1)
         while self.master_port() == before:
             if time.monotonic() > deadline:
                 raise RuntimeError("the sentinel did not fail the master over")

@@ -238,3 +238,37 @@ async def test_sentinels_without_tls_are_told_by_sentinel_kwargs(tls_sentinel):
         assert await backend.now() > 0
     finally:
         await backend.shutdown(2)
+
+
+async def test_a_move_a_reconnect_noticed_first_still_drops_the_connections_in_use(
+    sentinel, caplog
+):
+    """A connection that reconnects after a failover updates the pool's idea
+    of the master (and drops the idle connections); the connections in use,
+    a blocked XREAD among them, are still on the old master. The sweep's
+    look at the master still sees the move, and drops them."""
+    backend = RedisBackend(redis_url=sentinel.url, redis_prefix=f"dr-sent-{uuid.uuid4().hex[:8]}")
+    try:
+        await backend.now()
+        await backend._follow_master()
+        pool = backend.redis.connection_pool
+        in_use = await pool.get_connection()
+        await in_use.send_command("PING")
+        assert await in_use.read_response() == b"PONG"
+        old = pool.master_address
+        sentinel.fail_over()
+
+        async def moved() -> bool:
+            # What a connection that reconnects does (the sentinel's list of
+            # masters shows the move once its failover is over).
+            return await pool.get_master_address() != old
+
+        await eventually(moved, "the pool never saw the master move", 20)
+        with caplog.at_level(logging.WARNING, logger="detached_runs"):
+            await backend._follow_master()
+        assert "moved the master" in caplog.text
+        assert not in_use.is_connected
+        await pool.release(in_use)
+        await backend.now()  # on the new master
+    finally:
+        await backend.shutdown(2)

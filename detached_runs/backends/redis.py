@@ -368,6 +368,8 @@ class RedisBackend(BaseBackend):
         self.redis: Any
         self._sentinel: Any = None
         self.redis, self._sentinel = _client(target, connection_kwargs or {})
+        # Sentinel: where the master was at `_follow_master`'s last look.
+        self._master_seen: Any = None
         #: On a cluster, the options of a client of one of its nodes (`_subscriber`).
         self._node_options: dict[str, Any] = {}
         if target.kind == "cluster":
@@ -1443,13 +1445,15 @@ class RedisBackend(BaseBackend):
         if self._sentinel is None:
             return
         pool = self.redis.connection_pool
-        before = pool.master_address
-        await pool.get_master_address()
-        if before is not None and pool.master_address != before:
+        # Compared with this method's last look, not with the pool's address:
+        # a connection that reconnected meanwhile updated that (and dropped
+        # the idle connections), but the ones in use, a blocked XREAD among
+        # them, are still on the old master.
+        before = self._master_seen or pool.master_address
+        self._master_seen = now = await pool.get_master_address()
+        if before is not None and now != before:
             logger.warning(
-                "Redis Sentinel moved the master from %s to %s; reconnecting",
-                before,
-                pool.master_address,
+                "Redis Sentinel moved the master from %s to %s; reconnecting", before, now
             )
             await pool.disconnect(inuse_connections=True)
 
