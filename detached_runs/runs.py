@@ -37,6 +37,7 @@ import copy
 import dataclasses
 import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Generator
 from datetime import UTC, datetime
 from typing import Any
@@ -148,6 +149,9 @@ class RunService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._signals_installed = False
+        #: The subscriptions `open` handed out that had not ended then: a
+        #: shutdown hangs up on those its runs' ends do not reach (`hang_up`).
+        self._open: weakref.WeakSet[Subscription] = weakref.WeakSet()
         #: Tasks a shutdown waits for: signals being sent, queued runs being started.
         self._announcing: set[asyncio.Task[Any]] = set()
         self._checkpoints = Checkpoints()
@@ -503,6 +507,20 @@ class RunService:
 
     async def open(
         self, session_key: str, *, after: str | None = None, owner: Any = None
+    ) -> Subscription:
+        """What `subscribe` binds: the subscription, after ``after``. One that
+        has not ended is hung up on at this process's shutdown unless its
+        run's end reaches it (`shutdown`); the signal handlers that begin the
+        shutdown are installed at the first one, as at the first start."""
+        subscription = await self._open_subscription(session_key, after, owner)
+        if not subscription.ended:
+            self._open.add(subscription)
+            if not self._signals_installed:
+                self._signals_installed = install_signal_handlers(self.shutdown, self.hurry)
+        return subscription
+
+    async def _open_subscription(
+        self, session_key: str, after: str | None, owner: Any
     ) -> Subscription:
         validate_session_key(session_key)
         parsed = parse_id(after) if after else None
@@ -888,6 +906,14 @@ class RunService:
                 await self._drain(timeout - reserve)
                 timeout = reserve
             await self.backend.shutdown(timeout)
+        # This process's runs ended, and their subscribers have their terminal
+        # events to read. The subscribers of runs it does not drive (another
+        # worker's, or a row another process runs) would wait for events it no
+        # longer reads, and their connections keep a server that waits for
+        # them to close (uvicorn) from exiting: their streams end now, before
+        # a terminal event, and their clients resume elsewhere from their last id.
+        for subscription in list(self._open):
+            subscription.hang_up()
         if self._announcing:
             await asyncio.wait(self._announcing, timeout=timeout)
 

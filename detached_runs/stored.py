@@ -125,6 +125,10 @@ class StoredSubscription(Subscription):
             self._cursor = max(position, cursor)
         return events
 
+    def hang_up(self) -> None:
+        if self._row.status in ACTIVE:  # else its terminal event is there to read
+            self.close()
+
     def close(self) -> None:
         self._closed = True
 

@@ -494,7 +494,8 @@ def start_workers() -> Iterator[Any]:
     """``start_workers(**env)``: two daphne workers sharing Redis and the
     database, ``env`` overriding their ``TEST_*`` settings (``TEST_REDIS_URL``,
     ``TEST_SHUTDOWN_TIMEOUT``...); ``start_workers(fault, **env)`` puts their
-    database behind ``fault`` (`database_fault`). Returns the pair; they are
+    database behind ``fault`` (`database_fault`); ``kinds`` are their servers
+    (``("daphne", "uvicorn")``...). Returns the pair; they are
     stopped, and their Redis keys deleted, afterwards. The key prefix is
     ``pair[0].env["TEST_REDIS_PREFIX"]``."""
     pytest.importorskip("redis")
@@ -502,7 +503,12 @@ def start_workers() -> Iterator[Any]:
 
     started: list[tuple[tuple[Server, Server], str, str]] = []
 
-    def start(fault: DatabaseFault | None = None, **env: str) -> tuple[Server, Server]:
+    def start(
+        fault: DatabaseFault | None = None,
+        *,
+        kinds: tuple[str, str] = ("daphne", "daphne"),
+        **env: str,
+    ) -> tuple[Server, Server]:
         prefix = f"dr-e2e-{uuid.uuid4().hex[:8]}"
         environment = server_env(
             **{
@@ -518,7 +524,7 @@ def start_workers() -> Iterator[Any]:
         )
         if fault is not None:
             environment = fault.env(environment)
-        pair = start_server(environment), start_server(environment)
+        pair = start_server(environment, kind=kinds[0]), start_server(environment, kind=kinds[1])
         started.append((pair, prefix, env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")))
         return pair
 

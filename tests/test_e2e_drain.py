@@ -241,3 +241,45 @@ def test_a_second_sigterm_during_the_drain_lets_the_server_go_at_once(kind):
         row = Run.objects.get(session_key=key)
         assert rest[-1].data == {"status": "interrupted"}, server.output()
         assert (row.status, row.output) == ("interrupted", text(first) + text(rest))
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "drain"])
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+def test_a_worker_that_stops_hangs_up_on_its_followers_of_runs_driven_elsewhere(
+    start_workers, kind, mode
+):
+    """A 20 s answer runs on A; B (which never started a run) serves a
+    follower of it and is told to stop. B's stream ends at its shutdown,
+    with no terminal event (the run is not B's to end), and B exits: uvicorn
+    waits for its connections to close, and a follower of a run that goes on
+    elsewhere used to hold it for ever. The client resumes on A from its
+    last id, with no gap and no repeat."""
+    require_redis()
+    a, b = start_workers(kinds=("daphne", kind), TEST_SHUTDOWN_MODE=mode, TEST_SHUTDOWN_TIMEOUT="8")
+    key = uuid.uuid4().hex[:10]
+    browser = Browser(a.port)
+    try:
+        assert browser.request("POST", f"/runs/{key}/", {"prompt": "1000"}).status == 202
+        browser.port = b.port
+        stream = browser.stream(f"/runs/{key}/events/")
+        first = stream.take(5)
+        began = time.monotonic()
+        b.process.send_signal(signal.SIGTERM)
+        rest = stream.rest()
+        ended = time.monotonic() - began
+        b.process.wait(timeout=20)
+        exited = time.monotonic() - began
+        seen = first + rest
+        assert all(event.event != "done" for event in seen), b.output()
+        browser.port = a.port
+        resumed = browser.stream(f"/runs/{key}/events/", {"Last-Event-ID": seen[-1].id or ""})
+        more = resumed.take(3)
+        assert more and more[0].event == "delta", a.output()
+        assert words(1000).startswith(text(seen) + text(more))
+    finally:
+        browser.request("POST", f"/runs/{key}/stop/")
+        for server in (a, b):
+            stop_server(server)
+    # Within B's grace (8 s), and what a server then needs to go.
+    assert ended < 8 + 2 and exited < 8 + 5, b.output()
+    assert "Traceback" not in b.output(), b.output()

@@ -180,6 +180,28 @@ async def test_a_running_row_with_a_fresh_heartbeat_is_not_declared_dead():
     assert status is not None and status.status == "running"
 
 
+async def test_a_shutdown_hangs_up_on_a_follower_of_a_row_another_process_runs():
+    """A row running elsewhere (fresh heartbeat) is followed by polling it;
+    this process's shutdown ends that stream without a terminal event (the
+    client resumes elsewhere), while a follower of this process's own run
+    gets its run's end as usual."""
+    row = await Run.objects.acreate(session_key="elsewhere", prompt="p", output="so far")
+    elsewhere = await runs.subscribe("elsewhere")
+    await runs.start("here", prompt="x", agent=slow)
+    here = await runs.subscribe("here")
+
+    async def read(subscription: Any) -> list[Any]:
+        return [event async for event in subscription]
+
+    reading = [asyncio.ensure_future(read(s)) for s in (elsewhere, here)]
+    await asyncio.sleep(0.3)
+    await get_service().shutdown(5)
+    far, near = await asyncio.wait_for(asyncio.gather(*reading), 5)
+    assert [e.event for e in far] == ["start", "delta"] and text_of(far) == "so far"
+    assert near[-1].event == "done" and near[-1].data == {"status": "interrupted"}
+    assert (await Run.objects.aget(pk=row.pk)).status == "running"
+
+
 async def test_another_owner_cannot_see_stop_follow_or_take_over_a_session():
     await runs.start("mine", prompt="x", owner="user:1", agent=slow)
     assert await runs.status("mine", owner="user:2") is None

@@ -166,6 +166,15 @@ class Subscription:
         """Release the subscriber now (idempotent; safe outside the event loop's tasks)."""
         raise NotImplementedError("subclasses of Subscription must provide close()")
 
+    def hang_up(self) -> None:
+        """End the subscription before its run's terminal event, unless that
+        event is in the log already (it is read as usual): a wait in
+        `next_batch` returns, which then raises `StopAsyncIteration`, as at
+        the end. For a process that shuts down while the run goes on
+        elsewhere: the client resumes on another process from its last id.
+        On the event loop; idempotent."""
+        self.close()
+
     async def aclose(self) -> None:
         self.close()
 

@@ -392,6 +392,13 @@ class LogSubscription(Subscription):
         self._timed_out = True
         set_if_pending(self._waiting)
 
+    def hang_up(self) -> None:
+        if self._run.closed:
+            return  # its terminal event is there to read
+        self.close()
+        if self._waiting is not None:
+            set_if_pending(self._waiting)
+
     def close(self) -> None:
         if self._closed:
             return
