@@ -100,6 +100,8 @@ def test_the_options_of_the_redis_backend_pass(configured):
         "redis+sentinel://s:26379/mymaster/zero",
         "http://h:6379/0",
         6379,
+        "redis://127.0.0.1:notaport/0",
+        "redis://127.0.0.1:6379/abc",
     ],
 )
 def test_a_malformed_redis_url_is_reported_once_as_e014(configured, url):

@@ -59,6 +59,10 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_its_database():
         ("redis+sentinel://s/mymaster/one", "whole number"),
         ("redis+sentinel://s/mymaster/0/x", "whole number"),
         ("redis+sentinel://s/my@master/0", "percent-encode"),
+        ("redis://127.0.0.1:notaport/0", "from 1 to 65535"),
+        ("rediss://h:70000", "from 1 to 65535"),
+        ("redis://127.0.0.1:6379/abc", "is not a number"),
+        ("redis://h/0/1", "is not a number"),
     ],
 )
 def test_a_malformed_url_is_refused_with_what_is_wrong_and_the_form_expected(url, says):

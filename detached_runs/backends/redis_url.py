@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 #: Schemes redis-py reads itself (one server).
 SERVER_SCHEMES = ("redis", "rediss", "unix")
@@ -72,8 +72,9 @@ def parse_redis_url(url: object) -> RedisTarget:
     """What ``url`` names (`RedisTarget`). Raises `ValueError`, with a message
     that says what is wrong and the form expected, if it is not a string, its
     scheme is none of `SERVER_SCHEMES`, `CLUSTER_SCHEMES` and
-    `SENTINEL_SCHEMES`, or a cluster or Sentinel URL is malformed. The rest of
-    a one-server URL is redis-py's to read (and refuse)."""
+    `SENTINEL_SCHEMES`, or a cluster or Sentinel URL is malformed, or a
+    ``redis://`` or ``rediss://`` URL's port or database is. The rest of a
+    one-server URL (its options) is redis-py's to read (and refuse)."""
     if not isinstance(url, str):
         raise ValueError(f"REDIS_URL must be a string, not {type(url).__name__}")
     scheme, separator, rest = url.partition("://")
@@ -85,6 +86,8 @@ def parse_redis_url(url: object) -> RedisTarget:
             "rediss+cluster:// (a cluster), redis+sentinel:// or rediss+sentinel:// (Sentinel)"
         )
     if scheme in SERVER_SCHEMES:
+        if scheme != "unix":
+            _check_server_url(url)
         return RedisTarget("server", url)
     cluster = scheme in CLUSTER_SCHEMES
     form = (
@@ -155,6 +158,28 @@ def _address(
     if port is not None and not 1 <= int(port) <= 65535:
         raise malformed(f"the port of {text!r} is not a number from 1 to 65535")
     return host.strip("[]"), int(port) if port is not None else default_port
+
+
+def _check_server_url(url: str) -> None:
+    """Refuse a ``redis://`` or ``rediss://`` URL whose port or database
+    redis-py would refuse later, or read wrongly (``/abc`` it takes for
+    database 0): `ValueError`. Its options (the query) are redis-py's."""
+    form = "redis://[user[:password]@]host[:port][/<db>][?option=value...]"
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(
+            f"REDIS_URL {_shown(url)} is malformed: its port is not a number from 1 to "
+            f"65535. Expected {form}"
+        )
+    path = urlsplit(url).path
+    if path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}/?", path):
+        raise ValueError(
+            f"REDIS_URL {_shown(url)} is malformed: its database ({path!r}) is not a "
+            f"number. Expected {form}"
+        )
 
 
 def _shown(url: str) -> str:
