@@ -145,7 +145,8 @@ def error_status(exc: BaseException, where: str) -> tuple[int, str]:
     """The status and client-safe message for an exception raised while
     handling a request (and the WebSocket consumer's frames).
 
-    * the app's own errors (`detached_runs.exceptions`): their status (4xx, 503);
+    * the app's own errors (`detached_runs.exceptions`): their status (4xx,
+      503; a `BackendUnavailable` logged with its cause);
     * a request Django cannot parse (too large, too many fields, a broken
       multipart body, a body the client stopped sending, a form sent to a
       view that reads JSON): 400;
@@ -154,6 +155,10 @@ def error_status(exc: BaseException, where: str) -> tuple[int, str]:
     * anything else (a bug, a misconfiguration): 500, logged with its
       traceback, which never reaches the client.
     """
+    if isinstance(exc, BackendUnavailable) and exc.__cause__ is not None:
+        # The client is told to try again; the operator needs the cause
+        # (connection refused, no master of that name, a timeout...).
+        logger.warning("%s in %s: %r", exc, where, exc.__cause__)
     if isinstance(exc, DetachedRunsError):
         return exc.status_code, str(exc)
     if isinstance(exc, RequestDataTooBig):

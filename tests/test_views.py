@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from typing import Any
 
@@ -266,10 +267,15 @@ async def test_a_body_over_djangos_upload_limit_is_400_and_starts_nothing(client
     assert await Run.objects.acount() == 0
 
 
-async def test_an_unreachable_redis_is_503_with_a_clear_message(client, config):
+async def test_an_unreachable_redis_is_503_with_a_clear_message(client, config, caplog):
+    """The client is told to try again; the log says why, for the operator."""
     config(BACKEND="detached_runs.backends.redis.RedisBackend", REDIS_URL="redis://127.0.0.1:1/0")
-    reply = await post(client, "/runs/chat/", {"prompt": "x"})
+    with caplog.at_level(logging.WARNING, logger="detached_runs"):
+        reply = await post(client, "/runs/chat/", {"prompt": "x"})
     assert reply.status_code == 503 and "Redis" in reply.json()["error"]
+    assert "127.0.0.1:1" not in reply.json()["error"]
+    said = [r.getMessage() for r in caplog.records if r.name == "detached_runs.exceptions"]
+    assert any("unreachable" in line and "ConnectionError" in line for line in said), said
     assert (await client.get("/runs/chat/events/")).status_code == 503
     await get_service().backend.redis.aclose()  # type: ignore[attr-defined]
 
