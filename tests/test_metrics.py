@@ -174,6 +174,17 @@ async def test_only_staff_or_the_token_may_read_them(headers, staff, status):
     assert (await client.post("/metrics", headers=TOKEN)).status_code == 405
 
 
+@pytest.mark.parametrize("token", ["short", "", 1234567890123456789])
+async def test_a_token_the_check_refuses_lets_nobody_in(config, token):
+    """daphne and uvicorn run no system checks: a METRICS_TOKEN that E010
+    refuses (under 16 characters, not a string) must not open the figures."""
+    config(METRICS_TOKEN=token)
+    client = AsyncClient()
+    for given in (str(token), ""):
+        response = await client.get("/metrics", headers={"Authorization": f"Bearer {given}"})
+        assert response.status_code == 403
+
+
 async def test_redis_failures_are_counted(own_redis):
     pytest.importorskip("redis")
     from detached_runs.backends.redis import RedisBackend
