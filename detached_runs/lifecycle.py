@@ -93,7 +93,13 @@ def _on_signal(loop: asyncio.AbstractEventLoop, number: int, frame: Any, previou
         return
     _state["shutting_down"] = True
     _state["first"] = (number, frame, previous)
-    logger.info("%s: ending runs in flight before shutdown", signal.Signals(number).name)
+    logger.info(
+        "%s: %s before shutdown",
+        signal.Signals(number).name,
+        "draining the runs in flight"
+        if get_config()["SHUTDOWN_MODE"] == "drain"
+        else "ending the runs in flight",
+    )
     task = loop.create_task(_graceful(), name="detached_runs:shutdown")
     _tasks.add(task)
 

@@ -233,7 +233,7 @@ print(response.status_code, response.content.decode().strip())
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        "501 Metrics need prometheus_client: pip install 'django-detached-runs[metrics]'."
+        "501 Metrics need prometheus_client: pip install 'prometheus_client>=0.20'."
     )
 
 

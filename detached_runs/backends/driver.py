@@ -318,7 +318,12 @@ class RunDriver:
         left = [run for run in self._sessions.values() if not run.stored.is_set()]
         if not left:
             return
-        logger.info("Draining: waiting up to %ss for %d runs to end", timeout, len(left))
+        logger.info(
+            "Draining: waiting up to %ss for %d run%s to end",
+            timeout,
+            len(left),
+            "" if len(left) == 1 else "s",
+        )
         tasks = [asyncio.ensure_future(_ended_and_saved(run)) for run in left]
         try:
             _, pending = await asyncio.wait(tasks, timeout=timeout)

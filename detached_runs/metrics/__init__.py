@@ -1,7 +1,7 @@
 """Prometheus metrics of runs, in the Prometheus text format.
 
-The optional extra ``metrics`` installs prometheus_client
-(``pip install "django-detached-runs[metrics]"``); without it every metric
+They need prometheus_client (``pip install "prometheus_client>=0.20"``, or
+the ``metrics`` extra of the package); without it every metric
 here is a no-op and the metrics view answers ``501``. The view
 (`detached_runs.metrics.views.metrics`, mounted with
 ``include("detached_runs.metrics.urls")``) serves them to staff users or to a

@@ -55,7 +55,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     if prometheus_client is None:
         return _plain(
             501,
-            "Metrics need prometheus_client: pip install 'django-detached-runs[metrics]'.",
+            "Metrics need prometheus_client: pip install 'prometheus_client>=0.20'.",
         )
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
