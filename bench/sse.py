@@ -1037,6 +1037,9 @@ if __name__ == "__main__":
         "--server", choices=("daphne", "uvicorn"), default="daphne", help="the ASGI server"
     )
     args = parser.parse_args()
+    unknown = [name for name in args.only.split(",") if args.only and name not in SCENARIOS]
+    if unknown:
+        parser.error(f"--only: no scenario {', '.join(unknown)}; they are {', '.join(SCENARIOS)}")
     if args.quick:
         args.repeat, args.subscribers, args.runs, args.start_seconds = 1, 100, 200, 3
         args.start_runs = 200

@@ -52,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sse import App, Ceiling, Side, launch, request, scenario, start_server
 
+#: Where the original is by default: beside the checkout, as in the workspace
+#: this project grew in (``--original`` names another folder).
 SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seed-baseline"
 
 
@@ -70,7 +72,7 @@ class Seed(Side):
         return f"/events/{key}", {}
 
 
-def start_seed() -> tuple[subprocess.Popen[bytes], int]:
+def start_seed(seed: Path = SEED) -> tuple[subprocess.Popen[bytes], int]:
     import socket
 
     with socket.socket() as sock:
@@ -81,23 +83,45 @@ def start_seed() -> tuple[subprocess.Popen[bytes], int]:
     subprocess.run(
         [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"],
         env=env,
-        cwd=SEED,
+        cwd=seed,
         check=True,
     )
     daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-    return launch([*daphne, "asgi:application"], env, SEED, port), port
+    return launch([*daphne, "asgi:application"], env, seed, port), port
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=1000)
-    parser.add_argument("--tokens", type=int, default=300)
-    parser.add_argument("--rate", type=float, default=30.0)
-    parser.add_argument("--pacing", choices=("relative", "absolute"), default="relative")
+    parser.add_argument("--runs", type=int, default=1000, help="runs started (default 1000)")
+    parser.add_argument("--tokens", type=int, default=300, help="tokens a run (default 300)")
+    parser.add_argument(
+        "--rate", type=float, default=30.0, help="tokens a second of a run (default 30)"
+    )
+    parser.add_argument(
+        "--pacing",
+        choices=("relative", "absolute"),
+        default="relative",
+        help="detached_runs' agent paces as the original's (relative, the default) "
+        "or on bench/sse.py's absolute schedule",
+    )
+    parser.add_argument(
+        "--original",
+        type=Path,
+        default=SEED,
+        metavar="FOLDER",
+        help=f"the original in-memory run manager's site (default {SEED})",
+    )
     args = parser.parse_args()
+    if not (args.original / "asgi.py").is_file():
+        parser.error(
+            f"the original is not at {args.original} (no asgi.py there): it is the "
+            "workspace's shared/seed-baseline, not part of this repository; name its "
+            "folder with --original, or run bench/sse.py --only starts for detached_runs "
+            "next to the bare ceiling alone"
+        )
     results: dict[str, dict[str, float]] = {}
     for name, begin, kind in (
-        ("original", start_seed, Seed),
+        ("original", lambda: start_seed(args.original), Seed),
         ("detached_runs", start_server, App),
         ("ceiling", start_server, Ceiling),
     ):
