@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.utils.module_loading import import_string
 
 from .conf import (
@@ -232,6 +233,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 hint="Each thread holds a database connection of its own; 4 suits most sites "
                 "on PostgreSQL or MySQL (see docs/deploying.md).",
                 id="detached_runs.E013",
+            )
+        )
+    elif threads > 1 and any(connections[alias].vendor == "sqlite" for alias in connections):
+        errors.append(
+            Warning(
+                f"DETACHED_RUNS['DATABASE_THREADS'] = {threads} has no effect: a database of "
+                "the project is SQLite, and the app keeps one database thread then.",
+                hint="SQLite takes one writer at a time: more threads would wait on its lock. "
+                "Leave DATABASE_THREADS at 1, or move to PostgreSQL or MySQL.",
+                id="detached_runs.W003",
             )
         )
     token = config["METRICS_TOKEN"]

@@ -135,3 +135,11 @@ def test_redis_options_a_backend_would_refuse_at_its_first_use_are_reported(conf
     pytest.importorskip("redis")
     backend = "detached_runs.backends.redis.RedisBackend"
     assert "detached_runs.E007" in configured(BACKEND=backend, BACKEND_OPTIONS=options)
+
+
+def test_database_threads_on_sqlite_are_said_to_have_no_effect(configured):
+    from django.db import connection
+
+    on_sqlite = connection.vendor == "sqlite"  # the SQLite pass; not PostgreSQL's, MariaDB's
+    assert configured(DATABASE_THREADS=4) == ({"detached_runs.W003"} if on_sqlite else set())
+    assert configured(DATABASE_THREADS=1) == set()
