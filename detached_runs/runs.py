@@ -175,8 +175,9 @@ class RunService:
         loop = asyncio.get_running_loop()
         if self._backend is None or self._loop is not loop:
             if self._loop is not loop:
-                # What a former event loop held (its locks, tasks) is gone with it.
+                # What a former event loop held (its locks, tasks, streams) is gone with it.
                 self._start_locks, self._announcing = {}, set()
+                self._open = weakref.WeakSet()
             self._backend, self._loop = load_backend(), loop
             self._backend.on_reaped = self._save_ended_elsewhere
             self._backend.on_sweep = self.sweep
@@ -188,6 +189,7 @@ class RunService:
         process held for its runs (start locks, agents of queued runs)."""
         self._backend, self._loop = None, None
         self._start_locks, self._queued_agents, self._queues = {}, {}, set()
+        self._open = weakref.WeakSet()
         self._hurried, self._hurry = False, None
 
     # -- the API -----------------------------------------------------------
