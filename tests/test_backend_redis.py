@@ -19,6 +19,7 @@ from detached_runs.exceptions import BackendUnavailable, BadEventId, InputTimeou
 from .conftest import (
     Saves,
     collect,
+    delete_keys,
     eventually,
     new_id,
     paced,
@@ -1135,3 +1136,29 @@ async def test_more_runs_than_pooled_connections_wait_for_one_rather_than_fail(s
             assert text_of(events) == "".join(words) and events[-1].data == {"status": "done"}
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert unreachable == []
+
+
+async def test_a_run_redis_lost_is_followed_on_its_worker_until_it_is_written_again(workers, saves):
+    """Redis lost the session (restarted empty, or a failover lost what the
+    old master had not passed on): a subscriber on the run's own worker
+    still follows it, from its local log, as its writer writes it again."""
+    a, _ = workers
+    gate = asyncio.Event()
+
+    async def gated() -> AsyncIterator[str]:
+        yield "half "
+        await gate.wait()
+        yield "rest"
+
+    await start(a, gated(), saves)
+    await eventually(lambda: _has_text(a, "half "), "the run did not begin")
+    await delete_keys(a.redis, a.prefix)
+    subscription = await a.subscribe("s")
+    gate.set()
+    events = await collect(subscription)
+    assert text_of(events) == "half rest" and events[-1].data == {"status": "done"}
+
+
+async def _has_text(backend: RedisBackend, text: str) -> bool:
+    state = await backend.get("s")
+    return state is not None and state.output == text

@@ -1106,9 +1106,12 @@ class RedisBackend(BaseBackend):
         self._loop = asyncio.get_running_loop()
         self._ensure_sweeper()
         current = await self._current(session_key)
-        if current is None:
-            return None
         local = self.driver.runs.get(session_key)
+        if current is None:
+            # Redis lost the session (it restarted empty, or a failover lost
+            # what the old master had not passed on): a run this worker drives
+            # is still its current one, and its writer writes it again.
+            return local if local is not None and not local.closed else None
         if local is not None and local.id == current:
             return local
         mirror = self._mirrors.get(current)
