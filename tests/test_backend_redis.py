@@ -183,7 +183,7 @@ async def test_a_run_whose_worker_died_is_interrupted_with_everything_its_stream
         await gate.wait()
 
     run_id = await start(a, agent(), saves)
-    await asyncio.sleep(0.1)  # the ten words reach the stream
+    await eventually(lambda: _has_text(b, "".join(WORDS[:10])), "the words did not reach Redis")
     # Worker A dies: its tasks stop and its lease is gone (as when it lapses).
     for task in worker_tasks(a):
         task.cancel()
@@ -216,7 +216,12 @@ async def test_a_dead_workers_run_is_reaped_with_the_usage_its_log_holds(workers
         await gate.wait()
 
     run_id = await start(a, agent(), saves)
-    await asyncio.sleep(0.1)  # everything reaches the stream
+
+    async def reached() -> bool:  # everything reaches the stream
+        state = await b.get("s")
+        return state is not None and state.output == "w " and "output_tokens" in state.usage
+
+    await eventually(reached, "the events did not reach Redis")
     for task in worker_tasks(a):
         task.cancel()
     await a.redis.delete(a._key("s", "lease", run_id))
@@ -284,7 +289,7 @@ async def test_a_reaped_runs_end_outlives_a_database_outage_longer_than_the_grac
             await gate.wait()
 
         run_id = await start(a, agent(), saves)
-        await asyncio.sleep(0.1)  # the text reaches the stream
+        await eventually(lambda: _has_text(b, "w "), "the text did not reach Redis")
         for task in worker_tasks(a):
             task.cancel()
         await a.redis.delete(a._key("s", "lease", run_id))
