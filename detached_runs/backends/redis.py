@@ -680,7 +680,12 @@ class RedisBackend(BaseBackend):
                     # In flight elsewhere (the session's current run, or one it
                     # replaced that has not ended yet): stopped and waited for.
                     await self._end_elsewhere(session_key, run_id, deadline - loop.time())
-                    status, error = (await self._ends(session_key, [run_id]))[run_id]
+                    now = (await self._ends(session_key, [run_id])).get(run_id)
+                    if now is None:
+                        # Its keys expired once it ended (EVICT_AFTER is short,
+                        # or the wait was long): nothing of it is left in Redis.
+                        continue
+                    status, error = now
                 ends[run_id] = (status, error)
             pipe = self.redis.pipeline(transaction=False)
             for run_id in batch:
@@ -1110,8 +1115,9 @@ class RedisBackend(BaseBackend):
         if current is None:
             # Redis lost the session (it restarted empty, or a failover lost
             # what the old master had not passed on): a run this worker drives
-            # is still its current one, and its writer writes it again.
-            return local if local is not None and not local.closed else None
+            # (or drove, until it is evicted or deleted here) is still its
+            # current one, and its writer writes it again.
+            return local
         if local is not None and local.id == current:
             return local
         mirror = self._mirrors.get(current)
