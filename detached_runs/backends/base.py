@@ -168,7 +168,8 @@ class Subscription:
 
     def hang_up(self) -> None:
         """End the subscription before its run's terminal event, unless that
-        event is in the log already (it is read as usual): a wait in
+        event is in the log already, or the run is this process's own (its
+        end reaches the subscription, as usual): a wait in
         `next_batch` returns, which then raises `StopAsyncIteration`, as at
         the end. For a process that shuts down while the run goes on
         elsewhere: the client resumes on another process from its last id.

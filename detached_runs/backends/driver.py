@@ -76,6 +76,8 @@ _WAITING, _RUNNING, _CLOSING, _FINISHING, _FINISHED = range(5)
 class DrivenRun(RunLog):
     """A run this process drives: its log, and the state of its driving."""
 
+    driven = True
+
     __slots__ = (
         "abandon",
         "deadline",

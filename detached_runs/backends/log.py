@@ -61,6 +61,10 @@ class RunLog:
     """One run's log, its state (status, error, usage, whether it ended) and
     the subscribers that wait on it. Used from one event loop."""
 
+    #: Whether this process drives the run (`detached_runs.backends.driver.DrivenRun`);
+    #: else it is a copy of another process's log (a Redis mirror).
+    driven = False
+
     __slots__ = (
         "__weakref__",
         "_cache",
@@ -393,8 +397,8 @@ class LogSubscription(Subscription):
         set_if_pending(self._waiting)
 
     def hang_up(self) -> None:
-        if self._run.closed:
-            return  # its terminal event is there to read
+        if self._run.closed or self._run.driven:
+            return  # its terminal event is there to read, or will be: its run is this process's
         self.close()
         if self._waiting is not None:
             set_if_pending(self._waiting)
