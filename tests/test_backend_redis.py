@@ -483,6 +483,59 @@ async def test_adoption_on_one_worker_reaches_the_worker_that_drives_the_run(wor
     assert state is not None and state.status == "done" and state.meta["owner"] == "user:1"
 
 
+@pytest.mark.parametrize("adopter", ["the other worker", "the run's worker"])
+async def test_an_adoption_whose_message_is_lost_is_found_once_the_channel_is_back(
+    own_redis, saves, adopter
+):
+    """An adoption published while a worker's pub/sub connection is down (here
+    killed, as a Redis restart or a proxy does) is lost to it. Once it
+    listens again it finds the new owner in the run's hash: the run's worker
+    (B adopts) moves its run to the new owner's count, a follower (A, which
+    drives the run, adopts) its copy of the meta, which its clients are
+    checked against."""
+    gate = asyncio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        yield "thinking "
+        await gate.wait()
+
+    async with two_workers(own_redis.url) as (a, b):
+        try:
+            meta = {"owner": "anon:a", "address": "203.0.113.7"}
+            await a.start("s", new_id(), waiting(), start_data={}, meta=meta, finalize=saves)
+            subscription = await b.subscribe("s")  # B follows it: a mirror of A's run
+            assert text_of(await subscription.next_batch()) == "thinking "
+
+            async def both_listen() -> bool:
+                subscribed = await a.redis.pubsub_numsub(f"{a.prefix}:adopt")
+                return bool(subscribed and subscribed[0][1] == 2)
+
+            await eventually(both_listen, "a worker never listened")
+            own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+            adopting, missing = (b, a) if adopter == "the other worker" else (a, b)
+            assert await adopting.adopt("anon:a", "user:1", ["s"]) == 1
+
+            async def adopted() -> bool:
+                log = await missing.current_log("s")
+                return (
+                    log is not None
+                    and log.meta.get("owner") == "user:1"
+                    and await b.count_running(owner="user:1") == 1
+                )
+
+            await eventually(adopted, "the worker that missed the message kept the old owner")
+            assert await b.count_running(owner="anon:a") == 0
+            assert await b.count_running(address="203.0.113.7") == 0
+        finally:
+            gate.set()
+        await collect(subscription)
+
+        async def nothing_running() -> bool:
+            return await b.count_running(owner="user:1") == 0
+
+        await eventually(nothing_running, "the adopted run still counts after its end")
+
+
 async def test_a_healthy_idle_redis_is_not_taken_for_an_outage(saves, caplog):
     """The mirror's blocking read waits at most half the socket's timeout (here
     1 s, from the URL): it used to block 5 s whatever the timeout, so with

@@ -62,7 +62,9 @@ How it works, reusing the memory backend's machinery:
   (a visitor logs in), the adopting worker rewrites each run's stored meta
   and publishes on ``<prefix>:adopt``; the worker that drives a run moves it
   between the sets and updates its own copy of the meta, so that its end
-  takes the run out of the right set.
+  takes the run out of the right set. A worker whose channel was down
+  meanwhile looks, once it listens again, for the runs it holds whose
+  meta in Redis names their new owner (`RedisBackend._adopt_missed`).
 * A deleted session (`RedisBackend.delete`): its run in flight is stopped
   wherever it runs and waited for, then its runs' keys go, and a message on
   ``<prefix>:delete`` has every worker end its copies of them (their
@@ -105,6 +107,7 @@ from typing import Any
 from .. import metrics
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
 from ..exceptions import BackendUnavailable, BadEventId
+from ..owners import ANONYMOUS
 from ..workers import process_gone, worker_id
 from .base import (
     DELETE_TIMEOUT,
@@ -400,6 +403,9 @@ class RedisBackend(BaseBackend):
         self._clock_key = f"{self.prefix}:clock"
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
+        #: Whether the channel was subscribed once (`_listen`): a subscription
+        #: after that follows a gap, whose messages were lost.
+        self._listened = False
         self._sweeper: asyncio.Task[None] | None = None
         # Per run whose final save failed: the task holding it (`_hold_unsaved`).
         self._holds: dict[str, asyncio.Task[None]] = {}
@@ -632,8 +638,10 @@ class RedisBackend(BaseBackend):
         """See `BaseBackend.adopt`. What Redis holds of each session's current
         run is rewritten here; the runs this worker drives are adopted here as
         well, and the other workers adopt theirs when they get the message on
-        ``<prefix>:adopt`` (a worker that is cut off from Redis then keeps its
-        copy of the old owner until the run is evicted)."""
+        ``<prefix>:adopt``, or, if their channel was down meanwhile, when it
+        listens again (`_adopt_missed`: the current run of each of
+        ``session_keys``; a run only its worker's copy names, an older one in
+        its grace period, keeps the old owner there until it is evicted)."""
         adopted = {run.id for run in await self._adopt_here(owner, new_owner)}
         for session_key in session_keys:
             current = await self._current(session_key)
@@ -1476,6 +1484,12 @@ class RedisBackend(BaseBackend):
             try:
                 pubsub, client = await self._subscriber()
                 await pubsub.subscribe(f"{self.prefix}:stop", adopt, deleted, answered)
+                if self._listened:
+                    # Listening again: what was published meanwhile is lost.
+                    # Stops and answers have a fallback of their own (a flag
+                    # in the run's hash); adoptions are looked for here.
+                    self._spawn(self._adopt_missed(), "adopt-missed")
+                self._listened = True
                 pinged = False
                 while True:
                     # Not ``listen()``: it waits for ever on a connection to a
@@ -1855,6 +1869,36 @@ class RedisBackend(BaseBackend):
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_missed(self) -> None:
+        """Adoptions published while this worker's channel was down: the
+        runs it drives or follows that still have an anonymous owner here,
+        whose meta in Redis names a user now (`adopt` rewrote it), are
+        adopted here too. Never the other way: an adoption only ever moves a
+        run from an anonymous owner to a user."""
+        logs = [
+            log
+            for log in [*self.driver.runs.values(), *self._mirrors.values()]
+            if str(log.meta.get("owner", "")).startswith(ANONYMOUS)
+        ]
+        if not logs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for log in logs:
+            pipe.hget(self._key(log.session_key, "run", log.id), "meta")
+        try:
+            stored = await pipe.execute()
+        except UNREACHABLE:
+            metrics.redis_errors.inc()
+            return  # cut off again: the next subscription looks again
+        moves: dict[str, str] = {}
+        for log, meta in zip(logs, stored, strict=True):
+            owner = json.loads(meta).get("owner") if meta else None
+            if isinstance(owner, str) and owner and not owner.startswith(ANONYMOUS):
+                moves[log.meta["owner"]] = owner
+        for owner, new_owner in moves.items():
+            logger.info("Adopting the runs of %s here, whose message was lost", owner)
+            await self._adopt_logged(owner, new_owner)
 
     async def _adopt_logged(self, owner: str, new_owner: str) -> None:
         try:
