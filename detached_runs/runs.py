@@ -1036,9 +1036,19 @@ class RunService:
         while loop.time() < deadline:
             await asyncio.sleep(0.1)
             state = await backend.get(session_key)
+            # Only a run in flight claims the session when its writer writes it
+            # back (`RedisBackend._resync`), and starts elsewhere wait for the
+            # session's lock, which this one holds: the run is that one.
             if state is not None:
+                logger.info(
+                    "Run %s of session %s is back (%s); the start goes on",
+                    state.run_id,
+                    session_key,
+                    state.status,
+                )
                 return state
             if not await run_sync(rows.is_running, row.pk):
+                logger.info("Run %s ended meanwhile; the start goes on", row.id.hex)
                 return None
         logger.warning("Run %s did not come back; starting the next run anyway", row.id.hex)
         return None

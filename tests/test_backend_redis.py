@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from detached_runs.events import Event, parse_id
 from detached_runs.exceptions import BackendUnavailable, BadEventId, InputTimeout, RunNotFound
+from detached_runs.workers import worker_id
 
 from .conftest import (
     Saves,
@@ -1215,6 +1216,53 @@ async def test_a_run_redis_lost_is_followed_on_its_worker_until_it_is_written_ag
     gate.set()
     events = await collect(subscription)
     assert text_of(events) == "half rest" and events[-1].data == {"status": "done"}
+
+
+@pytest.mark.parametrize("where", ["the same worker", "another worker"])
+async def test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_in_flight(
+    workers, saves, where
+):
+    """Redis lost the session (restarted empty) just as run W ended, replaced
+    by run X (on W's worker, or on another one), while W's writer was still
+    copying W's end: that writer writes W again (here called as it would be)
+    before X's writer writes X again. W, ended, must not take the session
+    back: X would find it taken and stop, and a start on yet another worker
+    would replace W and not wait for X."""
+    a, b = workers
+    w_worker = a if where == "the same worker" else b
+
+    async def thinking() -> AsyncIterator[str]:
+        yield "w "
+        await asyncio.sleep(3600)
+
+    w = await start(w_worker, thinking(), saves)
+    await eventually(lambda: _has_text(a, "w "), "W did not reach Redis")
+    w_run = w_worker.driver.runs["s"]
+    words = [f"x{i} " for i in range(60)]
+    x = await start(a, paced(words, 0.02), saves)
+    subscription = await a.subscribe("s")
+
+    async def w_ended_and_x_streams() -> bool:
+        ended, current = await b.find("s", w), await b.get("s")
+        return (
+            ended is not None
+            and ended.status == "stopped"
+            and current is not None
+            and current.output.startswith("x0 x1 ")
+        )
+
+    await eventually(w_ended_and_x_streams, "W did not end, or X did not stream")
+    await delete_keys(a.redis, a.prefix)
+    record = {"worker": worker_id(), "status": "running", "error": "", "meta": "{}"}
+    await w_worker._resync(w_run, record)  # W's writer, still copying its end
+    events = await asyncio.wait_for(collect(subscription), 20)
+    assert text_of(events) == "".join(words) and events[-1].data == {"status": "done"}
+
+    async def x_is_current_and_done() -> bool:
+        state = await b.get("s")
+        return state is not None and (state.run_id, state.status) == (x, "done")
+
+    await eventually(x_is_current_and_done, "X's end did not reach Redis as the session's run")
 
 
 async def _has_text(backend: RedisBackend, text: str) -> bool:

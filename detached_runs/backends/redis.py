@@ -102,7 +102,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from .. import metrics
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
@@ -113,6 +113,7 @@ from .base import (
     DELETE_TIMEOUT,
     INTERRUPTED,
     RUNNING,
+    STOPPED,
     WAITING,
     BaseBackend,
     Finalize,
@@ -483,7 +484,7 @@ class RedisBackend(BaseBackend):
             }
             # One script for the session's keys (one Cluster slot); the sets of
             # the owner and the address live elsewhere and are written on their own.
-            await self._call(self._put_run(session_key, run_id, fields, replace_current=True))
+            await self._call(self._put_run(session_key, run_id, fields, current="replace"))
             try:
                 await self._call(self._in_sets(self._tracked(session_key, run_id, meta), add=True))
                 run = await self.driver.start(
@@ -969,9 +970,20 @@ class RedisBackend(BaseBackend):
             # Its pending question too: answers are taken again at once.
             **({"input": run.pending[0]} if run.pending is not None else {}),
         }
-        await self._put_run(run.session_key, run.id, fields, replace_current=False)
-        await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
-        current = await self._current(run.session_key)
+        # Only the newest run of its session here claims the session again,
+        # and not one that ended stopped (its writer was still copying its
+        # end when Redis lost it): a newer run may have replaced it, here or
+        # on another worker, whose writer has not written it back yet. That
+        # run would find the session taken and stop, and a start elsewhere
+        # would replace the ended run and not wait for the one in flight. (An
+        # ended run that claims none is served from its row meanwhile.)
+        claims = self.driver.runs.get(run.session_key) is run and not (
+            run.closed and run.status == STOPPED
+        )
+        await self._put_run(run.session_key, run.id, fields, current="claim" if claims else "leave")
+        if not run.closed:  # an ended run no longer counts as in flight
+            await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
+        current = await self._current(run.session_key) if claims else None
         if current is not None and current != run.id:
             # A start elsewhere took the session while Redis had lost this run
             # (it waits a lease for the run to come back: `RunService.start`);
@@ -986,12 +998,17 @@ class RedisBackend(BaseBackend):
         return ORIGIN
 
     async def _put_run(
-        self, session_key: str, run_id: str, fields: Mapping[str, str], *, replace_current: bool
+        self,
+        session_key: str,
+        run_id: str,
+        fields: Mapping[str, str],
+        *,
+        current: Literal["replace", "claim", "leave"],
     ) -> None:
         """Write a run's hash (``fields``) and its lease at once, and make it
-        the session's current run (with ``replace_current`` False, only if
-        the session has none). Raises one of `UNREACHABLE` if Redis
-        is unreachable."""
+        the session's current run: ``"replace"`` whatever the session's
+        current run is, ``"claim"`` only if the session has none, ``"leave"``
+        not at all. Raises one of `UNREACHABLE` if Redis is unreachable."""
         await self._lua.start(
             keys=[
                 self._key(session_key, "run", run_id),
@@ -1002,7 +1019,7 @@ class RedisBackend(BaseBackend):
                 worker_id(),
                 self.lease_ms,
                 run_id,
-                "0" if replace_current else "1",
+                {"replace": "0", "claim": "1", "leave": "2"}[current],
                 *(item for pair in fields.items() for item in pair),
             ],
         )
@@ -1551,6 +1568,12 @@ class RedisBackend(BaseBackend):
         )
         if status != RUNNING.encode() or await self._reap(session_key, previous):
             return None
+        logger.info(
+            "Run %s of session %s runs on another worker; asked it to stop, and the "
+            "next run waits for its end",
+            previous,
+            session_key,
+        )
         await self._ask_to_stop(session_key, previous)
         remote = asyncio.Event()
         task = asyncio.create_task(

@@ -106,16 +106,17 @@ return 1
 # A run's keys when it starts, or when its writer puts back a run Redis lost:
 # its hash, its lease, and the session's "current" pointer (with ARGV[4] =
 # '1' only if the session has none: a start elsewhere may have taken it
-# meanwhile). One script, not a MULTI: on a cluster, redis-py's asyncio
-# transactions run each queued command on a thread of its own. KEYS: run
-# hash, lease, current. ARGV: worker, lease ms, run id, only if none, then the
+# meanwhile; '2': not at all, for a run that ended). One script, not a MULTI:
+# on a cluster, redis-py's asyncio transactions run each queued command on a
+# thread of its own. KEYS: run hash, lease, current. ARGV: worker, lease ms,
+# run id, '0' (replace), '1' (only if none) or '2' (leave it), then the
 # hash's fields and values.
 START = """
 redis.call('hset', KEYS[1], unpack(ARGV, 5))
 redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
 if ARGV[4] == '1' then
   redis.call('set', KEYS[3], ARGV[3], 'NX')
-else
+elseif ARGV[4] == '0' then
   redis.call('set', KEYS[3], ARGV[3])
 end
 return 1
