@@ -1036,9 +1036,9 @@ class RunService:
         while loop.time() < deadline:
             await asyncio.sleep(0.1)
             state = await backend.get(session_key)
-            # Only a run in flight claims the session when its writer writes it
-            # back (`RedisBackend._resync`), and starts elsewhere wait for the
-            # session's lock, which this one holds: the run is that one.
+            # Only a run in flight, not stopped, claims the session when its
+            # writer writes it back (`RedisBackend._resync`), and starts
+            # elsewhere wait for the session's lock, which this one holds.
             if state is not None:
                 logger.info(
                     "Run %s of session %s is back (%s); the start goes on",

@@ -1218,22 +1218,28 @@ async def test_a_run_redis_lost_is_followed_on_its_worker_until_it_is_written_ag
     assert text_of(events) == "half rest" and events[-1].data == {"status": "done"}
 
 
-@pytest.mark.parametrize("where", ["the same worker", "another worker"])
+@pytest.mark.parametrize("where", ["the same worker", "another worker", "another, still ending"])
 async def test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_in_flight(
     workers, saves, where
 ):
     """Redis lost the session (restarted empty) just as run W ended, replaced
     by run X (on W's worker, or on another one), while W's writer was still
-    copying W's end: that writer writes W again (here called as it would be)
-    before X's writer writes X again. W, ended, must not take the session
-    back: X would find it taken and stop, and a start on yet another worker
-    would replace W and not wait for X."""
+    copying W's end, or W's agent was still cleaning up: W's writer writes W
+    again (here called as it would be) before X's writer writes X again. W,
+    stopped, must not take the session back: X would find it taken and stop,
+    and a start on yet another worker would replace W and not wait for X."""
     a, b = workers
     w_worker = a if where == "the same worker" else b
+    cleaned_up = asyncio.Event()
+    if where != "another, still ending":
+        cleaned_up.set()
 
     async def thinking() -> AsyncIterator[str]:
-        yield "w "
-        await asyncio.sleep(3600)
+        try:
+            yield "w "
+            await asyncio.sleep(3600)
+        finally:
+            await cleaned_up.wait()  # its clean-up, once stopped
 
     w = await start(w_worker, thinking(), saves)
     await eventually(lambda: _has_text(a, "w "), "W did not reach Redis")
@@ -1242,19 +1248,21 @@ async def test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_i
     x = await start(a, paced(words, 0.02), saves)
     subscription = await a.subscribe("s")
 
-    async def w_ended_and_x_streams() -> bool:
+    async def w_stopping_and_x_current() -> bool:
         ended, current = await b.find("s", w), await b.get("s")
-        return (
-            ended is not None
-            and ended.status == "stopped"
-            and current is not None
-            and current.output.startswith("x0 x1 ")
+        if current is None or current.run_id != x or w_run.stop_reason is None:
+            return False
+        # Still ending: W's agent cleans up, and X waits for it. Else W ended
+        # and X streams.
+        return cleaned_up.is_set() is (
+            ended is not None and ended.status == "stopped" and current.output != ""
         )
 
-    await eventually(w_ended_and_x_streams, "W did not end, or X did not stream")
+    await eventually(w_stopping_and_x_current, "W was not stopped, or X did not start")
     await delete_keys(a.redis, a.prefix)
     record = {"worker": worker_id(), "status": "running", "error": "", "meta": "{}"}
     await w_worker._resync(w_run, record)  # W's writer, still copying its end
+    cleaned_up.set()
     events = await asyncio.wait_for(collect(subscription), 20)
     assert text_of(events) == "".join(words) and events[-1].data == {"status": "done"}
 

@@ -971,15 +971,16 @@ class RedisBackend(BaseBackend):
             **({"input": run.pending[0]} if run.pending is not None else {}),
         }
         # Only the newest run of its session here claims the session again,
-        # and not one that ended stopped (its writer was still copying its
-        # end when Redis lost it): a newer run may have replaced it, here or
-        # on another worker, whose writer has not written it back yet. That
+        # and not one stopped (ending, or ended with its writer still copying
+        # its end when Redis lost it): a newer run may have replaced it, here
+        # or on another worker, whose writer has not written it back yet. That
         # run would find the session taken and stop, and a start elsewhere
-        # would replace the ended run and not wait for the one in flight. (An
-        # ended run that claims none is served from its row meanwhile.)
-        claims = self.driver.runs.get(run.session_key) is run and not (
-            run.closed and run.status == STOPPED
+        # would replace the stopped run and not wait for the one in flight.
+        # (A stopped run that claims none is served from its row meanwhile.)
+        stopped = run.status == STOPPED or (
+            run.stop_reason is not None and run.stop_reason[0] == STOPPED
         )
+        claims = self.driver.runs.get(run.session_key) is run and not stopped
         await self._put_run(run.session_key, run.id, fields, current="claim" if claims else "leave")
         if not run.closed:  # an ended run no longer counts as in flight
             await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
