@@ -25,9 +25,10 @@ Scenarios (the goals are those of the Step 5 issue):
   to the first text byte at its subscriber, p50/p99, and a plain GET's p99
   meanwhile. Its ceiling is the same sequence against the bare views.
   (`bench/starts.py` runs it next to the original run manager.)
-- together: 200 starts sent at once (each a session of its own) while 200
-  runs stream; a start's latency p50/p99, next to 200 POSTs at once to the
-  ceiling's start. ``BENCH_DATABASE_THREADS`` sets ``DATABASE_THREADS``.
+- together: 200 starts sent at once (``--together``; each a session of its
+  own) while as many runs stream; a start's latency p50/p99, next to as many
+  POSTs at once to the ceiling's start. ``BENCH_DATABASE_THREADS`` sets
+  ``DATABASE_THREADS``.
 """
 
 from __future__ import annotations
@@ -962,7 +963,7 @@ def report(results: dict[str, list[Figure]], args: argparse.Namespace) -> None:
         p50, p99 = _median(f, "app", "p50 ms"), _median(f, "app", "p99 ms")
         c_p50, c_p99 = _median(f, "ceiling", "p50 ms"), _median(f, "ceiling", "p99 ms")
         row(
-            f"together: 200 starts at once beside 200 streaming runs,"
+            f"together: {args.together} starts at once beside {args.together} streaming runs,"
             f" DATABASE_THREADS={os.environ.get('BENCH_DATABASE_THREADS', '1')}",
             f"start p50 {p50:.1f} ms, p99 {p99:.1f} ms",
             f"p50 {c_p50:.1f} ms, p99 {c_p99:.1f} ms",
@@ -1005,7 +1006,7 @@ async def main(args: argparse.Namespace) -> None:
         "stalled": stalled,
         "start": lambda port: start(port, seconds=args.start_seconds),
         "starts": lambda port: starts(port, args.start_runs),
-        "together": together,
+        "together": lambda port: together(port, args.together),
     }
     for name in only:
         # A server of its own for each scenario: runs another scenario left in
@@ -1032,6 +1033,12 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--start-seconds", type=float, default=10)
     parser.add_argument("--start-runs", type=int, default=1000, help="starts: runs started")
+    parser.add_argument(
+        "--together",
+        type=int,
+        default=200,
+        help="together: starts sent at once, beside as many streaming runs",
+    )
     parser.add_argument("--quick", action="store_true", help="small loads, one repetition")
     parser.add_argument(
         "--server", choices=("daphne", "uvicorn"), default="daphne", help="the ASGI server"
@@ -1042,5 +1049,5 @@ if __name__ == "__main__":
         parser.error(f"--only: no scenario {', '.join(unknown)}; they are {', '.join(SCENARIOS)}")
     if args.quick:
         args.repeat, args.subscribers, args.runs, args.start_seconds = 1, 100, 200, 3
-        args.start_runs = 200
+        args.start_runs, args.together = 200, 50
     asyncio.run(main(args))
