@@ -106,7 +106,8 @@ return 1
 # A run's keys when it starts, or when its writer puts back a run Redis lost:
 # its hash, its lease, and the session's "current" pointer (with ARGV[4] =
 # '1' only if the session has none: a start elsewhere may have taken it
-# meanwhile; '2': not at all, for a run that ended). One script, not a MULTI:
+# meanwhile; '2': not at all, for a stopped run that a newer one may have
+# replaced: `RedisBackend._resync`). One script, not a MULTI:
 # on a cluster, redis-py's asyncio transactions run each queued command on a
 # thread of its own. KEYS: run hash, lease, current. ARGV: worker, lease ms,
 # run id, '0' (replace), '1' (only if none) or '2' (leave it), then the
