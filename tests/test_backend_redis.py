@@ -1268,3 +1268,68 @@ async def test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_i
 async def _has_text(backend: RedisBackend, text: str) -> bool:
     state = await backend.get("s")
     return state is not None and state.output == text
+
+
+def _begins(order: list[str], name: str, words: list[str]) -> AsyncIterator[str]:
+    """An agent that notes when it begins, then says ``words`` slowly."""
+
+    async def agent() -> AsyncIterator[str]:
+        order.append(f"{name} begins")
+        for word in words:
+            await asyncio.sleep(0.05)
+            yield word
+
+    return agent()
+
+
+def _lingering(order: list[str], name: str, seconds: float) -> AsyncIterator[str]:
+    """An agent that says one word, thinks for ever, and takes ``seconds``
+    to let go once stopped; notes when it let go."""
+
+    async def agent() -> AsyncIterator[str]:
+        try:
+            yield f"{name} "
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(seconds)
+            order.append(f"{name} let go")
+
+    return agent()
+
+
+@pytest.mark.parametrize("first_back", ["either", "W"])
+async def test_a_start_waiting_for_a_run_elsewhere_goes_on_waiting_when_redis_loses_it(
+    saves, first_back
+):
+    """X on B replaces W on A, whose agent takes a while to let go, and waits
+    for W's end; then Redis restarts empty (its keys are deleted here). The
+    wait read W's status, found none, and took that for W's end: X's agent
+    began while W's still ran. W's worker writes W back within a lease.
+    With ``first_back`` "W", W's writer writes W back (called here as it
+    would be) before X's writer writes X back: W, asked to stop, used to
+    take the session, and X's writer then stopped X, the run its user
+    sent last, before its agent began."""
+    order: list[str] = []
+    async with two_workers() as (a, b):
+        w = await start(a, _lingering(order, "w", 0.8), saves)
+        w_run = a.driver.runs["s"]
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        x = await start(b, _begins(order, "x", [f"x{i} " for i in range(20)]), saves)
+        await asyncio.sleep(0.2)  # B waits for W's end, asked to stop
+        assert order == []
+        await delete_keys(a.redis, a.prefix)
+        if first_back == "W":
+            record = {"worker": worker_id(), "status": "running", "error": "", "meta": "{}"}
+            await a._resync(w_run, record)
+        await eventually(lambda: _has(order, "x begins"), f"X never began: {order}", 10)
+        assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
+        await eventually(lambda: _saved(saves, x), "X was not saved", 10)
+        assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
+
+
+async def _saved(saves: Saves, run_id: str) -> bool:
+    return any(end.run_id == run_id for end in saves.ends)
+
+
+async def _has(order: list[str], item: str) -> bool:
+    return item in order

@@ -113,7 +113,6 @@ from .base import (
     DELETE_TIMEOUT,
     INTERRUPTED,
     RUNNING,
-    STOPPED,
     WAITING,
     BaseBackend,
     Finalize,
@@ -971,15 +970,15 @@ class RedisBackend(BaseBackend):
             **({"input": run.pending[0]} if run.pending is not None else {}),
         }
         # Only the newest run of its session here claims the session again,
-        # and not one that ended stopped (its writer was still copying its
-        # end when Redis lost it): a newer run may have replaced it, here or
-        # on another worker, whose writer has not written it back yet. That
-        # run would find the session taken and stop, and a start elsewhere
-        # would replace the ended run and not wait for the one in flight. (An
-        # ended run that claims none is served from its row meanwhile.)
-        claims = self.driver.runs.get(run.session_key) is run and not (
-            run.closed and run.status == STOPPED
-        )
+        # and not one asked to stop, whether it ended meanwhile (its writer was
+        # still copying its end when Redis lost it) or not yet (its agent is
+        # letting go): a newer run may have replaced it, here or on another
+        # worker (where it waits for this one's end), whose writer has not
+        # written it back yet. That run would find the session taken and
+        # stop, and a start elsewhere would replace this one and not wait for
+        # the newer one. (A run that claims none is served from its row
+        # meanwhile, and a start elsewhere waits for its row to end.)
+        claims = self.driver.runs.get(run.session_key) is run and run.stop_reason is None
         await self._put_run(run.session_key, run.id, fields, current="claim" if claims else "leave")
         if not run.closed:  # an ended run no longer counts as in flight
             await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
@@ -1598,9 +1597,16 @@ class RedisBackend(BaseBackend):
 
     async def _await_end(self, session_key: str, run_id: str, remote: asyncio.Event) -> None:
         """Set ``remote`` once the other worker saved and ended the run
-        (its status is no longer running) or its lease lapsed (it died)."""
+        (its status is no longer running) or its lease lapsed (it died).
+
+        A run Redis lost (it restarted empty) has no status: that is no end.
+        Its writer writes it back within a lease (`rejoin_within`), without
+        the stop's flag, which went with it: the stop is asked again then.
+        One that does not come back within a lease has no worker left."""
         meta = self._key(session_key, "run", run_id)
         lease = self._key(session_key, "lease", run_id)
+        loop = asyncio.get_running_loop()
+        lost_at: float | None = None
         try:
             while True:
                 try:
@@ -1611,6 +1617,25 @@ class RedisBackend(BaseBackend):
                     metrics.redis_errors.inc()
                     await asyncio.sleep(0.5)
                     continue
+                if status is None:
+                    if lost_at is None:
+                        lost_at = loop.time()
+                        logger.warning(
+                            "Redis lost run %s of session %s, whose end the next run waits "
+                            "for; waiting up to %s s for its worker to write it back",
+                            run_id,
+                            session_key,
+                            self.rejoin_within,
+                        )
+                    elif loop.time() - lost_at > self.rejoin_within:
+                        logger.warning("Run %s did not come back; the next run goes on", run_id)
+                        return
+                    await asyncio.sleep(0.05)
+                    continue
+                if lost_at is not None:
+                    lost_at = None
+                    with contextlib.suppress(BackendUnavailable):
+                        await self._ask_to_stop(session_key, run_id)
                 if status != RUNNING.encode():
                     return
                 if not alive:
