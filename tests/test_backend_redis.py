@@ -1333,3 +1333,40 @@ async def _saved(saves: Saves, run_id: str) -> bool:
 
 async def _has(order: list[str], item: str) -> bool:
     return item in order
+
+
+async def _start_with_row(backend: RedisBackend, source: Any, saves: Saves) -> str:
+    """`start`, with a row's id in the meta (as the service gives): a reap
+    asks the row for its end (`RedisBackend.saved_end`)."""
+    run_id = new_id()
+    meta = {"owner": "o", "uuid": str(uuid.UUID(run_id))}
+    await backend.start("s", run_id, source, start_data={"run": run_id}, meta=meta, finalize=saves)
+    return run_id
+
+
+async def test_a_lease_renewed_while_another_worker_reaps_the_run_keeps_the_run_alive(saves):
+    """W's lease lapsed (its worker's renewal was held up: Redis paused its
+    writes, or the worker's loop stalled; the lease is deleted here), and a
+    start on B reaps W: it reads the lease, finds none, asks the row for
+    W's end, and only then writes W's end. W's worker renews the lease in
+    between (here, called as it would be, while B asks the row). The reap
+    used to go on, and X's agent began at once, W's agent never asked to
+    stop: it went on beside X until its next write."""
+    order: list[str] = []
+    async with two_workers() as (a, b):
+        w = await _start_with_row(a, _lingering(order, "w", 0.3), saves)
+        w_run = a.driver.runs["s"]
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        await a.redis.delete(a._key("s", "lease", w))
+
+        async def renewed_meanwhile(pk: str) -> None:
+            assert await a._renew(w_run)  # W's worker renews its lease now
+            return None  # W's row holds no end
+
+        b.saved_end = renewed_meanwhile
+        x = await start(b, _begins(order, "x", ["x "]), saves)
+        await eventually(lambda: _has(order, "x begins"), f"X never began: {order}", 10)
+        assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
+        await eventually(lambda: _saved(saves, x), "X was not saved", 10)
+        assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
+

@@ -1703,6 +1703,7 @@ class RedisBackend(BaseBackend):
                     self._key(session_key, "log", run_id),
                     self._key(session_key, "current"),
                     self._key(session_key, "head", run_id),
+                    self._key(session_key, "lease", run_id),
                 ],
                 args=[
                     _stream_id(terminal),
@@ -1719,6 +1720,8 @@ class RedisBackend(BaseBackend):
                     json.dumps({"text": rest}) if rest else "",
                     start_id,
                     start_data,
+                    # Only if the lease is still as read: not renewed meanwhile.
+                    holder or b"",
                 ],
             )
         )

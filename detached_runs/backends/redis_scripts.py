@@ -211,15 +211,18 @@ end
 return false
 """
 
-# KEYS: run hash, log, current, head. ARGV: terminal id, its data, finished_at,
+# KEYS: run hash, log, current, head, lease. ARGV: terminal id, its data, finished_at,
 # grace (ms), run id, maxlen, keep, piece, status, error, the id and data of a
 # last delta (or two empty strings): the text its worker saved but never wrote
 # to Redis, and the id and data of a start event (or two empty strings): for
-# a run whose worker died before its first event reached Redis.
+# a run whose worker died before its first event reached Redis; then the
+# lease's holder the reaper read ('' for none): a lease renewed since (its
+# worker was only late: Redis paused its writes) keeps the run alive.
 REAP = (
     LUA
     + """
 if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
+if (redis.call('get', KEYS[5]) or '') ~= ARGV[15] then return 0 end
 redis.call('hset', KEYS[1], 'status', ARGV[9], 'error', ARGV[10], 'finished_at', ARGV[3])
 if ARGV[13] ~= '' then redis.call('xadd', KEYS[2], ARGV[13], 'e', 'start', 'd', ARGV[14]) end
 if ARGV[11] ~= '' then redis.call('xadd', KEYS[2], ARGV[11], 'e', 'delta', 'd', ARGV[12]) end
