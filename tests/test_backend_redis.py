@@ -1370,3 +1370,29 @@ async def test_a_lease_renewed_while_another_worker_reaps_the_run_keeps_the_run_
         await eventually(lambda: _saved(saves, x), "X was not saved", 10)
         assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
 
+
+async def test_a_start_waiting_for_a_run_whose_lease_lapsed_and_came_back_goes_on_waiting(saves):
+    """X on B waits for the end of W on A, asked to stop, whose agent takes a
+    while to let go; meanwhile W's lease lapses (its worker's renewal was
+    held up; the lease is deleted here) and comes back (renewed, here called
+    as it would be while B asks W's row for its end, the reap's last step
+    before it writes W's end). B's wait saw the lease gone, tried to reap W,
+    was refused, and took that for W's end: X's agent began beside W's."""
+    order: list[str] = []
+    async with two_workers() as (a, b):
+        w = await _start_with_row(a, _lingering(order, "w", 0.8), saves)
+        w_run = a.driver.runs["s"]
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        x = await start(b, _begins(order, "x", ["x "]), saves)
+        await asyncio.sleep(0.1)  # B waits for W's end, asked to stop
+
+        async def renewed_meanwhile(pk: str) -> None:
+            assert await a._renew(w_run)  # W's worker renews its lease now
+            return None  # W's row holds no end yet
+
+        b.saved_end = renewed_meanwhile
+        await a.redis.delete(a._key("s", "lease", w))
+        await eventually(lambda: _has(order, "x begins"), f"X never began: {order}", 10)
+        assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
+        await eventually(lambda: _saved(saves, x), "X was not saved", 10)
+        assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")

@@ -1638,9 +1638,16 @@ class RedisBackend(BaseBackend):
                         await self._ask_to_stop(session_key, run_id)
                 if status != RUNNING.encode():
                     return
-                if not alive:
-                    await self._reap(session_key, run_id)
-                    return
+                # Its lease lapsed: ended here, unless it is back (renewed late,
+                # its worker alive: the run goes on, and so does the wait), or
+                # Redis is unreachable at the reap (tried again: a wait that
+                # ended here would let the next run begin before this one's end).
+                try:
+                    if not alive and await self._reap(session_key, run_id):
+                        return
+                except BackendUnavailable:
+                    await asyncio.sleep(0.5)
+                    continue
                 await asyncio.sleep(0.05)
         finally:
             remote.set()
