@@ -1396,3 +1396,21 @@ async def test_a_start_waiting_for_a_run_whose_lease_lapsed_and_came_back_goes_o
         assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
         await eventually(lambda: _saved(saves, x), "X was not saved", 10)
         assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
+
+
+async def test_a_run_reaped_while_its_worker_was_cut_off_stops_at_its_workers_next_renewal(saves):
+    """W's worker was cut off from Redis past W's lease (the lease is deleted
+    here, as when it lapses), and a start on B reaped W and began X. Once W's
+    worker reaches Redis again, its writer's renewal found W's hash there and
+    renewed the lease: W's agent, thinking without writing, went on beside X
+    for as long as it thought (only an append saw that W had ended)."""
+    order: list[str] = []
+    async with two_workers(renew_every=0.5, evict_after=30) as (a, b):
+        w = await start(a, _lingering(order, "w", 0), saves)
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        await a.redis.delete(a._key("s", "lease", w))
+        x = await start(b, _begins(order, "x", [f"x{i} " for i in range(100)]), saves)
+        assert await b.redis.hget(b._key("s", "run", w), "status") == b"interrupted"
+        await eventually(lambda: _has(order, "w let go"), f"W went on beside X: {order}", 5)
+        assert "x begins" in order
+        await b.stop("s", x)

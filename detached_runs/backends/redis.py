@@ -854,7 +854,14 @@ class RedisBackend(BaseBackend):
                     # Whether or not there is something to write: a writer kept
                     # busy by a fast agent must not let its lease lapse.
                     renewed = loop.time()
-                    if not await self._renew(run):
+                    held = await self._renew(run)
+                    if held == ENDED:
+                        # Reaped while this worker was cut off past its lease:
+                        # its agent, thinking without writing, would go on
+                        # beside the session's next run until its next append.
+                        self._ended_elsewhere(run)
+                        return
+                    if not held:
                         resync = True  # Redis lost the run; an idle writer learns it here
                         continue
                 if not events:
@@ -895,15 +902,7 @@ class RedisBackend(BaseBackend):
                         resync = True
                         continue
                     if written == ENDED:
-                        # Another worker ended this run (our lease lapsed while we
-                        # were cut off): it is not ours to write or finish any more.
-                        logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
-                        self.driver.request_stop(run, ("interrupted", ""))
-                        task = asyncio.create_task(
-                            self._yield_to_row(run), name="detached_runs:redis-yield"
-                        )
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                        self._ended_elsewhere(run)
                         return
                     if run.first_text_at is not None and not told_first:
                         # Once, for the other workers: their mirrors cannot
@@ -944,6 +943,15 @@ class RedisBackend(BaseBackend):
                     return
         finally:
             self._writers.pop(run.id, None)
+
+    def _ended_elsewhere(self, run: DrivenRun) -> None:
+        """Another worker ended this run (our lease lapsed while we were cut
+        off): it is not ours to write or finish any more; stop it here."""
+        logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
+        self.driver.request_stop(run, ("interrupted", ""))
+        task = asyncio.create_task(self._yield_to_row(run), name="detached_runs:redis-yield")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _yield_to_row(self, run: DrivenRun) -> None:
         """A run that another worker reaped while this one was cut off from
@@ -1103,10 +1111,11 @@ class RedisBackend(BaseBackend):
             metrics.redis_errors.inc()
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
-    async def _renew(self, run: DrivenRun) -> bool:
+    async def _renew(self, run: DrivenRun) -> int:
         """Renew the run's lease, and its entries in the sets of runs in flight
-        (which expire with it: a dead worker's runs count for nobody). False
-        if Redis no longer holds the run (it restarted empty)."""
+        (which expire with it: a dead worker's runs count for nobody). 0 if
+        Redis no longer holds the run (it restarted empty), `ENDED` if it
+        holds it ended (another worker reaped it), else a true value."""
         pipe = self.redis.pipeline(transaction=False)
         await self._lua.renew(
             keys=[
@@ -1122,10 +1131,10 @@ class RedisBackend(BaseBackend):
         except UNREACHABLE:
             metrics.redis_errors.inc()
             logger.warning("Could not renew the lease of run %s", run.id)
-            return True  # unreachable, not lost: the writer's next attempt finds out
+            return 1  # unreachable, not lost: the writer's next attempt finds out
         if held == STOP_ASKED:
             self.driver.request_stop(run)  # its message on the stop channel was lost
-        return bool(held)
+        return int(held)
 
     # -- reading (any worker with subscribers) -----------------------------
 

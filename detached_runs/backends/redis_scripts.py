@@ -157,10 +157,14 @@ local ms = now[1] * 1000 + math.floor(now[2] / 1000)
 return redis.call('zrangebyscore', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
 """
 
-# Renew a lease only while Redis still holds the run. KEYS: lease, run hash.
+# Renew a lease only while Redis still holds the run, running: one that
+# another worker ended (reaped: this worker was cut off past its lease)
+# is -1 (`ENDED`), and its lease is not renewed. KEYS: lease, run hash.
 # ARGV: worker, lease ms.
 RENEW = """
-if redis.call('exists', KEYS[2]) == 0 then return 0 end
+local status = redis.call('hget', KEYS[2], 'status')
+if not status then return 0 end
+if status ~= 'running' then return -1 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('hget', KEYS[2], 'stop') == '1' then return 2 end
 return 1
