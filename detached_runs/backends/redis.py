@@ -1609,7 +1609,7 @@ class RedisBackend(BaseBackend):
         (its status is no longer running) or its lease lapsed (it died).
 
         A run Redis lost (it restarted empty) has no status: that is no end.
-        Its writer writes it back within a lease (`rejoin_within`), without
+        Its writer writes it back within a lease (as `rejoin_within`), without
         the stop's flag, which went with it: the stop is asked again then.
         One that does not come back within a lease has no worker left."""
         meta = self._key(session_key, "run", run_id)
@@ -1634,9 +1634,9 @@ class RedisBackend(BaseBackend):
                             "for; waiting up to %s s for its worker to write it back",
                             run_id,
                             session_key,
-                            self.rejoin_within,
+                            self.lease_ms / 1000,
                         )
-                    elif loop.time() - lost_at > self.rejoin_within:
+                    elif loop.time() - lost_at > self.lease_ms / 1000:
                         logger.warning("Run %s did not come back; the next run goes on", run_id)
                         return
                     await asyncio.sleep(0.05)
