@@ -1414,3 +1414,28 @@ async def test_a_run_reaped_while_its_worker_was_cut_off_stops_at_its_workers_ne
         await eventually(lambda: _has(order, "w let go"), f"W went on beside X: {order}", 5)
         assert "x begins" in order
         await b.stop("s", x)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_queued_run_does_not_start_beside_a_run_redis_lost(saves):
+    """W runs on A, X is queued behind it (``multitask="enqueue"``), and Redis
+    restarts empty (its keys are deleted here). Before W's writer writes W
+    back, B promotes the queue (`RunService._promote`, called here as B's
+    row sweep calls it for a queue that waited long): it found no run in
+    flight in the backend and started X beside W. A start waits up to a
+    lease for such a run to come back (`RunService._rejoined`); so must the
+    queue."""
+    from detached_runs.models import Run
+    from detached_runs.runs import RunService
+
+    async with two_workers() as (a, b):
+        first, second = RunService(a), RunService(b)
+        w = await first.start("s", prompt="w", agent="tests.agents.forever")
+        await eventually(lambda: _has_text(b, "thinking "), "W did not reach Redis")
+        x = await second.start("s", prompt="5", agent="tests.agents.words", multitask="enqueue")
+        assert x.status == "queued"
+        await delete_keys(a.redis, a.prefix)
+        assert await second._promote("s") is None
+        rows = {run.pk: run.status async for run in Run.objects.filter(session_key="s")}
+        assert (rows[w.pk], rows[x.pk]) == ("running", "queued")
+        await first.stop("s")
