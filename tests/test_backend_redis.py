@@ -1439,3 +1439,31 @@ async def test_a_queued_run_does_not_start_beside_a_run_redis_lost(saves):
         rows = {run.pk: run.status async for run in Run.objects.filter(session_key="s")}
         assert (rows[w.pk], rows[x.pk]) == ("running", "queued")
         await first.stop("s")
+
+
+async def test_a_run_whose_lease_lapses_while_redis_pauses_writes_is_not_reaped(own_redis, saves):
+    """Redis pauses writes (``CLIENT PAUSE ... WRITE``) for longer than a
+    lease: W's worker renews W's lease meanwhile, its renewal held by Redis.
+    A read on B (a status) finds the lease lapsed (Redis answers an expired
+    key as gone while it pauses) and reaps W: its reap's writes wait behind
+    the renewal, which goes first once Redis takes writes again. The reap
+    used to end W all the same, a run whose worker is alive and well."""
+    import redis.asyncio as aioredis
+
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    admin = aioredis.Redis.from_url(url)
+    order: list[str] = []
+    try:
+        async with two_workers(url, lease_ms=1000, renew_every=0.3) as (a, b):
+            w = await _start_with_row(a, _lingering(order, "w", 0), saves)
+            await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+            await admin.execute_command("CLIENT", "PAUSE", 2000, "WRITE")
+            await asyncio.sleep(1.3)  # A's renewal waits for Redis; the lease lapses
+            state = await b.find("s", w)
+            assert state is not None and state.status == "running"
+            await asyncio.sleep(1)
+            assert order == [] and a.driver.runs["s"].stop_reason is None
+            assert await b.redis.hget(b._key("s", "run", w), "status") == b"running"
+            await a.stop("s", w)
+    finally:
+        await admin.aclose()
