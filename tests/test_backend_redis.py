@@ -1467,3 +1467,70 @@ async def test_a_run_whose_lease_lapses_while_redis_pauses_writes_is_not_reaped(
             await a.stop("s", w)
     finally:
         await admin.aclose()
+
+
+async def test_a_run_that_ended_done_as_redis_lost_it_leaves_the_session_to_the_run_after_it(
+    workers, saves
+):
+    """As `test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_in_flight`,
+    but W ended by itself (``done``) on B, and X followed it on A: W's
+    writer, still copying W's end when Redis lost it, writes W back (here
+    called as it would be) before X's writer writes X back. W, ended, used
+    to take the session back (only a run that ended stopped left it), and X
+    found it taken and stopped."""
+    a, b = workers
+    w = await start(b, paced(["w "]), saves)
+    w_run = b.driver.runs["s"]
+
+    async def w_done() -> bool:
+        state = await a.find("s", w)
+        return state is not None and state.status == "done"
+
+    await eventually(w_done, "W did not end")
+    words = [f"x{i} " for i in range(60)]
+    gate = asyncio.Event()
+
+    async def x_thinks_then_talks() -> AsyncIterator[str]:
+        yield "x0 x1 "
+        await gate.wait()  # X's writer has nothing to write meanwhile
+        for word in words[2:]:
+            await asyncio.sleep(0.02)
+            yield word
+
+    x = await start(a, x_thinks_then_talks(), saves)
+    subscription = await a.subscribe("s")
+    await eventually(lambda: _x_streams(b), "X did not stream")
+    await delete_keys(a.redis, a.prefix)
+    record = {"worker": worker_id(), "status": "running", "error": "", "meta": "{}"}
+    await b._resync(w_run, record)  # W's writer, still copying its end
+    gate.set()
+    events = await asyncio.wait_for(collect(subscription), 20)
+    assert text_of(events) == "".join(words) and events[-1].data == {"status": "done"}
+    assert saves.status_of(x) == "done"
+
+
+async def _x_streams(backend: RedisBackend) -> bool:
+    state = await backend.get("s")
+    return state is not None and state.output.startswith("x0 x1 ")
+
+
+async def test_a_replaced_run_whose_stop_was_lost_with_redis_does_not_win_the_session(saves):
+    """X on B replaces W on A while A's stop channel is down (its listener is
+    cancelled here: the message is lost), and Redis restarts empty before
+    W's writer reads the stop's flag (its keys are deleted here): the flag
+    is lost too. W's writer, writing as W goes on, writes W back first and
+    claims the session; X's writer, at its renewal, finds the session taken
+    and stopped X, the run its user sent last. B's wait asks W to stop again
+    once W is back: both ended stopped. X, newer, takes the session back."""
+    order: list[str] = []
+    async with two_workers(renew_every=1.0) as (a, b):
+        w = await start(a, _begins(order, "w", [f"w{i} " for i in range(200)]), saves)
+        await eventually(lambda: _has(order, "w begins"), "W did not begin")
+        await a._ensure_listener()
+        assert a._listener is not None
+        a._listener.cancel()
+        x = await start(b, _begins(order, "x", ["x "]), saves)
+        await asyncio.sleep(0.2)  # X's writer wrote X's start; it renews in a second
+        await delete_keys(a.redis, a.prefix)
+        await eventually(lambda: _saved(saves, x), "X was not saved", 15)
+        assert (saves.status_of(x), saves.status_of(w)) == ("done", "stopped")

@@ -978,19 +978,47 @@ class RedisBackend(BaseBackend):
             **({"input": run.pending[0]} if run.pending is not None else {}),
         }
         # Only the newest run of its session here claims the session again,
-        # and not one asked to stop, whether it ended meanwhile (its writer was
-        # still copying its end when Redis lost it) or not yet (its agent is
-        # letting go): a newer run may have replaced it, here or on another
-        # worker (where it waits for this one's end), whose writer has not
-        # written it back yet. That run would find the session taken and
-        # stop, and a start elsewhere would replace this one and not wait for
-        # the newer one. (A run that claims none is served from its row
-        # meanwhile, and a start elsewhere waits for its row to end.)
+        # and not one asked to stop, whether it ended meanwhile (its writer
+        # was still copying its end when Redis lost it) or not yet (its agent
+        # is letting go): a newer run replaced it, here or on another worker
+        # (where it may wait for this one's end), whose writer has not written
+        # it back yet. That run would find the session taken, and a start
+        # elsewhere would replace this one and not wait for the newer one. (A
+        # run that claims none is served from its row meanwhile, and a start
+        # elsewhere waits for its row.) A run that ended by itself still
+        # claims it; a run that followed it takes it back (`_older`, below).
         claims = self.driver.runs.get(run.session_key) is run and run.stop_reason is None
         await self._put_run(run.session_key, run.id, fields, current="claim" if claims else "leave")
         if not run.closed:  # an ended run no longer counts as in flight
             await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
         current = await self._current(run.session_key) if claims else None
+        if (
+            current is not None
+            and current != run.id
+            and await self._older(run.session_key, current, run.meta)
+        ):
+            # A run before this one took the session back first: one that
+            # ended by itself (its writer was still copying its end), or one
+            # this one replaced whose stop was lost (its message, while its
+            # worker's channel was down, and its flag with Redis). This one,
+            # newer, takes the session, and asks that one to stop (again: the
+            # start that replaced it still waits for its end, and asks too,
+            # `_await_end`).
+            logger.warning(
+                "Run %s of session %s takes the session back from the older run %s, "
+                "which Redis had lost too, and asks it to stop",
+                run.id,
+                run.session_key,
+                current,
+            )
+            older = current
+            if await self._lua.swap_current(
+                keys=[self._key(run.session_key, "current")], args=[older, run.id]
+            ):
+                current = run.id
+                await self._ask_to_stop(run.session_key, older)
+            else:
+                current = await self._current(run.session_key)
         if current is not None and current != run.id:
             # A start elsewhere took the session while Redis had lost this run
             # (it waits a lease for the run to come back: `RunService.start`);
@@ -1003,6 +1031,18 @@ class RedisBackend(BaseBackend):
             )
             self.driver.request_stop(run)
         return ORIGIN
+
+    async def _older(self, session_key: str, other: str, meta: Mapping[str, Any]) -> bool:
+        """Whether run ``other`` of the session started before the run whose
+        meta is ``meta`` (by their ``started_at``, Redis's clock under the
+        session's lock); False if either is unknown."""
+        stored = await self.redis.hget(self._key(session_key, "run", other), "meta")
+        try:
+            theirs = float(json.loads(stored)["started_at"]) if stored else None
+            ours = float(meta["started_at"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        return theirs is not None and theirs < ours
 
     async def _put_run(
         self,

@@ -257,6 +257,16 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 
+# Make the session's "current" pointer name run ARGV[2] if it names run
+# ARGV[1]. KEYS: current.
+SWAP_CURRENT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # Replace a run's stored meta only if it is still the one read (and the run is
 # still there). KEYS: run hash. ARGV: the meta read, the new meta.
 SWAP_META = """
@@ -305,6 +315,7 @@ class Scripts:
         self.reap = Script(redis, REAP)
         self.renew = Script(redis, RENEW)
         self.start = Script(redis, START)
+        self.swap_current = Script(redis, SWAP_CURRENT)
         self.swap_meta = Script(redis, SWAP_META)
         self.take = Script(redis, TAKE)
         self.touch = Script(redis, TOUCH)
