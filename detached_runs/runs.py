@@ -473,6 +473,11 @@ class RunService:
                     return None
                 async with backend.ordered(session_key):
                     current = await backend.get(session_key)
+                    if current is None and backend.rejoin_within is not None:
+                        # A run in flight that a shared backend lost (Redis
+                        # restarted empty) is not over: as a start, the queue
+                        # waits for its worker to write it back.
+                        current = await self._rejoined(backend, session_key, backend.rejoin_within)
                     if current is not None and current.status in ACTIVE:
                         return None  # its own end starts the next one
                     backend.check_accepting()

@@ -1276,3 +1276,269 @@ async def test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_i
 async def _has_text(backend: RedisBackend, text: str) -> bool:
     state = await backend.get("s")
     return state is not None and state.output == text
+
+
+def _begins(order: list[str], name: str, words: list[str]) -> AsyncIterator[str]:
+    """An agent that notes when it begins, then says ``words`` slowly."""
+
+    async def agent() -> AsyncIterator[str]:
+        order.append(f"{name} begins")
+        for word in words:
+            await asyncio.sleep(0.05)
+            yield word
+
+    return agent()
+
+
+def _lingering(order: list[str], name: str, seconds: float) -> AsyncIterator[str]:
+    """An agent that says one word, thinks for ever, and takes ``seconds``
+    to let go once stopped; notes when it let go."""
+
+    async def agent() -> AsyncIterator[str]:
+        try:
+            yield f"{name} "
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(seconds)
+            order.append(f"{name} let go")
+
+    return agent()
+
+
+@pytest.mark.parametrize("first_back", ["either", "W"])
+async def test_a_start_waiting_for_a_run_elsewhere_goes_on_waiting_when_redis_loses_it(
+    saves, first_back
+):
+    """X on B replaces W on A, whose agent takes a while to let go, and waits
+    for W's end; then Redis restarts empty (its keys are deleted here). The
+    wait read W's status, found none, and took that for W's end: X's agent
+    began while W's still ran. W's worker writes W back within a lease.
+    With ``first_back`` "W", W's writer writes W back (called here as it
+    would be) before X's writer writes X back: W, asked to stop, used to
+    take the session, and X's writer then stopped X, the run its user
+    sent last, before its agent began."""
+    order: list[str] = []
+    async with two_workers() as (a, b):
+        w = await start(a, _lingering(order, "w", 0.8), saves)
+        w_run = a.driver.runs["s"]
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        x = await start(b, _begins(order, "x", [f"x{i} " for i in range(20)]), saves)
+        await asyncio.sleep(0.2)  # B waits for W's end, asked to stop
+        assert order == []
+        await delete_keys(a.redis, a.prefix)
+        if first_back == "W":
+            record = {"worker": worker_id(), "status": "running", "error": "", "meta": "{}"}
+            await a._resync(w_run, record)
+        await eventually(lambda: _has(order, "x begins"), f"X never began: {order}", 10)
+        assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
+        await eventually(lambda: _saved(saves, x), "X was not saved", 10)
+        assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
+
+
+async def _saved(saves: Saves, run_id: str) -> bool:
+    return any(end.run_id == run_id for end in saves.ends)
+
+
+async def _has(order: list[str], item: str) -> bool:
+    return item in order
+
+
+async def _start_with_row(backend: RedisBackend, source: Any, saves: Saves) -> str:
+    """`start`, with a row's id in the meta (as the service gives): a reap
+    asks the row for its end (`RedisBackend.saved_end`)."""
+    run_id = new_id()
+    meta = {"owner": "o", "uuid": str(uuid.UUID(run_id))}
+    await backend.start("s", run_id, source, start_data={"run": run_id}, meta=meta, finalize=saves)
+    return run_id
+
+
+async def test_a_lease_renewed_while_another_worker_reaps_the_run_keeps_the_run_alive(saves):
+    """W's lease lapsed (its worker's renewal was held up: Redis paused its
+    writes, or the worker's loop stalled; the lease is deleted here), and a
+    start on B reaps W: it reads the lease, finds none, asks the row for
+    W's end, and only then writes W's end. W's worker renews the lease in
+    between (here, called as it would be, while B asks the row). The reap
+    used to go on, and X's agent began at once, W's agent never asked to
+    stop: it went on beside X until its next write."""
+    order: list[str] = []
+    async with two_workers() as (a, b):
+        w = await _start_with_row(a, _lingering(order, "w", 0.3), saves)
+        w_run = a.driver.runs["s"]
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        await a.redis.delete(a._key("s", "lease", w))
+
+        async def renewed_meanwhile(pk: str) -> None:
+            assert await a._renew(w_run)  # W's worker renews its lease now
+            return None  # W's row holds no end
+
+        b.saved_end = renewed_meanwhile
+        x = await start(b, _begins(order, "x", ["x "]), saves)
+        await eventually(lambda: _has(order, "x begins"), f"X never began: {order}", 10)
+        assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
+        await eventually(lambda: _saved(saves, x), "X was not saved", 10)
+        assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
+
+
+async def test_a_start_waiting_for_a_run_whose_lease_lapsed_and_came_back_goes_on_waiting(saves):
+    """X on B waits for the end of W on A, asked to stop, whose agent takes a
+    while to let go; meanwhile W's lease lapses (its worker's renewal was
+    held up; the lease is deleted here) and comes back (renewed, here called
+    as it would be while B asks W's row for its end, the reap's last step
+    before it writes W's end). B's wait saw the lease gone, tried to reap W,
+    was refused, and took that for W's end: X's agent began beside W's."""
+    order: list[str] = []
+    async with two_workers() as (a, b):
+        w = await _start_with_row(a, _lingering(order, "w", 0.8), saves)
+        w_run = a.driver.runs["s"]
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        x = await start(b, _begins(order, "x", ["x "]), saves)
+        await asyncio.sleep(0.1)  # B waits for W's end, asked to stop
+
+        async def renewed_meanwhile(pk: str) -> None:
+            assert await a._renew(w_run)  # W's worker renews its lease now
+            return None  # W's row holds no end yet
+
+        b.saved_end = renewed_meanwhile
+        await a.redis.delete(a._key("s", "lease", w))
+        await eventually(lambda: _has(order, "x begins"), f"X never began: {order}", 10)
+        assert "w let go" in order and order.index("w let go") < order.index("x begins"), order
+        await eventually(lambda: _saved(saves, x), "X was not saved", 10)
+        assert (saves.status_of(w), saves.status_of(x)) == ("stopped", "done")
+
+
+async def test_a_run_reaped_while_its_worker_was_cut_off_stops_at_its_workers_next_renewal(saves):
+    """W's worker was cut off from Redis past W's lease (the lease is deleted
+    here, as when it lapses), and a start on B reaped W and began X. Once W's
+    worker reaches Redis again, its writer's renewal found W's hash there and
+    renewed the lease: W's agent, thinking without writing, went on beside X
+    for as long as it thought (only an append saw that W had ended)."""
+    order: list[str] = []
+    async with two_workers(renew_every=0.5, evict_after=30) as (a, b):
+        w = await start(a, _lingering(order, "w", 0), saves)
+        await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+        await a.redis.delete(a._key("s", "lease", w))
+        x = await start(b, _begins(order, "x", [f"x{i} " for i in range(100)]), saves)
+        assert await b.redis.hget(b._key("s", "run", w), "status") == b"interrupted"
+        await eventually(lambda: _has(order, "w let go"), f"W went on beside X: {order}", 5)
+        assert "x begins" in order
+        await b.stop("s", x)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_queued_run_does_not_start_beside_a_run_redis_lost(saves):
+    """W runs on A, X is queued behind it (``multitask="enqueue"``), and Redis
+    restarts empty (its keys are deleted here). Before W's writer writes W
+    back, B promotes the queue (`RunService._promote`, called here as B's
+    row sweep calls it for a queue that waited long): it found no run in
+    flight in the backend and started X beside W. A start waits up to a
+    lease for such a run to come back (`RunService._rejoined`); so must the
+    queue."""
+    from detached_runs.models import Run
+    from detached_runs.runs import RunService
+
+    async with two_workers() as (a, b):
+        first, second = RunService(a), RunService(b)
+        w = await first.start("s", prompt="w", agent="tests.agents.forever")
+        await eventually(lambda: _has_text(b, "thinking "), "W did not reach Redis")
+        x = await second.start("s", prompt="5", agent="tests.agents.words", multitask="enqueue")
+        assert x.status == "queued"
+        await delete_keys(a.redis, a.prefix)
+        assert await second._promote("s") is None
+        rows = {run.pk: run.status async for run in Run.objects.filter(session_key="s")}
+        assert (rows[w.pk], rows[x.pk]) == ("running", "queued")
+        await first.stop("s")
+
+
+async def test_a_run_whose_lease_lapses_while_redis_pauses_writes_is_not_reaped(own_redis, saves):
+    """Redis pauses writes (``CLIENT PAUSE ... WRITE``) for longer than a
+    lease: W's worker renews W's lease meanwhile, its renewal held by Redis.
+    A read on B (a status) finds the lease lapsed (Redis answers an expired
+    key as gone while it pauses) and reaps W: its reap's writes wait behind
+    the renewal, which goes first once Redis takes writes again. The reap
+    used to end W all the same, a run whose worker is alive and well."""
+    import redis.asyncio as aioredis
+
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    admin = aioredis.Redis.from_url(url)
+    order: list[str] = []
+    try:
+        async with two_workers(url, lease_ms=1000, renew_every=0.3) as (a, b):
+            w = await _start_with_row(a, _lingering(order, "w", 0), saves)
+            await eventually(lambda: _has_text(b, "w "), "W did not reach Redis")
+            await admin.execute_command("CLIENT", "PAUSE", 2000, "WRITE")
+            await asyncio.sleep(1.3)  # A's renewal waits for Redis; the lease lapses
+            state = await b.find("s", w)
+            assert state is not None and state.status == "running"
+            await asyncio.sleep(1)
+            assert order == [] and a.driver.runs["s"].stop_reason is None
+            assert await b.redis.hget(b._key("s", "run", w), "status") == b"running"
+            await a.stop("s", w)
+    finally:
+        await admin.aclose()
+
+
+async def test_a_run_that_ended_done_as_redis_lost_it_leaves_the_session_to_the_run_after_it(
+    workers, saves
+):
+    """As `test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_in_flight`,
+    but W ended by itself (``done``) on B, and X followed it on A: W's
+    writer, still copying W's end when Redis lost it, writes W back (here
+    called as it would be) before X's writer writes X back. W, ended, used
+    to take the session back (only a run that ended stopped left it), and X
+    found it taken and stopped."""
+    a, b = workers
+    w = await start(b, paced(["w "]), saves)
+    w_run = b.driver.runs["s"]
+
+    async def w_done() -> bool:
+        state = await a.find("s", w)
+        return state is not None and state.status == "done"
+
+    await eventually(w_done, "W did not end")
+    words = [f"x{i} " for i in range(60)]
+    gate = asyncio.Event()
+
+    async def x_thinks_then_talks() -> AsyncIterator[str]:
+        yield "x0 x1 "
+        await gate.wait()  # X's writer has nothing to write meanwhile
+        for word in words[2:]:
+            await asyncio.sleep(0.02)
+            yield word
+
+    x = await start(a, x_thinks_then_talks(), saves)
+    subscription = await a.subscribe("s")
+    await eventually(lambda: _x_streams(b), "X did not stream")
+    await delete_keys(a.redis, a.prefix)
+    record = {"worker": worker_id(), "status": "running", "error": "", "meta": "{}"}
+    await b._resync(w_run, record)  # W's writer, still copying its end
+    gate.set()
+    events = await asyncio.wait_for(collect(subscription), 20)
+    assert text_of(events) == "".join(words) and events[-1].data == {"status": "done"}
+    assert saves.status_of(x) == "done"
+
+
+async def _x_streams(backend: RedisBackend) -> bool:
+    state = await backend.get("s")
+    return state is not None and state.output.startswith("x0 x1 ")
+
+
+async def test_a_replaced_run_whose_stop_was_lost_with_redis_does_not_win_the_session(saves):
+    """X on B replaces W on A while A's stop channel is down (its listener is
+    cancelled here: the message is lost), and Redis restarts empty before
+    W's writer reads the stop's flag (its keys are deleted here): the flag
+    is lost too. W's writer, writing as W goes on, writes W back first and
+    claims the session; X's writer, at its renewal, finds the session taken
+    and stopped X, the run its user sent last. B's wait asks W to stop again
+    once W is back: both ended stopped. X, newer, takes the session back."""
+    order: list[str] = []
+    async with two_workers(renew_every=1.0) as (a, b):
+        w = await start(a, _begins(order, "w", [f"w{i} " for i in range(200)]), saves)
+        await eventually(lambda: _has(order, "w begins"), "W did not begin")
+        await a._ensure_listener()
+        assert a._listener is not None
+        a._listener.cancel()
+        x = await start(b, _begins(order, "x", ["x "]), saves)
+        await asyncio.sleep(0.2)  # X's writer wrote X's start; it renews in a second
+        await delete_keys(a.redis, a.prefix)
+        await eventually(lambda: _saved(saves, x), "X was not saved", 15)
+        assert (saves.status_of(x), saves.status_of(w)) == ("done", "stopped")

@@ -113,7 +113,6 @@ from .base import (
     DELETE_TIMEOUT,
     INTERRUPTED,
     RUNNING,
-    STOPPED,
     WAITING,
     BaseBackend,
     Finalize,
@@ -855,7 +854,14 @@ class RedisBackend(BaseBackend):
                     # Whether or not there is something to write: a writer kept
                     # busy by a fast agent must not let its lease lapse.
                     renewed = loop.time()
-                    if not await self._renew(run):
+                    held = await self._renew(run)
+                    if held == ENDED:
+                        # Reaped while this worker was cut off past its lease:
+                        # its agent, thinking without writing, would go on
+                        # beside the session's next run until its next append.
+                        self._ended_elsewhere(run)
+                        return
+                    if not held:
                         resync = True  # Redis lost the run; an idle writer learns it here
                         continue
                 if not events:
@@ -896,15 +902,7 @@ class RedisBackend(BaseBackend):
                         resync = True
                         continue
                     if written == ENDED:
-                        # Another worker ended this run (our lease lapsed while we
-                        # were cut off): it is not ours to write or finish any more.
-                        logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
-                        self.driver.request_stop(run, ("interrupted", ""))
-                        task = asyncio.create_task(
-                            self._yield_to_row(run), name="detached_runs:redis-yield"
-                        )
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                        self._ended_elsewhere(run)
                         return
                     if run.first_text_at is not None and not told_first:
                         # Once, for the other workers: their mirrors cannot
@@ -946,6 +944,15 @@ class RedisBackend(BaseBackend):
         finally:
             self._writers.pop(run.id, None)
 
+    def _ended_elsewhere(self, run: DrivenRun) -> None:
+        """Another worker ended this run (our lease lapsed while we were cut
+        off): it is not ours to write or finish any more; stop it here."""
+        logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
+        self.driver.request_stop(run, ("interrupted", ""))
+        task = asyncio.create_task(self._yield_to_row(run), name="detached_runs:redis-yield")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _yield_to_row(self, run: DrivenRun) -> None:
         """A run that another worker reaped while this one was cut off from
         Redis: this worker's clients saw more than Redis holds, and its own
@@ -971,20 +978,47 @@ class RedisBackend(BaseBackend):
             **({"input": run.pending[0]} if run.pending is not None else {}),
         }
         # Only the newest run of its session here claims the session again,
-        # and not one stopped (ending, or ended with its writer still copying
-        # its end when Redis lost it): a newer run may have replaced it, here
-        # or on another worker, whose writer has not written it back yet. That
-        # run would find the session taken and stop, and a start elsewhere
-        # would replace the stopped run and not wait for the one in flight.
-        # (A stopped run that claims none is served from its row meanwhile.)
-        stopped = run.status == STOPPED or (
-            run.stop_reason is not None and run.stop_reason[0] == STOPPED
-        )
-        claims = self.driver.runs.get(run.session_key) is run and not stopped
+        # and not one asked to stop, whether it ended meanwhile (its writer
+        # was still copying its end when Redis lost it) or not yet (its agent
+        # is letting go): a newer run replaced it, here or on another worker
+        # (where it may wait for this one's end), whose writer has not written
+        # it back yet. That run would find the session taken, and a start
+        # elsewhere would replace this one and not wait for the newer one. (A
+        # run that claims none is served from its row meanwhile, and a start
+        # elsewhere waits for its row.) A run that ended by itself still
+        # claims it; a run that followed it takes it back (`_older`, below).
+        claims = self.driver.runs.get(run.session_key) is run and run.stop_reason is None
         await self._put_run(run.session_key, run.id, fields, current="claim" if claims else "leave")
         if not run.closed:  # an ended run no longer counts as in flight
             await self._in_sets(self._tracked(run.session_key, run.id, run.meta), add=True)
         current = await self._current(run.session_key) if claims else None
+        if (
+            current is not None
+            and current != run.id
+            and await self._older(run.session_key, current, run.meta)
+        ):
+            # A run before this one took the session back first: one that
+            # ended by itself (its writer was still copying its end), or one
+            # this one replaced whose stop was lost (its message, while its
+            # worker's channel was down, and its flag with Redis). This one,
+            # newer, takes the session, and asks that one to stop (again: the
+            # start that replaced it still waits for its end, and asks too,
+            # `_await_end`).
+            logger.warning(
+                "Run %s of session %s takes the session back from the older run %s, "
+                "which Redis had lost too, and asks it to stop",
+                run.id,
+                run.session_key,
+                current,
+            )
+            older = current
+            if await self._lua.swap_current(
+                keys=[self._key(run.session_key, "current")], args=[older, run.id]
+            ):
+                current = run.id
+                await self._ask_to_stop(run.session_key, older)
+            else:
+                current = await self._current(run.session_key)
         if current is not None and current != run.id:
             # A start elsewhere took the session while Redis had lost this run
             # (it waits a lease for the run to come back: `RunService.start`);
@@ -997,6 +1031,18 @@ class RedisBackend(BaseBackend):
             )
             self.driver.request_stop(run)
         return ORIGIN
+
+    async def _older(self, session_key: str, other: str, meta: Mapping[str, Any]) -> bool:
+        """Whether run ``other`` of the session started before the run whose
+        meta is ``meta`` (by their ``started_at``, Redis's clock under the
+        session's lock); False if either is unknown."""
+        stored = await self.redis.hget(self._key(session_key, "run", other), "meta")
+        try:
+            theirs = float(json.loads(stored)["started_at"]) if stored else None
+            ours = float(meta["started_at"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        return theirs is not None and theirs < ours
 
     async def _put_run(
         self,
@@ -1105,10 +1151,11 @@ class RedisBackend(BaseBackend):
             metrics.redis_errors.inc()
             logger.warning("Could not set the expiry of run %s; it goes in a day", run.id)
 
-    async def _renew(self, run: DrivenRun) -> bool:
+    async def _renew(self, run: DrivenRun) -> int:
         """Renew the run's lease, and its entries in the sets of runs in flight
-        (which expire with it: a dead worker's runs count for nobody). False
-        if Redis no longer holds the run (it restarted empty)."""
+        (which expire with it: a dead worker's runs count for nobody). 0 if
+        Redis no longer holds the run (it restarted empty), `ENDED` if it
+        holds it ended (another worker reaped it), else a true value."""
         pipe = self.redis.pipeline(transaction=False)
         await self._lua.renew(
             keys=[
@@ -1124,10 +1171,10 @@ class RedisBackend(BaseBackend):
         except UNREACHABLE:
             metrics.redis_errors.inc()
             logger.warning("Could not renew the lease of run %s", run.id)
-            return True  # unreachable, not lost: the writer's next attempt finds out
+            return 1  # unreachable, not lost: the writer's next attempt finds out
         if held == STOP_ASKED:
             self.driver.request_stop(run)  # its message on the stop channel was lost
-        return bool(held)
+        return int(held)
 
     # -- reading (any worker with subscribers) -----------------------------
 
@@ -1599,9 +1646,16 @@ class RedisBackend(BaseBackend):
 
     async def _await_end(self, session_key: str, run_id: str, remote: asyncio.Event) -> None:
         """Set ``remote`` once the other worker saved and ended the run
-        (its status is no longer running) or its lease lapsed (it died)."""
+        (its status is no longer running) or its lease lapsed (it died).
+
+        A run Redis lost (it restarted empty) has no status: that is no end.
+        Its writer writes it back within a lease (as `rejoin_within`), without
+        the stop's flag, which went with it: the stop is asked again then.
+        One that does not come back within a lease has no worker left."""
         meta = self._key(session_key, "run", run_id)
         lease = self._key(session_key, "lease", run_id)
+        loop = asyncio.get_running_loop()
+        lost_at: float | None = None
         try:
             while True:
                 try:
@@ -1612,11 +1666,37 @@ class RedisBackend(BaseBackend):
                     metrics.redis_errors.inc()
                     await asyncio.sleep(0.5)
                     continue
+                if status is None:
+                    if lost_at is None:
+                        lost_at = loop.time()
+                        logger.warning(
+                            "Redis lost run %s of session %s, whose end the next run waits "
+                            "for; waiting up to %s s for its worker to write it back",
+                            run_id,
+                            session_key,
+                            self.lease_ms / 1000,
+                        )
+                    elif loop.time() - lost_at > self.lease_ms / 1000:
+                        logger.warning("Run %s did not come back; the next run goes on", run_id)
+                        return
+                    await asyncio.sleep(0.05)
+                    continue
+                if lost_at is not None:
+                    lost_at = None
+                    with contextlib.suppress(BackendUnavailable):
+                        await self._ask_to_stop(session_key, run_id)
                 if status != RUNNING.encode():
                     return
-                if not alive:
-                    await self._reap(session_key, run_id)
-                    return
+                # Its lease lapsed: ended here, unless it is back (renewed late,
+                # its worker alive: the run goes on, and so does the wait), or
+                # Redis is unreachable at the reap (tried again: a wait that
+                # ended here would let the next run begin before this one's end).
+                try:
+                    if not alive and await self._reap(session_key, run_id):
+                        return
+                except BackendUnavailable:
+                    await asyncio.sleep(0.5)
+                    continue
                 await asyncio.sleep(0.05)
         finally:
             remote.set()
@@ -1679,6 +1759,7 @@ class RedisBackend(BaseBackend):
                     self._key(session_key, "log", run_id),
                     self._key(session_key, "current"),
                     self._key(session_key, "head", run_id),
+                    self._key(session_key, "lease", run_id),
                 ],
                 args=[
                     _stream_id(terminal),
@@ -1695,6 +1776,8 @@ class RedisBackend(BaseBackend):
                     json.dumps({"text": rest}) if rest else "",
                     start_id,
                     start_data,
+                    # Only if the lease is still as read: not renewed meanwhile.
+                    holder or b"",
                 ],
             )
         )

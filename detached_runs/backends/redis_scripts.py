@@ -158,10 +158,14 @@ local ms = now[1] * 1000 + math.floor(now[2] / 1000)
 return redis.call('zrangebyscore', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
 """
 
-# Renew a lease only while Redis still holds the run. KEYS: lease, run hash.
+# Renew a lease only while Redis still holds the run, running: one that
+# another worker ended (reaped: this worker was cut off past its lease)
+# is -1 (`ENDED`), and its lease is not renewed. KEYS: lease, run hash.
 # ARGV: worker, lease ms.
 RENEW = """
-if redis.call('exists', KEYS[2]) == 0 then return 0 end
+local status = redis.call('hget', KEYS[2], 'status')
+if not status then return 0 end
+if status ~= 'running' then return -1 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('hget', KEYS[2], 'stop') == '1' then return 2 end
 return 1
@@ -212,15 +216,18 @@ end
 return false
 """
 
-# KEYS: run hash, log, current, head. ARGV: terminal id, its data, finished_at,
+# KEYS: run hash, log, current, head, lease. ARGV: terminal id, its data, finished_at,
 # grace (ms), run id, maxlen, keep, piece, status, error, the id and data of a
 # last delta (or two empty strings): the text its worker saved but never wrote
 # to Redis, and the id and data of a start event (or two empty strings): for
-# a run whose worker died before its first event reached Redis.
+# a run whose worker died before its first event reached Redis; then the
+# lease's holder the reaper read ('' for none): a lease renewed since (its
+# worker was only late: Redis paused its writes) keeps the run alive.
 REAP = (
     LUA
     + """
 if redis.call('hget', KEYS[1], 'status') ~= 'running' then return 0 end
+if (redis.call('get', KEYS[5]) or '') ~= ARGV[15] then return 0 end
 redis.call('hset', KEYS[1], 'status', ARGV[9], 'error', ARGV[10], 'finished_at', ARGV[3])
 if ARGV[13] ~= '' then redis.call('xadd', KEYS[2], ARGV[13], 'e', 'start', 'd', ARGV[14]) end
 if ARGV[11] ~= '' then redis.call('xadd', KEYS[2], ARGV[11], 'e', 'delta', 'd', ARGV[12]) end
@@ -248,6 +255,16 @@ return 1
 # ARGV: run id.
 DROP_CURRENT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+# Make the session's "current" pointer name run ARGV[2] if it names run
+# ARGV[1]. KEYS: current.
+SWAP_CURRENT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2])
+  return 1
+end
 return 0
 """
 
@@ -299,6 +316,7 @@ class Scripts:
         self.reap = Script(redis, REAP)
         self.renew = Script(redis, RENEW)
         self.start = Script(redis, START)
+        self.swap_current = Script(redis, SWAP_CURRENT)
         self.swap_meta = Script(redis, SWAP_META)
         self.take = Script(redis, TAKE)
         self.touch = Script(redis, TOUCH)
