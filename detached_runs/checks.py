@@ -67,6 +67,23 @@ def _redis_url_problem(backend: type[BaseBackend], config: dict[str, Any]) -> st
         parse_redis_url(url)
     except ValueError as exc:
         return str(exc)
+    if isinstance(url, str) and "?" in url:
+        # Its query is redis-py's options (``?socket_timeout=5``): one it does
+        # not take, or a value it refuses, is the URL's fault, not
+        # BACKEND_OPTIONS' (the backend is made with the URL alone to find
+        # out, and without the query first: a refusal then is another key's).
+        from .backends.redis_url import shown_url
+
+        settings = backend.options_from_settings(config)
+        try:
+            backend(**{**settings, "redis_url": url.partition("?")[0]})
+        except (TypeError, ValueError):
+            return None
+        try:
+            backend(**{**settings, "redis_url": url})
+        except (TypeError, ValueError) as exc:
+            named = "BACKEND_OPTIONS['redis_url']" if url != config["REDIS_URL"] else "REDIS_URL"
+            return f"{named} {shown_url(url)} has an option redis-py refuses: {exc}"
     return None
 
 

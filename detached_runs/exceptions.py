@@ -158,7 +158,8 @@ def error_status(exc: BaseException, where: str) -> tuple[int, str]:
     if isinstance(exc, BackendUnavailable) and exc.__cause__ is not None:
         # The client is told to try again; the operator needs the cause
         # (connection refused, no master of that name, a timeout...).
-        logger.warning("%s in %s: %r", exc, where, exc.__cause__)
+        cause = exc.__cause__
+        logger.warning("%s (in %s; cause: %s: %s)", exc, where, type(cause).__name__, cause)
     if isinstance(exc, DetachedRunsError):
         return exc.status_code, str(exc)
     if isinstance(exc, RequestDataTooBig):

@@ -102,6 +102,10 @@ def test_the_options_of_the_redis_backend_pass(configured):
         6379,
         "redis://127.0.0.1:notaport/0",
         "redis://127.0.0.1:6379/abc",
+        # Options of redis-py's it does not take, or values it refuses: the
+        # URL's fault, not BACKEND_OPTIONS' (it was E007, blaming them).
+        "redis://127.0.0.1:6379/0?bogus=1",
+        "redis://127.0.0.1:6379/0?socket_timeout=abc",
     ],
 )
 def test_a_malformed_redis_url_is_reported_once_as_e014(configured, url):
@@ -114,9 +118,14 @@ def test_a_malformed_redis_url_is_reported_once_as_e014(configured, url):
 
 
 @pytest.mark.parametrize(
-    "url", ["redis+cluster://h:7000,h:7001/", "redis+sentinel://s:26379,t/mymaster/1"]
+    "url",
+    [
+        "redis+cluster://h:7000,h:7001/",
+        "redis+sentinel://s:26379,t/mymaster/1",
+        "redis://127.0.0.1:6379/0?socket_timeout=5",
+    ],
 )
-def test_cluster_and_sentinel_urls_pass(configured, url):
+def test_redis_urls_of_other_forms_pass(configured, url):
     pytest.importorskip("redis")
     assert configured(BACKEND="detached_runs.backends.redis.RedisBackend", REDIS_URL=url) == set()
 

@@ -275,7 +275,11 @@ async def test_an_unreachable_redis_is_503_with_a_clear_message(client, config, 
     assert reply.status_code == 503 and "Redis" in reply.json()["error"]
     assert "127.0.0.1:1" not in reply.json()["error"]
     said = [r.getMessage() for r in caplog.records if r.name == "detached_runs.exceptions"]
-    assert any("unreachable" in line and "ConnectionError" in line for line in said), said
+    # The cause, readable: its class and its message (where it connected).
+    assert any(
+        "unreachable" in line and "cause: ConnectionError: " in line and "127.0.0.1:1" in line
+        for line in said
+    ), said
     assert (await client.get("/runs/chat/events/")).status_code == 503
     await get_service().backend.redis.aclose()  # type: ignore[attr-defined]
 

@@ -81,7 +81,7 @@ def parse_redis_url(url: object) -> RedisTarget:
     scheme = scheme.lower()
     if not separator or scheme not in (*SERVER_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES):
         raise ValueError(
-            f"REDIS_URL {_shown(url)} does not begin with a known scheme: "
+            f"REDIS_URL {shown_url(url)} does not begin with a known scheme: "
             "redis://, rediss:// or unix:// (one server), redis+cluster:// or "
             "rediss+cluster:// (a cluster), redis+sentinel:// or rediss+sentinel:// (Sentinel)"
         )
@@ -97,7 +97,7 @@ def parse_redis_url(url: object) -> RedisTarget:
     )
 
     def malformed(why: str) -> ValueError:
-        return ValueError(f"REDIS_URL {_shown(url)} is malformed: {why}. Expected {form}")
+        return ValueError(f"REDIS_URL {shown_url(url)} is malformed: {why}. Expected {form}")
 
     if "?" in rest or "#" in rest:
         raise malformed(
@@ -171,18 +171,18 @@ def _check_server_url(url: str) -> None:
         port = -1
     if port is not None and not 0 < port < 65536:
         raise ValueError(
-            f"REDIS_URL {_shown(url)} is malformed: its port is not a number from 1 to "
+            f"REDIS_URL {shown_url(url)} is malformed: its port is not a number from 1 to "
             f"65535. Expected {form}"
         )
     path = urlsplit(url).path
     if path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}/?", path):
         raise ValueError(
-            f"REDIS_URL {_shown(url)} is malformed: its database ({path!r}) is not a "
+            f"REDIS_URL {shown_url(url)} is malformed: its database ({path!r}) is not a "
             f"number. Expected {form}"
         )
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """``url`` for a message, its password (if any) masked: all that comes
     between the first colon of the user part and the URL's last ``@``,
     whether or not the URL is well formed (a password with a '/', '?' or
