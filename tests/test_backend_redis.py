@@ -1276,6 +1276,37 @@ async def test_a_run_that_ended_as_redis_lost_it_leaves_the_session_to_the_run_i
     await eventually(x_is_current_and_done, "X's end did not reach Redis as the session's run")
 
 
+async def test_followers_that_arrive_at_once_share_one_mirror_that_is_followed(workers, saves):
+    """Ten clients follow a run of A's on B at once, before B has a mirror of
+    it: B reads the run from Redis once, and every client follows that one
+    mirror to the end. Each used to read a copy of its own (a replay of a 20
+    MiB answer grew a CI server by 280 MB), and only the one stored last was
+    followed: the other clients got nothing after what they first read."""
+    a, b = workers
+    gate = asyncio.Event()
+
+    # Long enough that reading it from Redis takes a while (its head and
+    # stream: a few round trips and their decoding).
+    words = [f"w{i:04d}-" + "x" * 200 + " " for i in range(3000)]
+
+    async def agent() -> AsyncIterator[str]:
+        for word in words:
+            yield word
+        await gate.wait()
+        yield "last"
+
+    await start(a, agent(), saves)
+    await eventually(lambda: _has_text(b, "".join(words)), "the run did not reach Redis", 20)
+    subscriptions = await asyncio.gather(*(b.subscribe("s") for _ in range(10)))
+    logs = await asyncio.gather(*(b.current_log("s") for _ in range(3)))
+    assert all(log is logs[0] for log in logs)
+    gate.set()
+    for subscription in subscriptions:
+        events = await asyncio.wait_for(collect(subscription), 10)
+        assert text_of(events) == "".join(words) + "last"
+        assert events[-1].data == {"status": "done"}
+
+
 async def _has_text(backend: RedisBackend, text: str) -> bool:
     state = await backend.get("s")
     return state is not None and state.output == text

@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -389,6 +390,8 @@ class RedisBackend(BaseBackend):
         ).get("socket_timeout")
         self.block_ms = int(min(READ_BLOCK, timeout / 2 if timeout else READ_BLOCK) * 1000) or 1
         self._mirrors: dict[str, RunLog] = {}
+        #: Per run, the load of its mirror in progress (`current_log`).
+        self._loading: dict[str, asyncio.Future[RunLog | None]] = {}
         #: The runs of other workers this worker follows (a mirror each, for
         #: subscribers here), by id: the mirror and its stream id read so far.
         self._followed: dict[str, tuple[RunLog, Position]] = {}
@@ -1194,21 +1197,42 @@ class RedisBackend(BaseBackend):
         if local is not None and local.id == current:
             return local
         mirror = self._mirrors.get(current)
-        if mirror is None:
-            await self._reap(session_key, current)
-            mirror = await self._replay(session_key, current)
-            if not mirror.entries and not await self._call(
-                self.redis.exists(self._key(session_key, "run", current))
-            ):
-                # Expired between the two reads. (A run whose log is empty but
-                # whose hash is there has just started: its worker's writer has
-                # not written its start yet. It is followed like any other.)
-                return None
-            self._mirrors[current] = mirror
-            # A follower hears of a deletion of the run on ``<prefix>:delete``.
-            await self._ensure_listener()
-            if not mirror.closed:
-                self._follow(mirror)
+        if mirror is not None:
+            return mirror
+        # One load per run, whoever asks meanwhile: ten clients arriving at
+        # once each read the whole run (ten copies of a long answer), and only
+        # the mirror stored last was followed, the others never grew.
+        loading = self._loading.get(current)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load_mirror(session_key, current))
+            self._loading[current] = loading
+            loading.add_done_callback(functools.partial(self._loaded, current))
+        # Shielded: a client that leaves does not cut the load short for the others.
+        return await asyncio.shield(loading)
+
+    def _loaded(self, run_id: str, loading: asyncio.Future[RunLog | None]) -> None:
+        if self._loading.get(run_id) is loading:
+            del self._loading[run_id]
+        if not loading.cancelled():
+            loading.exception()  # retrieved: every client that waited has it
+
+    async def _load_mirror(self, session_key: str, run_id: str) -> RunLog | None:
+        """The mirror of another worker's run, read from Redis and followed
+        (`current_log`); None if its keys expired meanwhile."""
+        await self._reap(session_key, run_id)
+        mirror = await self._replay(session_key, run_id)
+        if not mirror.entries and not await self._call(
+            self.redis.exists(self._key(session_key, "run", run_id))
+        ):
+            # Expired between the two reads. (A run whose log is empty but
+            # whose hash is there has just started: its worker's writer has
+            # not written its start yet. It is followed like any other.)
+            return None
+        self._mirrors[run_id] = mirror
+        # A follower hears of a deletion of the run on ``<prefix>:delete``.
+        await self._ensure_listener()
+        if not mirror.closed:
+            self._follow(mirror)
         return mirror
 
     async def _replay(self, session_key: str, run_id: str) -> RunLog:
