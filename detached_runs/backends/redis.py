@@ -674,10 +674,15 @@ class RedisBackend(BaseBackend):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         local = await self.driver.end(session_key, ids, timeout)
-        writer = self._writers.get(local.id) if local is not None else None
-        if writer is not None:
-            await asyncio.wait({writer}, timeout=max(deadline - loop.time(), 0))
-            if not writer.done():
+        # The writers here of the runs to delete: the one just ended, and any
+        # that ended before whose end is still being copied (it is no longer
+        # the session's run here, but Redis still says it runs, and a run
+        # that is not ours would be waited for instead, past its expiry).
+        here = {*ids, *([local.id] if local is not None else [])}
+        writers = {writer for run_id in here if (writer := self._writers.get(run_id))}
+        if writers:
+            await asyncio.wait(writers, timeout=max(deadline - loop.time(), 0))
+            if not all(writer.done() for writer in writers):
                 raise BackendUnavailable(
                     "The run store (Redis) did not take the run's end in time; nothing was "
                     "deleted. Try again."
