@@ -957,9 +957,7 @@ class RedisBackend(BaseBackend):
         off): it is not ours to write or finish any more; stop it here."""
         logger.warning("Run %s was ended elsewhere; this worker stops it", run.id)
         self.driver.request_stop(run, ("interrupted", ""))
-        task = asyncio.create_task(self._yield_to_row(run), name="detached_runs:redis-yield")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._yield_to_row(run), "yield")
 
     async def _yield_to_row(self, run: DrivenRun) -> None:
         """A run that another worker reaped while this one was cut off from
