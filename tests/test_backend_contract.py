@@ -6,6 +6,7 @@ HTTP."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -769,3 +770,50 @@ async def test_what_a_stopped_source_has_left_is_logged_before_the_terminal_even
     assert events[-1].data == {"status": "stopped"}
     (end,) = saves.ends
     assert end.usage == {"input_tokens": 3, "output_tokens": 2, "estimated": True}
+
+
+#: A long answer's piece: one to four UTF-8 bytes a character (49,152 bytes).
+PIECE = "añ€😀 " * 4096
+
+
+async def long_answer(mib: int) -> AsyncIterator[str]:
+    for _ in range(mib * 1024 * 1024 // len(PIECE.encode())):
+        await asyncio.sleep(0)
+        yield PIECE
+
+
+async def traced_peak(work: Any) -> tuple[Any, int]:
+    """``await work()``'s result, and how many bytes Python allocated at the
+    most while it ran, beyond what was allocated before (`tracemalloc`)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = await work()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("ask", ["get", "find"])
+async def test_states_of_a_long_answer_asked_at_once_do_not_each_copy_its_text(backend, saves, ask):
+    """Each subscriber that opens a run asks for its state (status, owner)
+    first; ten at once each held the answer decoded (UCS-4: up to 4 bytes a
+    character), 10 x 8 MB for a 4 MiB answer. The text is made for a caller
+    that reads it, not for the others."""
+    backend.evict_after = 30.0  # the ended run stays in this process's memory
+    run_id = await start(backend, long_answer(4), saves)
+    await wait_finished(backend)
+
+    async def ask_at_once() -> list[Any]:
+        if ask == "get":
+            return await asyncio.gather(*(backend.get("s") for _ in range(10)))
+        return await asyncio.gather(*(backend.find("s", run_id) for _ in range(10)))
+
+    states, peak = await traced_peak(ask_at_once)
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB"
+    assert {state.status for state in states} == {"done"}
+    size = len(saves.ends[0].output.encode())
+    text, made = await traced_peak(lambda: asyncio.sleep(0, states[0].output))
+    assert text == saves.ends[0].output and size >= 4 * 2**20 - len(PIECE.encode())
+    assert made >= size  # made when it was read, not before

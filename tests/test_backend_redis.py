@@ -30,6 +30,7 @@ from .conftest import (
     text_of,
     two_workers,
 )
+from .test_backend_contract import long_answer, traced_peak
 
 REDIS = ("127.0.0.1", 6379)
 
@@ -94,6 +95,37 @@ async def test_a_finished_run_replays_compactly_on_another_worker(workers, saves
     await collect(await a.subscribe("s"))
     events = await collect(await b.subscribe("s"))
     assert len(events) <= 10 and text_of(events) == "".join(words)
+
+
+@pytest.mark.parametrize("ask", ["get", "find"])
+async def test_another_workers_long_answer_asked_for_at_once_is_read_from_redis_once(
+    workers, saves, ask
+):
+    """Ten subscribers that open another worker's run at once each ask for its
+    state first; with no mirror of the run here, each read it whole from
+    Redis: ten copies of a long answer at once. One read serves them all."""
+    a, b = workers
+    run_id = await start(a, long_answer(4), saves)
+    await collect(await a.subscribe("s"))
+    size = len(saves.ends[0].output.encode())
+
+    async def copied() -> bool:  # its worker's writer has copied its end to Redis
+        state = await b.find("s", run_id)
+        return state is not None and state.status == "done"
+
+    await eventually(copied, "the run's end in Redis")
+
+    async def ask_at_once() -> list[Any]:
+        if ask == "get":
+            return await asyncio.gather(*(b.get("s") for _ in range(10)))
+        return await asyncio.gather(*(b.find("s", run_id) for _ in range(10)))
+
+    states, peak = await traced_peak(ask_at_once)
+    # One read: the reply, the bytes parsed from it and the mirror (3.6 here);
+    # it was 29 times the answer.
+    assert peak < 6 * size, f"{peak / size:.1f} times the answer"
+    assert {state.status for state in states} == {"done"}
+    assert states[-1].output == saves.ends[0].output
 
 
 async def test_stop_from_another_worker_stops_the_run_where_it_runs(workers, saves):

@@ -18,11 +18,13 @@ from asgiref.sync import sync_to_async
 from django.db import DataError, OperationalError, connection
 
 from detached_runs import runs
+from detached_runs.backends.base import READ_CHUNK
 from detached_runs.exceptions import AgentError
 from detached_runs.models import Run
 
 from .conftest import eventually
 from .http import Browser, text
+from .test_backend_contract import long_answer, traced_peak
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -249,6 +251,37 @@ def test_stalled_replays_of_a_long_answer_hold_a_piece_each_not_a_copy(server):
     # server go on.
     log = server.output()
     assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
+
+
+async def test_subscribers_that_open_a_long_answer_at_once_each_hold_no_copy_of_it():
+    """The input behind a rare failure of the test above on CI (+362 MB with
+    uvicorn): ten subscribers opening a finished 20 MiB answer at once each
+    asked for the run's state first, and each state held the whole text
+    decoded until the subscription was open. The subscriptions read pieces."""
+
+    async def long(ctx: Any) -> AsyncIterator[str]:
+        async for piece in long_answer(4):
+            yield piece
+
+    await runs.start("chat", prompt="long", agent=long)
+    await eventually(lambda: runs_ended("chat"), "the run's end")
+
+    async def open_at_once() -> list[Any]:
+        return await asyncio.gather(*(runs.subscribe("chat") for _ in range(10)))
+
+    subscriptions, peak = await traced_peak(open_at_once)
+    try:
+        assert peak < 2**20, f"{peak / 2**20:.1f} MiB"
+        first = await subscriptions[0].next_batch()
+        assert len(first[-1].data["text"].encode()) <= READ_CHUNK
+    finally:
+        for subscription in subscriptions:
+            await subscription.aclose()
+
+
+async def runs_ended(session_key: str) -> bool:
+    row = await runs.status(session_key)
+    return row is not None and row.status == "done"
 
 
 def stall(port: int, path: str, browser: Browser, count: int = 3) -> Iterator[socket.socket]:

@@ -109,32 +109,84 @@ SAVE_AGAIN_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 DELETE_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True, slots=True)
 class RunState:
-    """A snapshot of a run the backend holds."""
+    """A snapshot of a run the backend holds.
 
-    run_id: str
-    session_key: str
-    status: str
-    error: str
-    output: str
-    last_id: str
-    meta: dict[str, Any]
-    #: Wall-clock (time.time()) end of the run, None while it runs.
-    finished_at: float | None
-    #: False while the run's end is not saved in the database (its final save
-    #: failed and is being retried: `Finalize`).
-    saved: bool = True
-    #: The merge of the ``usage`` events in the run's log so far: a backend
-    #: whose log outlives its workers (Redis) rebuilds it from the log, so
-    #: the usage of a run whose worker died is saved with its end.
-    usage: dict[str, Any] = field(default_factory=dict)
-    #: Wall-clock (time.time()) moment its first text delta was logged, by the
-    #: process that drives it; None before that, or if unknown.
-    first_token_at: float | None = None
-    #: While its agent waits for the user (status ``waiting``): the data of the
-    #: pending ``input_required`` event, ``{"request": "<id>", ...}``; else None.
-    input_request: dict[str, Any] | None = None
+    ``output`` may be given as the text (``str``) or as a function of no
+    arguments that makes it: a backend's log then joins and decodes a long
+    answer only for the callers that read `output`, once, and not for the
+    many that read a run's status, owner or last event id (each subscriber
+    that opens a run asks for its state first). The function must give the
+    text as of the snapshot (up to `last_id`), whenever it is called.
+    """
+
+    __slots__ = (
+        "_output",
+        "error",
+        "finished_at",
+        "first_token_at",
+        "input_request",
+        "last_id",
+        "meta",
+        "run_id",
+        "saved",
+        "session_key",
+        "status",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        session_key: str,
+        status: str,
+        error: str,
+        output: str | Callable[[], str],
+        last_id: str,
+        meta: dict[str, Any],
+        finished_at: float | None,
+        saved: bool = True,
+        usage: dict[str, Any] | None = None,
+        first_token_at: float | None = None,
+        input_request: dict[str, Any] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.session_key = session_key
+        self.status = status
+        self.error = error
+        self._output = output
+        self.last_id = last_id
+        self.meta = meta
+        #: Wall-clock (time.time()) end of the run, None while it runs.
+        self.finished_at = finished_at
+        #: False while the run's end is not saved in the database (its final
+        #: save failed and is being retried: `Finalize`).
+        self.saved = saved
+        #: The merge of the ``usage`` events in the run's log so far: a
+        #: backend whose log outlives its workers (Redis) rebuilds it from the
+        #: log, so the usage of a run whose worker died is saved with its end.
+        self.usage = {} if usage is None else usage
+        #: Wall-clock (time.time()) moment its first text delta was logged, by
+        #: the process that drives it; None before that, or if unknown.
+        self.first_token_at = first_token_at
+        #: While its agent waits for the user (status ``waiting``): the data of
+        #: the pending ``input_required`` event, ``{"request": "<id>", ...}``;
+        #: else None.
+        self.input_request = input_request
+
+    @property
+    def output(self) -> str:
+        """The run's text up to `last_id` (made at the first read if the
+        backend gave a function)."""
+        if not isinstance(self._output, str):
+            self._output = self._output()
+        return self._output
+
+    def __repr__(self) -> str:
+        return (
+            f"RunState(run_id={self.run_id!r}, session_key={self.session_key!r}, "
+            f"status={self.status!r}, last_id={self.last_id!r})"
+        )
 
 
 class Subscription:

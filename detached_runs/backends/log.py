@@ -282,6 +282,19 @@ class RunLog:
     def output(self) -> str:
         return b"".join(e.buf for e in self.entries if isinstance(e, TextBlock)).decode()
 
+    def output_until_now(self) -> Callable[[], str]:
+        """A function that gives `output` as it is now, whenever it is called:
+        the text blocks so far and their length are taken now (references, no
+        copy), their bytes joined and decoded only if the function is called.
+        A block only grows at its end, so what it holds now stays its prefix."""
+        blocks = [e.buf for e in self.entries if isinstance(e, TextBlock)]
+        length = self.position.text
+
+        def output() -> str:
+            return b"".join(blocks)[:length].decode()
+
+        return output
+
     def last_id(self) -> str:
         return make_id(self.id, self.position)
 
@@ -291,7 +304,7 @@ class RunLog:
             session_key=self.session_key,
             status=self.live_status,
             error=self.error,
-            output=self.output(),
+            output=self.output_until_now(),
             last_id=self.last_id(),
             meta=self.meta,
             finished_at=self.finished_at,

@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import json
 import logging
@@ -102,8 +101,8 @@ import math
 import time
 import uuid
 import zlib
-from collections.abc import Collection, Mapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any, Literal, TypeVar
 
 from .. import metrics
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
@@ -392,6 +391,8 @@ class RedisBackend(BaseBackend):
         self._mirrors: dict[str, RunLog] = {}
         #: Per run, the load of its mirror in progress (`current_log`).
         self._loading: dict[str, asyncio.Future[RunLog | None]] = {}
+        #: Per run, `find`'s read of it whole in progress (`_replayed`).
+        self._replaying: dict[str, asyncio.Future[RunLog]] = {}
         #: The runs of other workers this worker follows (a mirror each, for
         #: subscribers here), by id: the mirror and its stream id read so far.
         self._followed: dict[str, tuple[RunLog, Position]] = {}
@@ -576,14 +577,14 @@ class RedisBackend(BaseBackend):
             return await self.find(session_key, run_id)
         mirror = self._mirrors.get(run_id)
         if mirror is None:
-            mirror = await self._replay(session_key, run_id)
+            mirror = await self._replayed(session_key, run_id)
         status = info.get("status", RUNNING)
         return RunState(
             run_id=run_id,
             session_key=session_key,
             status=WAITING if status == RUNNING and mirror.input_request is not None else status,
             error=info.get("error", ""),
-            output=mirror.output(),
+            output=mirror.output_until_now(),
             last_id=mirror.last_id(),
             meta=json.loads(info.get("meta", "{}")),
             finished_at=float(info["finished_at"]) if info.get("finished_at") else None,
@@ -1205,19 +1206,9 @@ class RedisBackend(BaseBackend):
         # One load per run, whoever asks meanwhile: ten clients arriving at
         # once each read the whole run (ten copies of a long answer), and only
         # the mirror stored last was followed, the others never grew.
-        loading = self._loading.get(current)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load_mirror(session_key, current))
-            self._loading[current] = loading
-            loading.add_done_callback(functools.partial(self._loaded, current))
-        # Shielded: a client that leaves does not cut the load short for the others.
-        return await asyncio.shield(loading)
-
-    def _loaded(self, run_id: str, loading: asyncio.Future[RunLog | None]) -> None:
-        if self._loading.get(run_id) is loading:
-            del self._loading[run_id]
-        if not loading.cancelled():
-            loading.exception()  # retrieved: every client that waited has it
+        return await _shared(
+            self._loading, current, lambda: self._load_mirror(session_key, current)
+        )
 
     async def _load_mirror(self, session_key: str, run_id: str) -> RunLog | None:
         """The mirror of another worker's run, read from Redis and followed
@@ -1237,6 +1228,12 @@ class RedisBackend(BaseBackend):
         if not mirror.closed:
             self._follow(mirror)
         return mirror
+
+    async def _replayed(self, session_key: str, run_id: str) -> RunLog:
+        """`_replay`, one read for every caller meanwhile (`find` of a run
+        with no mirror here): ten clients that open another worker's long
+        answer at once each asked for its state, and each read it whole."""
+        return await _shared(self._replaying, run_id, lambda: self._replay(session_key, run_id))
 
     async def _replay(self, session_key: str, run_id: str) -> RunLog:
         mirror = RunLog(run_id, session_key, {})
@@ -2226,6 +2223,31 @@ class _Questions(SharedQuestions):
 
     def abandoned(self, run: DrivenRun, request: str) -> None:
         self.backend._spawn(self.withdraw(run, request), "input-withdrawn")
+
+
+_T = TypeVar("_T")
+
+
+async def _shared(
+    table: dict[str, asyncio.Future[_T]], key: str, make: Callable[[], Awaitable[_T]]
+) -> _T:
+    """``make()``'s result, made once for every caller meanwhile: the first
+    caller starts it and keeps it in ``table`` under ``key`` until it is
+    done; later ones wait for the same result (or exception). Shielded: a
+    caller that is cancelled (its client went away) does not cut it short
+    for the others."""
+    future = table.get(key)
+    if future is None:
+        future = table[key] = asyncio.ensure_future(make())
+
+        def done(_: asyncio.Future[_T], made: asyncio.Future[_T] = future) -> None:
+            if table.get(key) is made:
+                del table[key]
+            if not made.cancelled():
+                made.exception()  # retrieved: every caller that waited has it
+
+        future.add_done_callback(done)
+    return await asyncio.shield(future)
 
 
 def _event_position(event: Event) -> Position:
