@@ -279,6 +279,10 @@ LOST = "The connection to the model endpoint was lost mid-answer."
 STALLED = "The model endpoint stopped sending mid-answer (timed out)."
 NO_CONNECTION = "Could not connect to the model endpoint."
 NO_ANSWER = "The model endpoint did not answer in time."
+#: The agent's ``timeout`` where a test makes the fake keep quiet (seconds):
+#: long enough for the fake's first byte on a loaded CI machine, where 0.3 s
+#: once was not (the answer was taken for one that never came: NO_ANSWER).
+QUIET = 1.5
 
 
 def three_chunks(finish_reason: str | None = None) -> list[dict[str, Any]]:
@@ -362,8 +366,8 @@ async def test_a_connection_lost_mid_answer_says_so_and_keeps_the_text(fake, end
 async def test_an_endpoint_that_stalls_mid_answer_times_out_and_keeps_the_text(fake):
     fake.replies.append(Reply(three_chunks(), ending="hold"))
     began = time.monotonic()
-    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=0.3))
-    assert time.monotonic() - began < 3
+    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=QUIET))
+    assert time.monotonic() - began < QUIET + 3
     assert events[-1].data == {"status": "error", "error": STALLED}
     assert row.status == "error" and row.output == "One two three"
     await eventually(fake.disconnected.is_set, "the agent to hang up")
@@ -373,7 +377,7 @@ async def test_an_endpoint_that_stalls_mid_answer_times_out_and_keeps_the_text(f
 async def test_losing_the_connection_after_the_finish_reason_loses_nothing(fake, ending):
     # The answer is whole; at most the usage chunk and [DONE] are lost.
     fake.replies.append(Reply(three_chunks("stop"), ending=ending))
-    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=0.3))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=QUIET))
     assert events[-1].data == {"status": "done"}
     assert row.status == "done" and row.output == "One two three"
 
@@ -390,7 +394,7 @@ async def test_a_refused_connection_ends_the_run_as_error():
 @pytest.mark.parametrize(("ending", "message"), [("drop", NO_CONNECTION), ("silent", NO_ANSWER)])
 async def test_an_endpoint_that_fails_before_any_byte_of_an_answer(fake, ending, message):
     fake.replies.append(Reply(three_chunks("stop"), ending=ending))
-    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=0.3))
+    events, row = await run_to_end("chat", "Hello", agent_for(fake, timeout=QUIET))
     assert events[-1].data == {"status": "error", "error": message}
     assert row.status == "error" and row.output == ""
 
