@@ -7,11 +7,13 @@ runs would die mid-answer with their last seconds of text unsaved. So the
 first time a run starts, the service wraps the server's handlers: a signal
 first ends every run (status ``interrupted``, partial text saved, the terminal
 event sent to every subscriber), bounded by ``SHUTDOWN_TIMEOUT``, and only
-then hands the signal on to the server. A second signal hands the first on
-at once, and cuts a drain (``SHUTDOWN_MODE = "drain"``) short: the runs are
-interrupted now, so that a server which waits for its connections to close
-(uvicorn does, until a second SIGINT) goes now too; the server gets each
-signal once, in order.
+then hands the signal on to the server, once the streams of its runs' ends
+have closed (a server cancels the responses it still has). A second signal
+cuts that short: a drain (``SHUTDOWN_MODE = "drain"``) ends, the runs are
+interrupted now, and the first signal is handed on as soon as they are saved
+and their streams closed, within ``HURRY_WITHIN`` seconds in any case; so a
+server which waits for its connections to close (uvicorn does, until a
+second SIGINT) goes now too. The server gets each signal once, in order.
 
 Only handlers a server installed are wrapped (a Python callable other than
 Python's own SIGINT default), so a test runner or a shell is left alone. Set
@@ -36,6 +38,10 @@ from .conf import get_config
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Seconds after a second signal within which the server gets the first one,
+#: however far the shutdown got (it usually has ended by then: the runs are
+#: interrupted at once, and their streams close).
+HURRY_WITHIN = 3.0
 _shutdown: Callable[[], Awaitable[None]] | None = None
 _hurry: Callable[[], None] | None = None
 #: ``first``: the signal that began the shutdown, while it is not handed on
@@ -89,7 +95,10 @@ def _on_signal(loop: asyncio.AbstractEventLoop, number: int, frame: Any, previou
         logger.warning("Second %s: shutting down without waiting", signal.Signals(number).name)
         if _hurry is not None:
             _hurry()  # the runs are interrupted now, not at the end of a drain
-        _hand_on_first()
+        # The hurried shutdown hands the first signal on once the runs are
+        # saved and their streams closed, which takes a moment; in any case
+        # within HURRY_WITHIN seconds.
+        loop.call_later(HURRY_WITHIN, _hand_on_first)
         return
     _state["shutting_down"] = True
     _state["first"] = (number, frame, previous)

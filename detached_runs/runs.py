@@ -35,10 +35,11 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,6 +50,7 @@ from . import listing, metrics, rows
 from .agents.base import Agent, AgentContext, Turn, load_agent
 from .backends import load_backend
 from .backends.base import ACTIVE, INTERRUPTED, BaseBackend, RunState, Subscription
+from .backends.driver import call_in_loop
 from .conf import get_config
 from .db import database_errors, run_sync
 from .events import Event, parse_id
@@ -111,6 +113,10 @@ QUEUED = Run.Status.QUEUED
 #: Seconds of ``SHUTDOWN_TIMEOUT`` (at most half of it) that a ``"drain"``
 #: shutdown keeps for interrupting the runs still in flight and saving them.
 DRAIN_RESERVE = 5.0
+#: Seconds a shutdown, once its runs ended, waits for the streaming responses
+#: still open to close before it returns (`RunService.stream_opened`): their
+#: clients have their runs' ends by then, or were hung up on.
+STREAMS_CLOSE_WITHIN = 2.0
 
 #: Seconds a subscriber past the end of a run waits for the next queued run to
 #: start (`RunService.open`), before it is told the run ended.
@@ -152,6 +158,10 @@ class RunService:
         #: The subscriptions `open` handed out that had not ended then: a
         #: shutdown hangs up on those its runs' ends do not reach (`hang_up`).
         self._open: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        #: Tokens of the streaming responses open now (`stream_opened`), and
+        #: what a shutdown waiting for them to close waits on.
+        self._streams: set[object] = set()
+        self._no_streams: asyncio.Event | None = None
         #: Tasks a shutdown waits for: signals being sent, queued runs being started.
         self._announcing: set[asyncio.Task[Any]] = set()
         self._checkpoints = Checkpoints()
@@ -177,7 +187,7 @@ class RunService:
             if self._loop is not loop:
                 # What a former event loop held (its locks, tasks, streams) is gone with it.
                 self._start_locks, self._announcing = {}, set()
-                self._open = weakref.WeakSet()
+                self._open, self._streams = weakref.WeakSet(), set()
             self._backend, self._loop = load_backend(), loop
             self._backend.on_reaped = self._save_ended_elsewhere
             self._backend.on_sweep = self.sweep
@@ -189,7 +199,7 @@ class RunService:
         process held for its runs (start locks, agents of queued runs)."""
         self._backend, self._loop = None, None
         self._start_locks, self._queued_agents, self._queues = {}, {}, set()
-        self._open = weakref.WeakSet()
+        self._open, self._streams = weakref.WeakSet(), set()
         self._hurried, self._hurry = False, None
 
     # -- the API -----------------------------------------------------------
@@ -923,6 +933,39 @@ class RunService:
             subscription.hang_up()
         if self._announcing:
             await asyncio.wait(self._announcing, timeout=timeout)
+        await self._streams_closed(STREAMS_CLOSE_WITHIN)
+
+    def stream_opened(self) -> Callable[[], None]:
+        """Count a streaming response open (`detached_runs.views.Stream`)
+        until the function returned is called, from any thread: when the
+        server has closed it. A shutdown, once its runs ended, waits for the
+        streams open to close (`STREAMS_CLOSE_WITHIN` seconds at most) before
+        the server gets its signal: a server cancels the responses it still
+        has (daphne), and Django's handler, cancelled mid-response, leaves a
+        task whose exception nobody retrieves. On the event loop."""
+        loop, streams, token = asyncio.get_running_loop(), self._streams, object()
+        streams.add(token)
+        return functools.partial(call_in_loop, loop, self._stream_closed, streams, token)
+
+    def _stream_closed(self, streams: set[object], token: object) -> None:
+        streams.discard(token)
+        if not streams and streams is self._streams and self._no_streams is not None:
+            self._no_streams.set()
+
+    async def _streams_closed(self, timeout: float) -> None:
+        if not self._streams:
+            return
+        self._no_streams = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._no_streams.wait(), timeout)
+        except TimeoutError:
+            logger.info(
+                "Shutdown: %d streams still open after %.1fs; the server ends them",
+                len(self._streams),
+                timeout,
+            )
+        finally:
+            self._no_streams = None
 
     async def _drain(self, timeout: float) -> None:
         """The drain of a ``"drain"`` shutdown (`BaseBackend.drain`), cut

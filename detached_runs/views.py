@@ -229,7 +229,7 @@ async def events(request: HttpRequest, session_key: str) -> HttpResponseBase:
         # Already has the terminal event: 204 tells EventSource to stop reconnecting.
         await subscription.aclose()
         return HttpResponse(status=204)
-    response = StreamingHttpResponse(
+    response = Stream(
         _stream(subscription, float(get_config()["KEEPALIVE"])),
         content_type="text/event-stream",
     )
@@ -240,6 +240,24 @@ async def events(request: HttpRequest, session_key: str) -> HttpResponseBase:
     # would wait in the compressor's buffer instead of reaching the browser.
     response["Content-Encoding"] = ""
     return response
+
+
+class Stream(StreamingHttpResponse):
+    """A streaming response (SSE, the AI SDK's stream) that a shutdown waits
+    for: counted open from its making until the server closes it (Django
+    calls `close` once its last byte was sent, or its client left), so that
+    the server is handed its signal once the streams its runs' ends closed,
+    not while it would still cancel them (`RunService.stream_opened`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._closed = runs.get_service().stream_opened()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._closed()
 
 
 def _stream(subscription: Subscription, keepalive: float) -> AsyncIterator[bytes]:

@@ -250,12 +250,20 @@ def test_a_second_sigterm_during_the_drain_lets_the_server_go_at_once(kind):
             time.sleep(0.1)
     finally:
         stop_server(server)
-    assert "Traceback" not in server.output(), server.output()
-    if kind == "uvicorn":
-        rest = stream.rest()
-        row = Run.objects.get(session_key=key)
-        assert rest[-1].data == {"status": "interrupted"}, server.output()
-        assert (row.status, row.output) == ("interrupted", text(first) + text(rest))
+    log = server.output()
+    assert "Traceback" not in log, log
+    if kind == "daphne":
+        # The server was handed the signal once the stream had closed (daphne
+        # logs it when it does), not while daphne would cancel it mid-way:
+        # Django's request handler, cancelled mid-response, leaves a task
+        # whose exception nobody retrieves ("Task exception was never
+        # retrieved ... RequestAborted", once on CI).
+        closed = log.index(f'"GET /runs/{key}/events/" 200')
+        assert closed < log.index("pending application instances"), log
+    rest = stream.rest()
+    row = Run.objects.get(session_key=key)
+    assert rest[-1].data == {"status": "interrupted"}, log
+    assert (row.status, row.output) == ("interrupted", text(first) + text(rest))
 
 
 @pytest.mark.parametrize("mode", ["interrupt", "drain"])

@@ -64,6 +64,11 @@ def test_a_signal_ends_running_runs_saves_them_and_tells_subscribers(kind, numbe
         assert row.output == text(first) + text(rest)
         assert 0 < len(row.output) < len(ALL_500)
         assert row.last_event_id == rest[-1].id
+        if kind == "daphne":
+            # daphne got the signal once the stream had closed, not while it
+            # would cancel it (as after a second signal: test_e2e_drain.py).
+            closed = log.index(f'"GET /runs/{key}/events/" 200')
+            assert closed < log.index("pending application instances"), log
     assert "Traceback" not in log, log
 
 

@@ -34,7 +34,7 @@ from ..listing import MAX_LIMIT
 from ..models import Run
 from ..text import loads
 from ..validation import validate_session_key
-from ..views import _owner, api
+from ..views import Stream, _owner, api
 from .protocol import (
     ASK_TOOL,
     CONTENT_TYPE,
@@ -237,7 +237,7 @@ def ui_messages(run: Run) -> list[dict[str, Any]]:
 
 
 def _response(chunks: AsyncIterator[bytes]) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(chunks, content_type=CONTENT_TYPE)
+    response = Stream(chunks, content_type=CONTENT_TYPE)
     for name, value in HEADERS.items():
         response[name] = value
     # Compression middleware leaves it alone (see `detached_runs.views.events`).
