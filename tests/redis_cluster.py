@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import die_with_the_tests, free_port
-from .redis_server import redis_cli, wait_listening
+from .redis_server import redis_cli
 
 #: Milliseconds after which a node that does not answer is taken for failed.
 NODE_TIMEOUT_MS = 1000
@@ -34,14 +34,12 @@ class RedisClusterServers:
                 )
             pytest.skip("redis-server and redis-cli are not installed")
         self.directory = Path(tempfile.mkdtemp(prefix="redis-cluster-"))
-        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
+        self.ports: list[int] = []
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.paused: set[int] = set()
         self.masters = masters
-        for port in self.ports:
-            self._start(port)
-        for port in self.ports:
-            self._wait_answers(port)
+        for _ in range(masters * (1 + replicas)):
+            self.ports.append(self._start_node())
         subprocess.run(
             [
                 *("redis-cli", "--cluster", "create"),
@@ -59,6 +57,40 @@ class RedisClusterServers:
         """Its `REDIS_URL`, naming every node as a startup node."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports) + "/"
 
+    def _start_node(self) -> int:
+        """Start a node on a free port, and another on another port if that
+        one is taken meanwhile (a free port is only free when it is picked:
+        another test process may take it, or the node's bus port, before the
+        node binds them; the node then exits, and what answers on its port
+        is another's server, once joined into this cluster by mistake).
+        Return its port once the node answers there."""
+        for _ in range(5):
+            port = free_port()
+            if port in self.processes:
+                continue
+            self._start(port)
+            if self._answers(port):
+                return port
+            failed = self.processes.pop(port)
+            failed.kill()
+            failed.wait()
+        raise RuntimeError(f"no redis-server of the cluster in {self.directory} started")
+
+    def _answers(self, port: int) -> bool:
+        """Whether the node started on ``port`` answers there, within 10 s:
+        it runs, and what answers says it keeps its files in this cluster's
+        directory. False as soon as it exits."""
+        process = self.processes[port]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if str(self.directory) in self.command(port, "config", "get", "dir"):
+                    return True
+            except subprocess.CalledProcessError:
+                pass  # not listening yet
+            time.sleep(0.02)
+        return False
+
     def _start(self, port: int) -> None:
         self.processes[port] = subprocess.Popen(
             [
@@ -73,9 +105,6 @@ class RedisClusterServers:
             stdout=subprocess.DEVNULL,
             preexec_fn=die_with_the_tests,
         )
-
-    def _wait_answers(self, port: int) -> None:
-        wait_listening(port, "redis-server")
 
     def command(self, port: int, *args: str) -> str:
         """One command to one node with redis-cli; its output."""

@@ -65,10 +65,11 @@ class RedisSentinelServers:
         )
 
     def _start(self, command: list[str], port: int) -> None:
-        self.processes.append(
-            subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=die_with_the_tests)
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, preexec_fn=die_with_the_tests
         )
-        wait_listening(port, command[0])
+        self.processes.append(process)
+        wait_listening(port, command[0], process)
 
     def command(self, port: int, *args: str) -> str:
         """One command to one server or the sentinel, with redis-cli; its output."""

@@ -15,11 +15,15 @@ import pytest
 from .conftest import die_with_the_tests, free_port
 
 
-def wait_listening(port: int, what: str) -> None:
+def wait_listening(port: int, what: str, process: subprocess.Popen[bytes] | None = None) -> None:
     """Return once 127.0.0.1:``port`` takes connections; RuntimeError naming
-    ``what`` if it does not within 10 s."""
+    ``what`` if it does not within 10 s, or if ``process`` (the server
+    started there) exits meanwhile: its port was taken between its pick
+    and its bind, and what listens there is another process's."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} on port {port} exited ({process.returncode})")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
@@ -62,7 +66,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             preexec_fn=die_with_the_tests,
         )
-        wait_listening(self.port, "redis-server")
+        wait_listening(self.port, "redis-server", self.process)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
