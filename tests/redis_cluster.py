@@ -62,8 +62,8 @@ class RedisClusterServers:
         one is taken meanwhile (a free port is only free when it is picked:
         another test process may take it, or the node's bus port, before the
         node binds them; the node then exits, and what answers on its port
-        is another's server, once joined into this cluster by mistake).
-        Return its port once the node answers there."""
+        may be another's server). Return its port once the node answers
+        there."""
         for _ in range(5):
             port = free_port()
             if port in self.processes:
@@ -101,6 +101,7 @@ class RedisClusterServers:
                 *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
                 # A replica gets its primary's data at once, not 5 s later.
                 *("--repl-diskless-sync-delay", "0", "--dir", str(self.directory)),
+                *("--logfile", str(self.directory / f"node-{port}.log")),
             ],
             stdout=subprocess.DEVNULL,
             preexec_fn=die_with_the_tests,
@@ -159,8 +160,21 @@ class RedisClusterServers:
             if all("cluster_state:ok" in state for state in states) and synced >= replicas:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the cluster is not ready: {states}")
+                raise RuntimeError(
+                    f"the cluster is not ready: {states}, {synced} replicas in sync; "
+                    f"nodes that exited: {self._exited()}"
+                )
             time.sleep(0.05)
+
+    def _exited(self) -> dict[int, str]:
+        """The nodes that exited without being killed here: their exit
+        status and the end of their log."""
+        return {
+            port: f"{process.returncode}: "
+            + (self.directory / f"node-{port}.log").read_text(errors="replace")[-2000:]
+            for port, process in self.processes.items()
+            if process.poll() is not None and process.returncode != -signal.SIGKILL
+        }
 
     def primaries(self) -> dict[int, str]:
         """The live primaries: their port, and the slots they serve (as

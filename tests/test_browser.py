@@ -172,7 +172,32 @@ class Chat:
 
     def send(self, prompt: str) -> None:
         self.page.fill("#prompt", prompt)
+        self.watch_answers()
         self.page.click("#send")
+
+    def watch_answers(self) -> None:
+        """Record every text an answer shows, from now on (a page loaded
+        again forgets it): at each change, not each frame. A renderer starved
+        on a loaded machine handles several events between two frames, and a
+        check at every frame saw an answer jump from nothing to whole (CI)."""
+        self.page.evaluate(
+            """() => {
+                 if (window.answersSeen) return;
+                 window.answersSeen = [];
+                 const note = () => {
+                   const all = document.querySelectorAll(".answer");
+                   if (!all.length) return;
+                   const answer = all[all.length - 1];
+                   const seen = window.answersSeen;
+                   const last = seen[seen.length - 1];
+                   if (!last || last.answer !== answer || last.text !== answer.textContent)
+                     seen.push({answer, text: answer.textContent});
+                 };
+                 new MutationObserver(note).observe(
+                   document.body, {subtree: true, childList: true, characterData: true});
+                 note();
+               }"""
+        )
 
     @property
     def answers(self) -> Any:
@@ -184,20 +209,23 @@ class Chat:
     def wait_mid_answer(self, full: str) -> str:
         """Wait until the last answer has begun; return what is there.
 
-        As early as can be (a few words in, checked at every frame), so that
+        As early as can be (a few words in, as `watch_answers` saw it), so that
         what a test does next lands while the run is still going, even on a
         slow machine. Anything short of the whole answer counts: a loaded
         machine can deliver half of it between two frames, and a window that
         a burst can jump over would wait for ever."""
-        self.page.wait_for_function(
+        self.watch_answers()
+        found = self.page.wait_for_function(
             """([low, high]) => {
                  const all = document.querySelectorAll(".answer");
-                 const text = all.length ? all[all.length - 1].textContent : "";
-                 return text.length >= low && text.length < high;
+                 const answer = all[all.length - 1];
+                 const seen = window.answersSeen.find((e) =>
+                   e.answer === answer && e.text.length >= low && e.text.length < high);
+                 return seen ? seen.text : false;
                }""",
             arg=[20, len(full)],
         )
-        return self.answer()
+        return str(found.json_value())
 
     def wait_answer(self, full: str, index: int = -1) -> None:
         # wait_for_function checks at every frame; expect() backs off to once a second.
