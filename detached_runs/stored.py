@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import rows
-from .backends.base import ACTIVE, READ_CHUNK, Subscription, piece_end
+from .backends.base import ACTIVE, READ_CHUNK, Subscription, piece_end, shared_result
 from .conf import get_config
 from .db import run_sync
 from .events import DELTA, DONE, ORIGIN, START, Event, Position, make_id
@@ -153,11 +153,7 @@ class StoredOutputs:
             row.output = ""
             return row, cached
         pk = row.pk
-        loading = self._loading.get(pk)
-        if loading is None:
-            loading = self._loading[pk] = asyncio.ensure_future(self._load(pk))
-            loading.add_done_callback(lambda _: self._loading.pop(pk, None))
-        full, output = await asyncio.shield(loading)
+        full, output = await shared_result(self._loading, pk, lambda: self._load(pk))
         return copy.copy(full), output  # each subscription keeps a row of its own
 
     async def _load(self, pk: uuid.UUID) -> tuple[Run, _Output]:

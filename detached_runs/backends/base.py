@@ -10,13 +10,14 @@ event. Pick one with ``DETACHED_RUNS["BACKEND"]``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..events import ORIGIN, Event, Position
 from ..exceptions import RunNotFound, TooManySubscribers
@@ -552,6 +553,33 @@ class BaseBackend:
         saves that failed before (tried once more at once); an end still
         unsaved then is logged as lost."""
         raise NotImplementedError("subclasses of BaseBackend must provide shutdown()")
+
+
+_K = TypeVar("_K", bound=Hashable)
+_T = TypeVar("_T")
+
+
+async def shared_result(
+    table: dict[_K, asyncio.Future[_T]], key: _K, make: Callable[[], Awaitable[_T]]
+) -> _T:
+    """``make()``'s result, made once for every caller meanwhile (a long
+    run's text read once for ten clients that ask at once): the first
+    caller starts it and keeps it in ``table`` under ``key`` until it is
+    done; later ones wait for the same result (or exception). Shielded: a
+    caller that is cancelled (its client went away) does not cut it short
+    for the others."""
+    future = table.get(key)
+    if future is None:
+        future = table[key] = asyncio.ensure_future(make())
+
+        def done(_: asyncio.Future[_T], made: asyncio.Future[_T] = future) -> None:
+            if table.get(key) is made:
+                del table[key]
+            if not made.cancelled():
+                made.exception()  # retrieved: every caller that waited has it
+
+        future.add_done_callback(done)
+    return await asyncio.shield(future)
 
 
 def _counted(owner: str | None, address: str | None) -> tuple[str, str]:

@@ -101,8 +101,8 @@ import math
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any, Literal, TypeVar
+from collections.abc import Collection, Mapping
+from typing import Any, Literal
 
 from .. import metrics
 from ..events import DELTA, DONE, ORIGIN, Event, Position, make_id, parse_id
@@ -121,6 +121,7 @@ from .base import (
     _adopt_meta,
     _counted,
     is_seconds,
+    shared_result,
 )
 from .driver import DrivenRun, RunDriver, SharedQuestions, call_in_loop
 from .log import RunLog
@@ -1206,7 +1207,7 @@ class RedisBackend(BaseBackend):
         # One load per run, whoever asks meanwhile: ten clients arriving at
         # once each read the whole run (ten copies of a long answer), and only
         # the mirror stored last was followed, the others never grew.
-        return await _shared(
+        return await shared_result(
             self._loading, current, lambda: self._load_mirror(session_key, current)
         )
 
@@ -1233,7 +1234,9 @@ class RedisBackend(BaseBackend):
         """`_replay`, one read for every caller meanwhile (`find` of a run
         with no mirror here): ten clients that open another worker's long
         answer at once each asked for its state, and each read it whole."""
-        return await _shared(self._replaying, run_id, lambda: self._replay(session_key, run_id))
+        return await shared_result(
+            self._replaying, run_id, lambda: self._replay(session_key, run_id)
+        )
 
     async def _replay(self, session_key: str, run_id: str) -> RunLog:
         mirror = RunLog(run_id, session_key, {})
@@ -2223,31 +2226,6 @@ class _Questions(SharedQuestions):
 
     def abandoned(self, run: DrivenRun, request: str) -> None:
         self.backend._spawn(self.withdraw(run, request), "input-withdrawn")
-
-
-_T = TypeVar("_T")
-
-
-async def _shared(
-    table: dict[str, asyncio.Future[_T]], key: str, make: Callable[[], Awaitable[_T]]
-) -> _T:
-    """``make()``'s result, made once for every caller meanwhile: the first
-    caller starts it and keeps it in ``table`` under ``key`` until it is
-    done; later ones wait for the same result (or exception). Shielded: a
-    caller that is cancelled (its client went away) does not cut it short
-    for the others."""
-    future = table.get(key)
-    if future is None:
-        future = table[key] = asyncio.ensure_future(make())
-
-        def done(_: asyncio.Future[_T], made: asyncio.Future[_T] = future) -> None:
-            if table.get(key) is made:
-                del table[key]
-            if not made.cancelled():
-                made.exception()  # retrieved: every caller that waited has it
-
-        future.add_done_callback(done)
-    return await asyncio.shield(future)
 
 
 def _event_position(event: Event) -> Position:
